@@ -1,0 +1,73 @@
+//! The REST API: request/response types shared by the HTTP server (`http`) and the VMM
+//! control loop, which alone owns the VM.
+
+pub mod http;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// One API action, already parsed and validated against its JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    VmmPing,
+    VmInfo,
+    VmPause,
+    VmResume,
+    VmShutdown,
+    VmmShutdown,
+}
+
+/// Lifecycle state as reported by `vm.info` (Cloud Hypervisor's spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    pub build_version: String,
+    pub version: String,
+    pub pid: i64,
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfoResponse {
+    pub config: VmConfig,
+    pub state: VmState,
+    pub memory_actual_size: u64,
+}
+
+/// A successful answer; `Empty` becomes HTTP 204.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiResponse {
+    Empty,
+    Ping(VmmPingResponse),
+    Info(Box<VmInfoResponse>),
+}
+
+/// Why an API action failed. `status()` in `http` maps each kind to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request itself is malformed (bad JSON, unknown field, bad value).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The action does not fit the VM's current state (e.g. pause a paused VM).
+    #[error("cannot {action} a VM that is {state:?}")]
+    InvalidState { action: &'static str, state: VmState },
+    /// There is no VM to act on.
+    #[error("no VM has been created")]
+    NoVm,
+    /// The VMM tried and failed; the message carries the error chain.
+    #[error("{action} failed: {message}")]
+    Internal { action: &'static str, message: String },
+    /// The VMM control loop is gone (shutting down).
+    #[error("the VMM is shutting down")]
+    VmmGone,
+}
+
+pub type ApiResult = Result<ApiResponse, ApiError>;

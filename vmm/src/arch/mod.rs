@@ -1,0 +1,2 @@
+//! Architecture-specific boot and CPU setup (x86_64 only).
+pub mod x86_64;

@@ -1,0 +1,1 @@
+//! Guest devices on the PIO bus.

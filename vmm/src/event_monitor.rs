@@ -1,0 +1,1 @@
+//! Lifecycle events as JSON lines (`--event-monitor path=<file>`).

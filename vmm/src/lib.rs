@@ -1,0 +1,15 @@
+//! The VMM library: a KVM virtual machine (x86_64), its devices, the REST API that drives
+//! it, and the control loop that owns it.
+
+pub mod api;
+pub mod arch;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod event_monitor;
+pub mod memory_manager;
+pub mod vm;
+pub mod vmm;
+
+pub use crate::config::VmConfig;
+pub use crate::vmm::{Vmm, VmmEvent, VmmExit};

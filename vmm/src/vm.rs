@@ -1,0 +1,3 @@
+//! The VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {}
