@@ -1,1 +1,319 @@
-//! vCPU threads.
+//! vCPU threads. Each vCPU runs `KVM_RUN` on its own thread and is a small state machine
+//! (running / paused / stopped) driven by commands on a channel. A command is always
+//! followed by a kick: a real-time signal whose handler sets `immediate_exit` in the
+//! thread's `kvm_run`, so the thread leaves (or never enters) `KVM_RUN` and reads the
+//! command. Every command is acknowledged, so pause returns only once every vCPU is out of
+//! the guest.
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use crate::devices::PioBus;
+use crate::vmm::VmmEvent;
+
+/// How long a vCPU may take to acknowledge a command. Generous: on this host a vCPU can be
+/// in the middle of a slow emulated instruction batch.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot install the vCPU kick signal handler")]
+    RegisterSignal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot spawn the thread for vCPU {0}")]
+    SpawnThread(u8, #[source] std::io::Error),
+    #[error("vCPU {0} thread is gone")]
+    ThreadGone(u8),
+    #[error("vCPU {id} did not acknowledge {command:?} within {ACK_TIMEOUT:?}")]
+    AckTimeout { id: u8, command: VcpuCommand },
+    #[error("vCPU {id} answered {got:?} to {command:?}")]
+    UnexpectedAck {
+        id: u8,
+        command: VcpuCommand,
+        got: VcpuResponse,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    Pause,
+    Resume,
+    Exit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    Exited,
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler; null outside vCPU threads.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU
+            // thread and cleared before the VcpuFd (and its mapping) is dropped; the
+            // signal runs on the same thread, so the mapping is alive here.
+            unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), kick_handler).map_err(Error::RegisterSignal)
+    });
+    result
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<PioBus>,
+    pub events: Sender<VmmEvent>,
+}
+
+/// A vCPU that has been configured but not started.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+/// The VMM side of a running vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    commands: Sender<VcpuCommand>,
+    responses: Receiver<VcpuResponse>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vcpu {
+    /// Starts the vCPU thread, running the guest at once.
+    pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle> {
+        install_kick_handler()?;
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (resp_tx, resp_rx) = mpsc::channel();
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run(cmd_rx, resp_tx, ctx))
+            .map_err(|e| Error::SpawnThread(id, e))?;
+        Ok(VcpuHandle {
+            id,
+            commands: cmd_tx,
+            responses: resp_rx,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(
+        mut self,
+        commands: Receiver<VcpuCommand>,
+        responses: Sender<VcpuResponse>,
+        ctx: VcpuContext,
+    ) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+        // Paused also after a fatal exit: the VMM is told, and the thread only serves
+        // commands until it is asked to exit.
+        let mut paused = false;
+        let mut failed = false;
+        loop {
+            let command = if paused || failed {
+                match commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => break,
+                }
+            } else {
+                match commands.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            if let Some(command) = command {
+                let ack = match command {
+                    VcpuCommand::Pause => {
+                        paused = true;
+                        VcpuResponse::Paused
+                    }
+                    VcpuCommand::Resume => {
+                        paused = false;
+                        VcpuResponse::Resumed
+                    }
+                    VcpuCommand::Exit => break,
+                };
+                if responses.send(ack).is_err() {
+                    break;
+                }
+                continue;
+            }
+            if let Err(error) = self.run_once(&ctx) {
+                failed = true;
+                let _ = ctx.events.send(VmmEvent::VcpuFailed { id: self.id, error });
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        let _ = responses.send(VcpuResponse::Exited);
+    }
+
+    /// One `KVM_RUN` and the handling of its exit. An error means the vCPU cannot go on.
+    fn run_once(&mut self, ctx: &VcpuContext) -> std::result::Result<(), String> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(port, data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.pio.read(port, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                log::debug!("vcpu{}: unhandled MMIO read at {addr:#x}", self.id);
+                data.fill(0xff);
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vcpu{}: unhandled MMIO write at {addr:#x}", self.id);
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: the guest cannot continue. Treat like a reset request.
+                log::warn!("vcpu{}: guest triple-faulted", self.id);
+                let _ = ctx.events.send(VmmEvent::GuestReset);
+                return Err("guest triple fault (KVM_EXIT_SHUTDOWN)".into());
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(format!(
+                    "KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+                ));
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err("KVM internal error (the instruction emulator gave up)".into());
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Err(format!("guest system event {kind}"));
+            }
+            Ok(other) => {
+                return Err(format!("unexpected exit {other:?}"));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: clear the flag so the next KVM_RUN enters the guest again.
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+        Ok(())
+    }
+}
+
+impl VcpuHandle {
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Sends `command` and kicks the thread out of KVM_RUN. Does not wait.
+    pub fn send(&self, command: VcpuCommand) -> Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| Error::ThreadGone(self.id))?;
+        self.kick();
+        Ok(())
+    }
+
+    fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the pthread is alive: we hold its JoinHandle and have not joined it.
+            // The handler only touches the thread's own kvm_run.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Waits for the acknowledgement of `command`.
+    pub fn wait_ack(&self, command: VcpuCommand) -> Result<()> {
+        let expected = match command {
+            VcpuCommand::Pause => VcpuResponse::Paused,
+            VcpuCommand::Resume => VcpuResponse::Resumed,
+            VcpuCommand::Exit => VcpuResponse::Exited,
+        };
+        match self.responses.recv_timeout(ACK_TIMEOUT) {
+            Ok(got) if got == expected => Ok(()),
+            Ok(got) => Err(Error::UnexpectedAck {
+                id: self.id,
+                command,
+                got,
+            }),
+            Err(RecvTimeoutError::Timeout) => Err(Error::AckTimeout {
+                id: self.id,
+                command,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::ThreadGone(self.id)),
+        }
+    }
+
+    /// Stops the thread and joins it. Safe to call more than once.
+    pub fn exit(&mut self) -> Result<()> {
+        let Some(thread) = self.thread.as_ref() else {
+            return Ok(());
+        };
+        let result = if thread.is_finished() {
+            Ok(())
+        } else {
+            self.send(VcpuCommand::Exit)
+                .and_then(|_| self.wait_ack(VcpuCommand::Exit))
+        };
+        if let Some(thread) = self.thread.take() {
+            if result.is_ok() || thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                // A thread that ignores Exit is stuck in the kernel; joining would hang the
+                // VMM, so leave it: the process is going away or the VM is dead anyway.
+                log::error!("vcpu{} did not exit; abandoning its thread", self.id);
+            }
+        }
+        result
+    }
+}
+
+/// Sends `command` to every vCPU first, then collects every acknowledgement, so the vCPUs
+/// stop in parallel rather than one after the other.
+pub fn broadcast(vcpus: &[VcpuHandle], command: VcpuCommand) -> Result<()> {
+    for v in vcpus {
+        v.send(command)?;
+    }
+    let mut first_error = Ok(());
+    for v in vcpus {
+        if let Err(e) = v.wait_ack(command) {
+            if first_error.is_ok() {
+                first_error = Err(e);
+            }
+        }
+    }
+    first_error
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.exit() {
+            log::error!("stopping vcpu{}: {e}", self.id);
+        }
+    }
+}

@@ -1,1 +1,240 @@
-//! Guest RAM.
+//! Guest RAM: one memfd holding all of it, mapped into the VMM and registered as KVM memory
+//! slots. The `GuestRamMapping` list (slot, gpa, size, file_offset) is the one description
+//! of guest memory that snapshot, migration and the offload daemon move memory by.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::x86_64::layout;
+use crate::config::MemoryConfig;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// One contiguous piece of guest RAM: KVM slot `slot` maps guest physical `gpa..gpa+size`
+/// onto the RAM memfd at `file_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRamMapping {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest memory size {0} is not a non-zero multiple of 4 KiB")]
+    InvalidSize(u64),
+    #[error("cannot create the guest RAM memfd")]
+    CreateMemfd(#[source] std::io::Error),
+    #[error("cannot size the guest RAM memfd to {size} bytes")]
+    SizeMemfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map guest RAM region at {gpa:#x} ({size} bytes)")]
+    MapRegion {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest RAM regions overlap or are invalid")]
+    BuildGuestMemory(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot register KVM memory slot {slot}")]
+    SetMemorySlot {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Owns guest RAM. The mappings are unmapped when the last `GuestMemoryMmap` clone drops.
+pub struct MemoryManager {
+    memfd: File,
+    guest_memory: GuestMemoryMmap,
+    mappings: Vec<GuestRamMapping>,
+    shared: bool,
+}
+
+impl MemoryManager {
+    /// Creates RAM of `config.size` bytes: below the 32-bit device hole first, the rest
+    /// from 4 GiB up, both backed by one memfd so a peer can receive it as a single fd.
+    pub fn new(config: &MemoryConfig) -> Result<Self> {
+        let size = config.size;
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(Error::InvalidSize(size));
+        }
+        let memfd = create_memfd(size)?;
+        let mappings = layout_ram(size);
+        let flags = libc::MAP_NORESERVE
+            | if config.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+        let mut regions = Vec::with_capacity(mappings.len());
+        for m in &mappings {
+            let fd = memfd.try_clone().map_err(Error::CreateMemfd)?;
+            let map_err = |source| Error::MapRegion {
+                gpa: m.gpa,
+                size: m.size,
+                source,
+            };
+            let region = MmapRegionBuilder::new(m.size as usize)
+                .with_file_offset(FileOffset::new(fd, m.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(map_err)?;
+            // `new` only fails when gpa + size overflows, which layout_ram rules out.
+            let region = GuestRegionMmap::new(region, GuestAddress(m.gpa))
+                .ok_or(Error::InvalidSize(size))?;
+            regions.push(region);
+        }
+        let guest_memory =
+            GuestMemoryMmap::from_regions(regions).map_err(Error::BuildGuestMemory)?;
+        Ok(MemoryManager {
+            memfd,
+            guest_memory,
+            mappings,
+            shared: config.shared,
+        })
+    }
+
+    /// Registers every mapping as a KVM memory slot.
+    pub fn register_slots(&self, vm: &VmFd) -> Result<()> {
+        for m in &self.mappings {
+            let host = self.host_address(m);
+            let region = kvm_userspace_memory_region {
+                slot: m.slot,
+                flags: 0,
+                guest_phys_addr: m.gpa,
+                memory_size: m.size,
+                userspace_addr: host,
+            };
+            // SAFETY: the host range is a live mapping of `m.size` bytes owned by
+            // `self.guest_memory`, which outlives the VM fd (the Vm drops its vCPUs and VmFd
+            // before the memory manager).
+            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                Error::SetMemorySlot {
+                    slot: m.slot,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn host_address(&self, m: &GuestRamMapping) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.guest_memory
+            .find_region(GuestAddress(m.gpa))
+            .map(|r| r.as_ptr() as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    pub fn mappings(&self) -> &[GuestRamMapping] {
+        &self.mappings
+    }
+
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.mappings.iter().map(|m| m.size).sum()
+    }
+}
+
+/// Splits `size` bytes of RAM around the 32-bit MMIO hole.
+fn layout_ram(size: u64) -> Vec<GuestRamMapping> {
+    let low = size.min(layout::RAM_32BIT_END);
+    let mut mappings = vec![GuestRamMapping {
+        slot: 0,
+        gpa: 0,
+        size: low,
+        file_offset: 0,
+    }];
+    if size > low {
+        mappings.push(GuestRamMapping {
+            slot: 1,
+            gpa: layout::RAM_64BIT_START,
+            size: size - low,
+            file_offset: low,
+        });
+    }
+    mappings
+}
+
+fn create_memfd(size: u64) -> Result<File> {
+    let name = c"ch-guest-ram";
+    // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::CreateMemfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| Error::SizeMemfd { size, source })?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_slot() {
+        let m = layout_ram(512 << 20);
+        assert_eq!(
+            m,
+            vec![GuestRamMapping {
+                slot: 0,
+                gpa: 0,
+                size: 512 << 20,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn large_ram_skips_the_32bit_hole() {
+        let m = layout_ram(4 << 30);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].size, layout::RAM_32BIT_END);
+        assert_eq!(m[1].gpa, 4 << 30);
+        assert_eq!(m[1].file_offset, layout::RAM_32BIT_END);
+        assert_eq!(m[0].size + m[1].size, 4 << 30);
+    }
+
+    #[test]
+    fn rejects_unaligned_size() {
+        let cfg = MemoryConfig {
+            size: 4097,
+            shared: false,
+        };
+        assert!(matches!(
+            MemoryManager::new(&cfg),
+            Err(Error::InvalidSize(4097))
+        ));
+    }
+}

@@ -1,1 +1,7 @@
-//! Guest devices on the PIO bus.
+//! Guest devices reached through port I/O, and the bus that dispatches to them.
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{PioBus, PioDevice};
