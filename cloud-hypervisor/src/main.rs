@@ -1,1 +1,283 @@
-fn main() {}
+//! `cloud-hypervisor`: parses the command line into a `VmConfig`, starts the API server
+//! and runs the VMM until the guest resets or `vmm.shutdown` is requested.
+//!
+//! Exit codes: 0 clean exit, 1 runtime error (the whole error chain is printed), 2 usage
+//! error (clap's, and bad option strings such as `--memory size=1X`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use clap::{ArgAction, ArgGroup, Parser};
+use vmm::api::http;
+use vmm::config::options::{self, OptionsError, VmParams};
+use vmm::vmm::error_chain;
+use vmm::{VmStartup, VmmEvent, event_monitor};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloud-hypervisor",
+    version,
+    about = "A KVM virtual machine monitor",
+    group(ArgGroup::new("start").required(true).multiple(true).args(["kernel", "api_socket", "restore"]))
+)]
+struct Cli {
+    /// ELF kernel with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// boot=<vcpus>
+    #[arg(long, value_name = "OPTIONS", default_value = "boot=1")]
+    cpus: String,
+    /// size=<bytes>[K|M|G],shared=on|off
+    #[arg(long, value_name = "OPTIONS", default_value = "size=512M")]
+    memory: String,
+    /// off|null|tty|file=<path>
+    #[arg(long, value_name = "OPTIONS", default_value = "null")]
+    serial: String,
+    /// off|null|tty|file=<path>
+    #[arg(long, value_name = "OPTIONS", default_value = "off")]
+    console: String,
+    /// <path> or path=<path>: serve the REST API on this UNIX socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<String>,
+    /// source_url=file:///dir[,memory_restore_mode=copy|ondemand][,resume=on]: start by
+    /// restoring a snapshot instead of booting a kernel.
+    #[arg(long, value_name = "OPTIONS", conflicts_with = "kernel")]
+    restore: Option<String>,
+    /// path=<file>: write lifecycle events as JSON lines.
+    #[arg(long, value_name = "OPTIONS")]
+    event_monitor: Option<String>,
+    /// More logging (-v info, -vv debug, -vvv trace); warnings by default.
+    #[arg(short = 'v', action = ArgAction::Count)]
+    verbose: u8,
+}
+
+/// What the option strings parse into.
+struct Startup {
+    /// `None` when only `--api-socket` was given: the VMM starts without a VM.
+    vm: Option<VmStartup>,
+    api_socket: Option<PathBuf>,
+    event_monitor: Option<PathBuf>,
+}
+
+fn parse_options(cli: &Cli) -> Result<Startup, OptionsError> {
+    let params = VmParams {
+        kernel: cli.kernel.clone(),
+        cmdline: cli.cmdline.clone(),
+        initramfs: cli.initramfs.clone(),
+        cpus: &cli.cpus,
+        memory: &cli.memory,
+        serial: &cli.serial,
+        console: &cli.console,
+    };
+    // Parse the VM options even without a kernel, so a typo is reported either way.
+    let config = params.parse()?;
+    let vm = match &cli.restore {
+        Some(text) => {
+            let restore = options::parse_restore(text)?;
+            let params = restore.params().map_err(|e| OptionsError::InvalidValue {
+                group: "restore",
+                key: "source_url",
+                value: restore.source_url.clone(),
+                source: Box::new(e),
+            })?;
+            Some(VmStartup::Restore(params))
+        }
+        None => cli.kernel.is_some().then_some(VmStartup::Boot(config)),
+    };
+    Ok(Startup {
+        vm,
+        api_socket: cli
+            .api_socket
+            .as_deref()
+            .map(options::parse_api_socket)
+            .transpose()?,
+        event_monitor: cli
+            .event_monitor
+            .as_deref()
+            .map(options::parse_event_monitor)
+            .transpose()?
+            .map(|e| e.path),
+    })
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    // clap prints its own message and exits 2 on a usage error, 0 for --help/--version.
+    let cli = Cli::parse();
+    logger::init(cli.verbose, start);
+
+    let startup = match parse_options(&cli) {
+        Ok(startup) => startup,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+
+    if let Some(path) = &startup.event_monitor
+        && let Err(e) = event_monitor::init(path)
+    {
+        eprintln!("error: {}", error_chain(&e));
+        return ExitCode::FAILURE;
+    }
+    event_monitor::event("vmm", "starting", None);
+
+    let (tx, rx) = mpsc::channel::<VmmEvent>();
+    let server = match &startup.api_socket {
+        Some(path) => match http::spawn_http_server(path, tx.clone(), http::REPLY_TIMEOUT) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+
+    let result = vmm::Vmm::new(tx, rx).run(startup.vm);
+    // The VMM answered `vmm.shutdown` just before returning: let that 204 reach the
+    // client before the process exits.
+    if let Some(server) = &server {
+        server.wait_idle();
+    }
+    // The socket file would otherwise look like a stale server to the next VMM.
+    if let Some(path) = &startup.api_socket
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        log::warn!("cannot remove API socket {}: {e}", path.display());
+    }
+    match result {
+        Ok(exit) => {
+            log::info!("VMM exiting: {exit:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A minimal stderr logger, so the binary needs no logging crate beyond `log`.
+mod logger {
+    use std::io::Write;
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    use log::{Level, LevelFilter, Log, Metadata, Record};
+
+    struct StderrLogger {
+        start: Instant,
+        level: LevelFilter,
+    }
+
+    static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+
+    impl Log for StderrLogger {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.level() <= self.level
+        }
+
+        fn log(&self, record: &Record<'_>) {
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let elapsed = self.start.elapsed();
+            // One write per line so lines from different threads don't interleave.
+            let line = format!(
+                "cloud-hypervisor: {}.{:06}s: {}:{} -- {}\n",
+                elapsed.as_secs(),
+                elapsed.subsec_micros(),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+            // Nowhere to report a failing stderr.
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+
+        fn flush(&self) {
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    pub fn init(verbosity: u8, start: Instant) {
+        let level = match verbosity {
+            0 => Level::Warn,
+            1 => Level::Info,
+            2 => Level::Debug,
+            _ => Level::Trace,
+        }
+        .to_level_filter();
+        let logger = LOGGER.get_or_init(|| StderrLogger { start, level });
+        // Fails only if a logger is already set, which cannot happen in this binary.
+        if log::set_logger(logger).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cloud-hypervisor").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&["--kernel", "/k"]).unwrap();
+        let startup = parse_options(&cli).unwrap();
+        let Some(VmStartup::Boot(vm)) = startup.vm else {
+            panic!("expected a boot config");
+        };
+        assert_eq!(vm.cpus.boot_vcpus, 1);
+        assert_eq!(vm.memory.size, 512 << 20);
+        assert!(!vm.memory.shared);
+        assert_eq!(vm.serial.mode, vmm::config::ConsoleOutputMode::Null);
+        assert_eq!(vm.console.mode, vmm::config::ConsoleOutputMode::Off);
+        assert!(startup.api_socket.is_none());
+    }
+
+    #[test]
+    fn api_socket_only_starts_without_vm() {
+        let cli = parse(&["--api-socket", "path=/tmp/x.sock"]).unwrap();
+        let startup = parse_options(&cli).unwrap();
+        assert!(startup.vm.is_none());
+        assert_eq!(startup.api_socket, Some(PathBuf::from("/tmp/x.sock")));
+    }
+
+    #[test]
+    fn usage_errors() {
+        let e = parse(&[]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = parse(&["--cmdline", "x", "--api-socket", "/s"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = parse(&["--kernel", "/k", "--bogus"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_option_strings() {
+        let cli = parse(&["--kernel", "/k", "--memory", "size=1X"]).unwrap();
+        let e = parse_options(&cli).err().unwrap();
+        assert_eq!(
+            error_chain(&e),
+            "--memory: invalid value \"1X\" for `size`: \
+             expected a number with an optional K, M, G or T suffix"
+        );
+        let cli = parse(&["--api-socket", "/s", "--event-monitor", "file=/x"]).unwrap();
+        assert!(parse_options(&cli).is_err());
+        let cli = parse(&["--api-socket", "/s", "--cpus", "boot=99"]).unwrap();
+        assert!(parse_options(&cli).is_err());
+    }
+}

@@ -2,10 +2,13 @@
 //! control loop, which alone owns the VM.
 
 pub mod http;
+pub mod routes;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use std::path::PathBuf;
+
+use crate::config::{RestoreParams, VmConfig};
 
 /// One API action, already parsed and validated against its JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +19,12 @@ pub enum ApiRequest {
     VmResume,
     VmShutdown,
     VmmShutdown,
+    /// Write a snapshot of the paused VM into this directory.
+    VmSnapshot {
+        destination: PathBuf,
+    },
+    /// Build a VM from a snapshot directory (only when there is no VM yet).
+    VmRestore(RestoreParams),
 }
 
 /// Lifecycle state as reported by `vm.info` (Cloud Hypervisor's spelling).
@@ -40,6 +49,25 @@ pub struct VmInfoResponse {
     pub config: VmConfig,
     pub state: VmState,
     pub memory_actual_size: u64,
+    /// Present while (and after) guest RAM is restored on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_restore: Option<MemoryRestoreProgress>,
+}
+
+/// How far an on-demand restore has filled guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRestoreProgress {
+    /// Data pages of the snapshot now in guest RAM.
+    pub resident_pages: u64,
+    /// Data pages in the snapshot (never-written pages are not counted: they stay holes).
+    pub total_pages: u64,
+    /// Faults the handler resolved.
+    pub faults: u64,
+    /// Mean time to resolve one fault, in microseconds.
+    pub mean_fault_us: u64,
+    pub complete: bool,
+    /// Milliseconds from the start of the restore until every page was in (0 until then).
+    pub completed_after_ms: u64,
 }
 
 /// A successful answer; `Empty` becomes HTTP 204.
@@ -58,13 +86,22 @@ pub enum ApiError {
     BadRequest(String),
     /// The action does not fit the VM's current state (e.g. pause a paused VM).
     #[error("cannot {action} a VM that is {state:?}")]
-    InvalidState { action: &'static str, state: VmState },
+    InvalidState {
+        action: &'static str,
+        state: VmState,
+    },
+    /// The request conflicts with work in progress (e.g. an on-demand restore).
+    #[error("{0}")]
+    Conflict(String),
     /// There is no VM to act on.
     #[error("no VM has been created")]
     NoVm,
     /// The VMM tried and failed; the message carries the error chain.
     #[error("{action} failed: {message}")]
-    Internal { action: &'static str, message: String },
+    Internal {
+        action: &'static str,
+        message: String,
+    },
     /// The VMM control loop is gone (shutting down).
     #[error("the VMM is shutting down")]
     VmmGone,

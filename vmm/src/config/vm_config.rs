@@ -48,3 +48,137 @@ pub struct ConsoleConfig {
     pub file: Option<PathBuf>,
     pub mode: ConsoleOutputMode,
 }
+
+/// How `vm.restore` brings guest memory back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum MemoryRestoreMode {
+    /// Read every data page of the snapshot before the VM runs.
+    #[default]
+    Copy,
+    /// Run at once; pages arrive through userfaultfd as the guest touches them.
+    OnDemand,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown memory restore mode {0:?} (expected copy or ondemand)")]
+pub struct UnknownRestoreMode(String);
+
+impl std::str::FromStr for MemoryRestoreMode {
+    type Err = UnknownRestoreMode;
+    /// Case-insensitive, as Cloud Hypervisor v54 accepts `Copy`, `copy`, `OnDemand`, ...
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "copy" => Ok(MemoryRestoreMode::Copy),
+            "ondemand" => Ok(MemoryRestoreMode::OnDemand),
+            _ => Err(UnknownRestoreMode(s.to_string())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryRestoreMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The `vm.restore` body (Cloud Hypervisor's field names).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    pub source_url: String,
+    #[serde(default)]
+    pub memory_restore_mode: MemoryRestoreMode,
+    #[serde(default)]
+    pub resume: bool,
+    /// Accepted for compatibility; a Copy restore always reads everything up front.
+    #[serde(default)]
+    pub prefault: bool,
+}
+
+/// The `vm.snapshot` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    pub destination_url: String,
+}
+
+/// A restore request after its URL has been checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreParams {
+    pub source: PathBuf,
+    pub mode: MemoryRestoreMode,
+    pub resume: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("{0:?} is not a file:// URL")]
+    NotFileUrl(String),
+    #[error("{0:?} has no absolute path after file://")]
+    NoPath(String),
+}
+
+/// `file:///dir` -> `/dir`.
+pub fn file_url_path(url: &str) -> Result<PathBuf, UrlError> {
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| UrlError::NotFileUrl(url.to_string()))?;
+    if !path.starts_with('/') {
+        return Err(UrlError::NoPath(url.to_string()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+impl RestoreConfig {
+    pub fn params(&self) -> Result<RestoreParams, UrlError> {
+        Ok(RestoreParams {
+            source: file_url_path(&self.source_url)?,
+            mode: self.memory_restore_mode,
+            resume: self.resume,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_mode_is_case_insensitive() {
+        for (text, mode) in [
+            ("\"Copy\"", MemoryRestoreMode::Copy),
+            ("\"copy\"", MemoryRestoreMode::Copy),
+            ("\"OnDemand\"", MemoryRestoreMode::OnDemand),
+            ("\"ondemand\"", MemoryRestoreMode::OnDemand),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<MemoryRestoreMode>(text).unwrap(),
+                mode
+            );
+        }
+        assert!(serde_json::from_str::<MemoryRestoreMode>("\"lazy\"").is_err());
+    }
+
+    #[test]
+    fn restore_body_defaults_and_strictness() {
+        let c: RestoreConfig = serde_json::from_str(r#"{"source_url":"file:///s"}"#).unwrap();
+        assert_eq!(
+            c.params().unwrap(),
+            RestoreParams {
+                source: "/s".into(),
+                mode: MemoryRestoreMode::Copy,
+                resume: false
+            }
+        );
+        assert!(serde_json::from_str::<RestoreConfig>(r#"{"source_url":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn file_urls() {
+        assert_eq!(file_url_path("file:///a/b").unwrap(), PathBuf::from("/a/b"));
+        assert!(file_url_path("/a/b").is_err());
+        assert!(file_url_path("file://relative").is_err());
+        assert!(file_url_path("tcp:1.2.3.4:5").is_err());
+    }
+}
