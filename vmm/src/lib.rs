@@ -8,8 +8,12 @@ pub mod cpu;
 pub mod devices;
 pub mod event_monitor;
 pub mod memory_manager;
+pub mod migration;
+pub mod sparse;
+pub mod state;
+pub mod uffd;
 pub mod vm;
 pub mod vmm;
 
 pub use crate::config::VmConfig;
-pub use crate::vmm::{Vmm, VmmEvent, VmmExit};
+pub use crate::vmm::{VmStartup, Vmm, VmmEvent, VmmExit};

@@ -13,6 +13,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout;
 use crate::config::MemoryConfig;
+use crate::sparse;
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -47,6 +48,8 @@ pub enum Error {
     },
     #[error("guest RAM regions overlap or are invalid")]
     BuildGuestMemory(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("slot {0} does not match a mapped guest RAM region")]
+    UnknownMapping(u32),
     #[error("cannot register KVM memory slot {slot}")]
     SetMemorySlot {
         slot: u32,
@@ -70,7 +73,7 @@ impl MemoryManager {
     /// from 4 GiB up, both backed by one memfd so a peer can receive it as a single fd.
     pub fn new(config: &MemoryConfig) -> Result<Self> {
         let size = config.size;
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidSize(size));
         }
         let memfd = create_memfd(size)?;
@@ -113,7 +116,9 @@ impl MemoryManager {
     /// Registers every mapping as a KVM memory slot.
     pub fn register_slots(&self, vm: &VmFd) -> Result<()> {
         for m in &self.mappings {
-            let host = self.host_address(m);
+            let host = self
+                .host_address(m)
+                .map_err(|_| Error::UnknownMapping(m.slot))?;
             let region = kvm_userspace_memory_region {
                 slot: m.slot,
                 flags: 0,
@@ -134,12 +139,88 @@ impl MemoryManager {
         Ok(())
     }
 
-    fn host_address(&self, m: &GuestRamMapping) -> u64 {
-        use vm_memory::GuestMemoryBackend;
-        self.guest_memory
-            .find_region(GuestAddress(m.gpa))
+    /// Host address of one of this manager's mappings. A mapping that is not ours (or no
+    /// longer matches its region) is an error, so the unsafe slices below always cover a
+    /// live mapping of exactly `m.size` bytes.
+    fn host_address(&self, m: &GuestRamMapping) -> std::io::Result<u64> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.mappings
+            .contains(m)
+            .then(|| self.guest_memory.find_region(GuestAddress(m.gpa)))
+            .flatten()
+            .filter(|r| r.len() == m.size)
             .map(|r| r.as_ptr() as u64)
-            .unwrap_or(0)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("slot {} is not a guest RAM mapping of this VM", m.slot),
+                )
+            })
+    }
+
+    /// Data extents of one mapping, relative to its start, with all-zero pages dropped.
+    /// Shared RAM lives in the memfd (SEEK_DATA); private RAM is anonymous memory
+    /// (pagemap). The VM must be paused.
+    pub fn data_extents(&self, m: &GuestRamMapping) -> std::io::Result<Vec<sparse::Extent>> {
+        let candidates = if self.shared {
+            sparse::file_data_extents(&self.memfd, m.file_offset, m.size)?
+        } else {
+            sparse::mapped_extents(self.host_address(m)?, m.size)?
+        };
+        // SAFETY: see `host_bytes`; the slice is only read here.
+        let bytes = unsafe { self.host_bytes(m)? };
+        Ok(sparse::nonzero_extents(bytes, &candidates))
+    }
+
+    /// Writes one mapping's data extents into `file` (sparse, sized to the mapping).
+    /// Returns the bytes written. The VM must be paused.
+    pub fn write_mapping(
+        &self,
+        m: &GuestRamMapping,
+        extents: &[sparse::Extent],
+        file: &File,
+    ) -> std::io::Result<u64> {
+        // SAFETY: see `host_bytes`; the slice is only read here.
+        let bytes = unsafe { self.host_bytes(m)? };
+        sparse::write_extents(bytes, extents, file)
+    }
+
+    /// Fills one mapping from the data extents of `file`; holes are skipped, so their
+    /// pages are never allocated. Only before the vCPUs start.
+    pub fn read_mapping(&self, m: &GuestRamMapping, file: &File) -> std::io::Result<u64> {
+        // SAFETY: see `host_bytes`. No vCPU runs yet, and this is the only writer.
+        let bytes = unsafe { self.host_bytes_mut(m)? };
+        sparse::read_data_extents(file, bytes)
+    }
+
+    /// The host view of one mapping.
+    ///
+    /// # Safety
+    /// The mapping is alive for `&self` and exactly `m.size` bytes long (it was created
+    /// from `m`). The caller makes sure no vCPU runs while the slice exists (the VM is
+    /// paused or not started), so no one else writes these bytes meanwhile.
+    unsafe fn host_bytes(&self, m: &GuestRamMapping) -> std::io::Result<&[u8]> {
+        let host = self.host_address(m)?;
+        // SAFETY: `host_address` checked that `host` starts a live mapping of `m.size`
+        // bytes owned by `self`; no concurrent writer per the function's contract.
+        Ok(unsafe { std::slice::from_raw_parts(host as *const u8, m.size as usize) })
+    }
+
+    /// # Safety
+    /// As `host_bytes`, and the caller is the only one touching the mapping.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn host_bytes_mut(&self, m: &GuestRamMapping) -> std::io::Result<&mut [u8]> {
+        let host = self.host_address(m)?;
+        // SAFETY: as in `host_bytes`, and the caller is the only one touching the bytes.
+        Ok(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, m.size as usize) })
+    }
+
+    /// Host address and size of every mapping, in `mappings()` order.
+    pub fn host_regions(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        self.mappings
+            .iter()
+            .map(|m| Ok((self.host_address(m)?, m.size)))
+            .collect()
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

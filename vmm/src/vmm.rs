@@ -1,13 +1,18 @@
 //! The control loop: owns the VM, serves API requests and vCPU/device notifications
 //! arriving on one channel, and decides when the process exits.
 
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use crate::api::{
-    ApiError, ApiRequest, ApiResponse, ApiResult, VmInfoResponse, VmState, VmmPingResponse,
+    ApiError, ApiRequest, ApiResponse, ApiResult, MemoryRestoreProgress, VmInfoResponse, VmState,
+    VmmPingResponse,
 };
-use crate::config::VmConfig;
+use crate::config::{MemoryRestoreMode, RestoreParams, VmConfig};
 use crate::event_monitor;
+use crate::migration::store;
 use crate::vm::{self, Vm};
 
 /// Everything that can wake the control loop. API threads, vCPU threads and devices all
@@ -23,6 +28,9 @@ pub enum VmmEvent {
     GuestReset,
     /// A vCPU thread hit an error it cannot recover from.
     VcpuFailed { id: u8, error: String },
+    /// Guest RAM cannot be filled (on-demand restore): the VM must stop rather than run
+    /// on missing pages.
+    MemoryFailed { error: String },
 }
 
 /// Why `Vmm::run` returned without an error.
@@ -34,14 +42,54 @@ pub enum VmmExit {
     Shutdown,
 }
 
+/// What the VMM does at start, before serving the API.
+#[derive(Debug, Clone)]
+pub enum VmStartup {
+    Boot(VmConfig),
+    Restore(RestoreParams),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("a VM already exists and is {0:?}")]
+    VmExists(VmState),
+    #[error("cannot use snapshot {0}")]
+    Snapshot(std::path::PathBuf, #[source] store::Error),
+    #[error("cannot build the VM")]
+    Vm(#[source] vm::Error),
+    #[error("cannot open the snapshot's memory files for on-demand restore")]
+    OpenMemory(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("there is no VM to snapshot")]
+    NoVm,
+    #[error("cannot snapshot a VM that is {0:?} (pause it first)")]
+    NotPaused(VmState),
+    #[error(
+        "guest memory is still being restored on demand ({resident} of {total} pages); \
+         retry when vm.info reports memory_restore.complete"
+    )]
+    RestoreInProgress { resident: u64, total: u64 },
+    #[error("cannot read the VM state")]
+    State(#[source] vm::Error),
+    #[error("cannot write the snapshot")]
+    Store(#[source] store::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("failed to create the VM")]
     CreateVm(#[source] vm::Error),
     #[error("failed to boot the VM")]
     BootVm(#[source] vm::Error),
+    #[error("failed to restore the VM")]
+    Restore(#[source] RestoreError),
     #[error("vCPU {id} failed: {error}")]
     VcpuFailed { id: u8, error: String },
+    #[error("guest memory could not be restored: {0}")]
+    MemoryFailed(String),
 }
 
 /// The VMM: at most one VM, driven by events.
@@ -62,13 +110,17 @@ impl Vmm {
         }
     }
 
-    /// Boots `config` (if given) and serves events until the VMM should exit.
-    pub fn run(mut self, config: Option<VmConfig>) -> Result<VmmExit, Error> {
-        if let Some(config) = config {
-            let mut vm = Vm::new(&config, self.events.clone()).map_err(Error::CreateVm)?;
-            vm.boot().map_err(Error::BootVm)?;
-            event_monitor::event("vm", "booted", None);
-            self.vm = Some(vm);
+    /// Boots or restores a VM (if asked) and serves events until the VMM should exit.
+    pub fn run(mut self, startup: Option<VmStartup>) -> Result<VmmExit, Error> {
+        match startup {
+            Some(VmStartup::Boot(config)) => {
+                let mut vm = Vm::new(&config, self.events.clone()).map_err(Error::CreateVm)?;
+                vm.boot().map_err(Error::BootVm)?;
+                event_monitor::event("vm", "booted", None);
+                self.vm = Some(vm);
+            }
+            Some(VmStartup::Restore(params)) => self.restore(&params).map_err(Error::Restore)?,
+            None => {}
         }
         loop {
             // We hold a sender ourselves, so the channel never disconnects.
@@ -95,19 +147,88 @@ impl Vmm {
                     self.stop_vm();
                     return Err(Error::VcpuFailed { id, error });
                 }
+                VmmEvent::MemoryFailed { error } => {
+                    self.stop_vm();
+                    return Err(Error::MemoryFailed(error));
+                }
             }
         }
     }
 
     fn stop_vm(&mut self) {
-        if let Some(vm) = self.vm.as_mut() {
-            if vm.state() != VmState::Shutdown {
-                if let Err(e) = vm.shutdown() {
-                    log::error!("shutting down the VM: {e}");
-                }
-                event_monitor::event("vm", "shutdown", None);
+        if let Some(vm) = self.vm.as_mut()
+            && vm.state() != VmState::Shutdown
+        {
+            if let Err(e) = vm.shutdown() {
+                log::error!("shutting down the VM: {e}");
             }
+            event_monitor::event("vm", "shutdown", None);
         }
+    }
+
+    /// Writes a snapshot of the paused VM into `destination`.
+    fn snapshot(&mut self, destination: &Path) -> Result<(), SnapshotError> {
+        let vm = self.vm.as_ref().ok_or(SnapshotError::NoVm)?;
+        if vm.state() != VmState::Paused {
+            return Err(SnapshotError::NotPaused(vm.state()));
+        }
+        if let Some(od) = vm.on_demand()
+            && !od.is_complete()
+        {
+            let p = od.progress();
+            return Err(SnapshotError::RestoreInProgress {
+                resident: p.resident_pages.load(Ordering::Acquire),
+                total: p.total_pages,
+            });
+        }
+        let start = Instant::now();
+        let state = vm.save_state().map_err(SnapshotError::State)?;
+        let stats = store::save(destination, vm.config(), &state, vm.memory())
+            .map_err(SnapshotError::Store)?;
+        log::info!(
+            "snapshot of {} data bytes written to {} in {:?}",
+            stats.memory_data_bytes,
+            destination.display(),
+            start.elapsed()
+        );
+        event_monitor::event("vm", "snapshotted", None);
+        Ok(())
+    }
+
+    /// Builds the VM from a snapshot. On any error no VM is left behind and the VMM
+    /// stays usable.
+    fn restore(&mut self, params: &RestoreParams) -> Result<(), RestoreError> {
+        if let Some(vm) = &self.vm
+            && vm.state() != VmState::Shutdown
+        {
+            return Err(RestoreError::VmExists(vm.state()));
+        }
+        event_monitor::event("vm", "restoring", None);
+        let start = Instant::now();
+        let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
+        let snapshot = store::load(&params.source).map_err(snapshot_error)?;
+        let mut vm =
+            Vm::new_for_restore(&snapshot.config, self.events.clone()).map_err(RestoreError::Vm)?;
+        let bytes = match params.mode {
+            MemoryRestoreMode::Copy => snapshot.fill_memory(vm.memory()).map_err(snapshot_error)?,
+            MemoryRestoreMode::OnDemand => {
+                snapshot.check_layout(vm.memory()).map_err(snapshot_error)?;
+                let source = snapshot.memory_source().map_err(RestoreError::OpenMemory)?;
+                vm.enable_on_demand(Arc::new(source))
+                    .map_err(RestoreError::Vm)?;
+                0
+            }
+        };
+        vm.apply_state(snapshot.state).map_err(RestoreError::Vm)?;
+        vm.start(!params.resume).map_err(RestoreError::Vm)?;
+        log::info!(
+            "restored {bytes} data bytes from {} in {:?}",
+            params.source.display(),
+            start.elapsed()
+        );
+        self.vm = Some(vm);
+        event_monitor::event("vm", "restored", None);
+        Ok(())
     }
 
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
@@ -128,6 +249,20 @@ impl Vmm {
                     config: vm.config().clone(),
                     state: vm.state(),
                     memory_actual_size: vm.memory().ram_size(),
+                    memory_restore: vm.on_demand().map(|od| {
+                        let p = od.progress();
+                        let faults = p.faults.load(Ordering::Acquire);
+                        MemoryRestoreProgress {
+                            resident_pages: p.resident_pages.load(Ordering::Acquire),
+                            total_pages: p.total_pages,
+                            faults,
+                            mean_fault_us: p.fault_ns.load(Ordering::Acquire)
+                                / 1000
+                                / faults.max(1),
+                            complete: p.complete.load(Ordering::Acquire),
+                            completed_after_ms: p.completed_after_ms.load(Ordering::Acquire),
+                        }
+                    }),
                 })))
             }
             ApiRequest::VmPause => {
@@ -147,6 +282,39 @@ impl Vmm {
             }
             ApiRequest::VmmShutdown => {
                 self.stop_vm();
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmSnapshot { destination } => {
+                self.snapshot(&destination).map_err(|e| match e {
+                    SnapshotError::NoVm => ApiError::NoVm,
+                    SnapshotError::NotPaused(state) => ApiError::InvalidState {
+                        action: "snapshot",
+                        state,
+                    },
+                    SnapshotError::RestoreInProgress { .. } => ApiError::Conflict(error_chain(&e)),
+                    SnapshotError::Store(store::Error::DestinationNotEmpty(_)) => {
+                        ApiError::BadRequest(error_chain(&e))
+                    }
+                    other => ApiError::Internal {
+                        action: "snapshot",
+                        message: error_chain(&other),
+                    },
+                })?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmRestore(params) => {
+                self.restore(&params).map_err(|e| match e {
+                    RestoreError::VmExists(state) => ApiError::InvalidState {
+                        action: "restore into a VMM whose VM",
+                        state,
+                    },
+                    // A snapshot that cannot be used is the caller's input problem.
+                    RestoreError::Snapshot(..) => ApiError::BadRequest(error_chain(&e)),
+                    RestoreError::Vm(_) | RestoreError::OpenMemory(_) => ApiError::Internal {
+                        action: "restore",
+                        message: error_chain(&e),
+                    },
+                })?;
                 Ok(ApiResponse::Empty)
             }
         }

@@ -5,6 +5,8 @@
 //! command. Every command is acknowledged, so pause returns only once every vCPU is out of
 //! the guest.
 
+pub mod state;
+
 use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
@@ -17,6 +19,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
 use crate::vmm::VmmEvent;
+use state::VcpuState;
 
 /// How long a vCPU may take to acknowledge a command. Generous: on this host a vCPU can be
 /// in the middle of a slow emulated instruction batch.
@@ -32,12 +35,14 @@ pub enum Error {
     ThreadGone(u8),
     #[error("vCPU {id} did not acknowledge {command:?} within {ACK_TIMEOUT:?}")]
     AckTimeout { id: u8, command: VcpuCommand },
-    #[error("vCPU {id} answered {got:?} to {command:?}")]
+    #[error("vCPU {id} answered {got} to {command:?}")]
     UnexpectedAck {
         id: u8,
         command: VcpuCommand,
-        got: VcpuResponse,
+        got: &'static str,
     },
+    #[error("saving the state of vCPU {0}")]
+    SaveState(u8, #[source] crate::state::StateError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -46,14 +51,28 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum VcpuCommand {
     Pause,
     Resume,
+    /// Only answered with a state while paused: a running vCPU's state is stale at once.
+    SaveState,
     Exit,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    State(Box<crate::state::Result<VcpuState>>),
     Exited,
+}
+
+impl VcpuResponse {
+    fn name(&self) -> &'static str {
+        match self {
+            VcpuResponse::Paused => "Paused",
+            VcpuResponse::Resumed => "Resumed",
+            VcpuResponse::State(_) => "State",
+            VcpuResponse::Exited => "Exited",
+        }
+    }
 }
 
 thread_local! {
@@ -97,6 +116,8 @@ pub struct VcpuContext {
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
+    /// The MSRs to save, probed once per VM.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 /// The VMM side of a running vCPU thread.
@@ -108,15 +129,15 @@ pub struct VcpuHandle {
 }
 
 impl Vcpu {
-    /// Starts the vCPU thread, running the guest at once.
-    pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle> {
+    /// Starts the vCPU thread, running the guest at once unless `paused`.
+    pub fn start(self, ctx: VcpuContext, paused: bool) -> Result<VcpuHandle> {
         install_kick_handler()?;
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (resp_tx, resp_rx) = mpsc::channel();
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(cmd_rx, resp_tx, ctx))
+            .spawn(move || self.run(cmd_rx, resp_tx, ctx, paused))
             .map_err(|e| Error::SpawnThread(id, e))?;
         Ok(VcpuHandle {
             id,
@@ -131,12 +152,13 @@ impl Vcpu {
         commands: Receiver<VcpuCommand>,
         responses: Sender<VcpuResponse>,
         ctx: VcpuContext,
+        start_paused: bool,
     ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         // Paused also after a fatal exit: the VMM is told, and the thread only serves
         // commands until it is asked to exit.
-        let mut paused = false;
+        let mut paused = start_paused;
         let mut failed = false;
         loop {
             let command = if paused || failed {
@@ -161,6 +183,14 @@ impl Vcpu {
                         paused = false;
                         VcpuResponse::Resumed
                     }
+                    VcpuCommand::SaveState => VcpuResponse::State(Box::new(if paused {
+                        state::save(self.id, &self.fd, &self.msr_indices)
+                    } else {
+                        Err(crate::state::StateError::Invalid {
+                            id: format!("vcpu-{}", self.id),
+                            reason: "the vCPU is running".into(),
+                        })
+                    })),
                     VcpuCommand::Exit => break,
                 };
                 if responses.send(ack).is_err() {
@@ -247,20 +277,10 @@ impl VcpuHandle {
         }
     }
 
-    /// Waits for the acknowledgement of `command`.
-    pub fn wait_ack(&self, command: VcpuCommand) -> Result<()> {
-        let expected = match command {
-            VcpuCommand::Pause => VcpuResponse::Paused,
-            VcpuCommand::Resume => VcpuResponse::Resumed,
-            VcpuCommand::Exit => VcpuResponse::Exited,
-        };
+    /// Waits for the answer to `command`.
+    fn wait_response(&self, command: VcpuCommand) -> Result<VcpuResponse> {
         match self.responses.recv_timeout(ACK_TIMEOUT) {
-            Ok(got) if got == expected => Ok(()),
-            Ok(got) => Err(Error::UnexpectedAck {
-                id: self.id,
-                command,
-                got,
-            }),
+            Ok(response) => Ok(response),
             Err(RecvTimeoutError::Timeout) => Err(Error::AckTimeout {
                 id: self.id,
                 command,
@@ -269,28 +289,95 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the thread and joins it. Safe to call more than once.
-    pub fn exit(&mut self) -> Result<()> {
-        let Some(thread) = self.thread.as_ref() else {
-            return Ok(());
-        };
-        let result = if thread.is_finished() {
+    /// Waits for the acknowledgement of `command`.
+    pub fn wait_ack(&self, command: VcpuCommand) -> Result<()> {
+        let got = self.wait_response(command)?;
+        let expected = matches!(
+            (command, &got),
+            (VcpuCommand::Pause, VcpuResponse::Paused)
+                | (VcpuCommand::Resume, VcpuResponse::Resumed)
+                | (VcpuCommand::Exit, VcpuResponse::Exited)
+        );
+        if expected {
             Ok(())
         } else {
-            self.send(VcpuCommand::Exit)
-                .and_then(|_| self.wait_ack(VcpuCommand::Exit))
+            Err(Error::UnexpectedAck {
+                id: self.id,
+                command,
+                got: got.name(),
+            })
+        }
+    }
+
+    /// The state of this (paused) vCPU, read on its own thread.
+    pub fn save_state(&self) -> Result<VcpuState> {
+        self.send(VcpuCommand::SaveState)?;
+        match self.wait_response(VcpuCommand::SaveState)? {
+            VcpuResponse::State(result) => (*result).map_err(|e| Error::SaveState(self.id, e)),
+            other => Err(Error::UnexpectedAck {
+                id: self.id,
+                command: VcpuCommand::SaveState,
+                got: other.name(),
+            }),
+        }
+    }
+
+    /// Stops the thread and joins it. Safe to call more than once, and after `Exit` was
+    /// already sent (e.g. by `stop_all`).
+    pub fn exit(&mut self) -> Result<()> {
+        if self.thread.is_none() {
+            return Ok(());
+        }
+        // A thread that already left its loop has dropped its receiver; that is fine.
+        let _ = self.send(VcpuCommand::Exit);
+        self.join_exited()
+    }
+
+    /// Waits for the thread to leave its loop (its `Exited` answer, or its channel closing)
+    /// and joins it. Answers to earlier commands that are still queued are skipped.
+    fn join_exited(&mut self) -> Result<()> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
         };
-        if let Some(thread) = self.thread.take() {
-            if result.is_ok() || thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                // A thread that ignores Exit is stuck in the kernel; joining would hang the
-                // VMM, so leave it: the process is going away or the VM is dead anyway.
-                log::error!("vcpu{} did not exit; abandoning its thread", self.id);
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        let result = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(VcpuResponse::Exited) | Err(RecvTimeoutError::Disconnected) => break Ok(()),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    break Err(Error::AckTimeout {
+                        id: self.id,
+                        command: VcpuCommand::Exit,
+                    });
+                }
             }
+        };
+        if result.is_ok() {
+            let _ = thread.join();
+        } else {
+            // A thread that ignores Exit is stuck in the kernel; joining would hang the VMM,
+            // so leave it: the process is going away or the VM is dead anyway.
+            log::error!("vcpu{} did not exit; abandoning its thread", self.id);
         }
         result
     }
+}
+
+/// Stops every vCPU in parallel (all are told first, then each is joined).
+pub fn stop_all(vcpus: &mut [VcpuHandle]) -> Result<()> {
+    for v in vcpus.iter() {
+        let _ = v.send(VcpuCommand::Exit);
+    }
+    let mut first_error = Ok(());
+    for v in vcpus.iter_mut() {
+        if let Err(e) = v.join_exited()
+            && first_error.is_ok()
+        {
+            first_error = Err(e);
+        }
+    }
+    first_error
 }
 
 /// Sends `command` to every vCPU first, then collects every acknowledgement, so the vCPUs
@@ -301,10 +388,10 @@ pub fn broadcast(vcpus: &[VcpuHandle], command: VcpuCommand) -> Result<()> {
     }
     let mut first_error = Ok(());
     for v in vcpus {
-        if let Err(e) = v.wait_ack(command) {
-            if first_error.is_ok() {
-                first_error = Err(e);
-            }
+        if let Err(e) = v.wait_ack(command)
+            && first_error.is_ok()
+        {
+            first_error = Err(e);
         }
     }
     first_error

@@ -1,5 +1,7 @@
-//! One VM: the KVM VM fd, guest RAM, devices and vCPUs, and its lifecycle
-//! (created -> running <-> paused -> shutdown).
+//! One VM: the KVM VM fd, guest RAM, devices and vCPUs, its lifecycle
+//! (created -> running <-> paused -> shutdown), and its state tree.
+
+pub mod kvm_state;
 
 use std::fs::File;
 use std::io::Write;
@@ -22,7 +24,11 @@ use crate::devices::PioBus;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, SerialOutput};
 use crate::memory_manager::{self, MemoryManager};
+use crate::state::{StateError, StateTree};
+use crate::uffd::handler::Region;
+use crate::uffd::{OnDemandMemory, UffdMemorySource};
 use crate::vmm::VmmEvent;
+use kvm_state::KvmVm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,12 +83,24 @@ pub enum Error {
         action: &'static str,
         state: VmState,
     },
+    #[error("this host's XSAVE area is larger than the 4 KiB KVM_GET_XSAVE layout")]
+    XsaveTooLarge,
+    #[error("VM state")]
+    State(#[source] StateError),
+    #[error("on-demand memory")]
+    OnDemand(#[source] crate::uffd::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn kvm_call(name: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm(name, e)
+}
+
+/// Device state stays consistent across a panicking holder (every access is one register
+/// update), so a poisoned lock is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct Vm {
@@ -92,6 +110,10 @@ pub struct Vm {
     pending: Vec<Vcpu>,
     vcpus: Vec<VcpuHandle>,
     context: VcpuContext,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// Serves guest RAM faults during an on-demand restore; dropped after the vCPUs
+    /// (Drop stops them first) and before the memory it fills.
+    on_demand: Option<OnDemandMemory>,
     // Field order is drop order: vCPU threads stop in Drop before the VM fd and the
     // memory they use go away.
     vm_fd: VmFd,
@@ -100,9 +122,23 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the VM from `config`: KVM VM with in-kernel irqchip and PIT, guest RAM, the
-    /// kernel and its PVH boot data, devices, and configured (not yet running) vCPUs.
+    /// Builds the VM from `config` ready to boot: everything `new_for_restore` builds plus
+    /// the kernel, its PVH boot data and the boot vCPU's entry state.
     pub fn new(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
+        let vm = Self::new_for_restore(config, events)?;
+        let entry = load_kernel(config, &vm.memory)?;
+        mptable::write(vm.memory.guest_memory(), config.cpus.boot_vcpus).map_err(Error::Arch)?;
+        if let Some(boot) = vm.pending.first() {
+            regs::setup_boot_vcpu(&boot.fd, vm.memory.guest_memory(), entry)
+                .map_err(Error::Arch)?;
+        }
+        Ok(vm)
+    }
+
+    /// Builds the VM from `config` with empty RAM: KVM VM with in-kernel irqchip and PIT,
+    /// guest RAM, devices, and vCPUs with their CPUID (not yet running). A restore fills
+    /// the RAM and applies a state tree before `boot`.
+    pub fn new_for_restore(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
         vm_fd
@@ -121,37 +157,53 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_call("KVM_CREATE_PIT2"))?;
+        if !cpu::state::xsave_fits_legacy(&vm_fd) {
+            return Err(Error::XsaveTooLarge);
+        }
 
         let memory = MemoryManager::new(&config.memory).map_err(Error::Memory)?;
         memory.register_slots(&vm_fd).map_err(Error::Memory)?;
 
-        let entry = load_kernel(config, &memory)?;
-        let nr_vcpus = config.cpus.boot_vcpus;
-        mptable::write(memory.guest_memory(), nr_vcpus).map_err(Error::Arch)?;
-
-        let pio = Arc::new(build_pio_bus(config, &vm_fd, events.clone())?);
-        let pending = create_vcpus(&kvm, &vm_fd, &memory, nr_vcpus, entry)?;
+        let (bus, serial) = build_pio_bus(config, &vm_fd, events.clone())?;
+        let pending = create_vcpus(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
 
         Ok(Vm {
             config: config.clone(),
             state: VmState::Created,
             pending,
             vcpus: Vec::new(),
-            context: VcpuContext { pio, events },
+            context: VcpuContext {
+                pio: Arc::new(bus),
+                events,
+            },
+            serial,
+            on_demand: None,
             vm_fd,
             memory,
             _kvm: kvm,
         })
     }
 
-    /// Starts every vCPU thread.
+    /// Starts every vCPU thread, running the guest.
     pub fn boot(&mut self) -> Result<()> {
+        self.start(false)
+    }
+
+    /// Starts every vCPU thread, running the guest unless `paused` (then the VM is
+    /// Paused and has not executed a single instruction).
+    pub fn start(&mut self, paused: bool) -> Result<()> {
         self.expect_state("boot", &[VmState::Created])?;
         for vcpu in self.pending.drain(..) {
-            let handle = vcpu.start(self.context.clone()).map_err(Error::Vcpu)?;
+            let handle = vcpu
+                .start(self.context.clone(), paused)
+                .map_err(Error::Vcpu)?;
             self.vcpus.push(handle);
         }
-        self.state = VmState::Running;
+        self.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         Ok(())
     }
 
@@ -187,20 +239,66 @@ impl Vm {
 
     fn stop_vcpus(&mut self) -> Result<()> {
         self.pending.clear();
-        let mut first_error = Ok(());
-        for vcpu in &self.vcpus {
-            let _ = vcpu.send(VcpuCommand::Exit);
-        }
-        for vcpu in &mut self.vcpus {
-            if let Err(e) = vcpu.exit() {
-                if first_error.is_ok() {
-                    first_error = Err(Error::Vcpu(e));
-                }
-            }
-        }
+        let result = cpu::stop_all(&mut self.vcpus).map_err(Error::Vcpu);
         self.vcpus.clear();
         self.state = VmState::Shutdown;
-        first_error
+        result
+    }
+
+    /// Saves every component of a paused VM.
+    pub fn save_state(&self) -> Result<StateTree> {
+        self.expect_state("save the state of", &[VmState::Paused])?;
+        let mut tree = StateTree::new();
+        for vcpu in &self.vcpus {
+            let state = vcpu.save_state().map_err(Error::Vcpu)?;
+            tree.insert(format!("vcpu-{}", vcpu.id()), &state)
+                .map_err(Error::State)?;
+        }
+        tree.save(&KvmVm(&self.vm_fd)).map_err(Error::State)?;
+        if let Some(serial) = &self.serial {
+            tree.save(&*lock(serial)).map_err(Error::State)?;
+        }
+        Ok(tree)
+    }
+
+    /// Applies a saved state tree to a VM built by `new_for_restore` whose RAM already
+    /// holds the snapshot's memory. Every component must be present exactly once.
+    pub fn apply_state(&mut self, mut tree: StateTree) -> Result<()> {
+        self.expect_state("restore the state of", &[VmState::Created])?;
+        tree.check_version().map_err(Error::State)?;
+        tree.restore(&mut KvmVm(&self.vm_fd))
+            .map_err(Error::State)?;
+        for vcpu in &self.pending {
+            let id = format!("vcpu-{}", vcpu.id);
+            let state: cpu::state::VcpuState = tree.take(&id).map_err(Error::State)?;
+            cpu::state::restore(vcpu.id, &vcpu.fd, &state).map_err(Error::State)?;
+        }
+        if let Some(serial) = &self.serial {
+            tree.restore(&mut *lock(serial)).map_err(Error::State)?;
+        }
+        tree.finish().map_err(Error::State)
+    }
+
+    /// Makes guest RAM fill itself from `source` as the guest touches it (and in the
+    /// background). Only before the vCPUs start.
+    pub fn enable_on_demand(&mut self, source: Arc<dyn UffdMemorySource>) -> Result<()> {
+        self.expect_state("restore memory on demand into", &[VmState::Created])?;
+        let regions = self
+            .memory
+            .host_regions()
+            .map_err(|e| Error::Memory(memory_manager::Error::CreateMemfd(e)))?
+            .into_iter()
+            .map(|(host, size)| Region { host, size })
+            .collect();
+        let on_demand = OnDemandMemory::start(regions, source, self.context.events.clone())
+            .map_err(Error::OnDemand)?;
+        self.on_demand = Some(on_demand);
+        Ok(())
+    }
+
+    /// Progress of an on-demand restore, if one was started.
+    pub fn on_demand(&self) -> Option<&OnDemandMemory> {
+        self.on_demand.as_ref()
     }
 
     fn expect_state(&self, action: &'static str, allowed: &[VmState]) -> Result<()> {
@@ -317,35 +415,36 @@ fn serial_output(config: &VmConfig) -> Result<Option<SerialOutput>> {
     })
 }
 
-fn build_pio_bus(config: &VmConfig, vm_fd: &VmFd, events: Sender<VmmEvent>) -> Result<PioBus> {
+type SerialHandle = Option<Arc<Mutex<SerialDevice>>>;
+
+fn build_pio_bus(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    events: Sender<VmmEvent>,
+) -> Result<(PioBus, SerialHandle)> {
     let mut bus = PioBus::default();
+    let mut serial = None;
     if let Some(out) = serial_output(config)? {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm_fd
             .register_irqfd(&irq, COM1_GSI)
             .map_err(kvm_call("KVM_IRQFD"))?;
-        let serial = SerialDevice::new(irq, out);
-        bus.insert(COM1_BASE, COM1_LEN, Arc::new(Mutex::new(serial)))
+        let device = SerialDevice::new(irq, out).map_err(Error::EventFd)?;
+        let device = Arc::new(Mutex::new(device));
+        bus.insert(COM1_BASE, COM1_LEN, device.clone())
             .map_err(Error::Bus)?;
+        serial = Some(device);
     }
-    bus.insert(
-        I8042_BASE,
-        I8042_LEN,
-        Arc::new(Mutex::new(I8042::new(events))),
-    )
-    .map_err(Error::Bus)?;
-    Ok(bus)
+    let i8042 = Arc::new(Mutex::new(I8042::new(events)));
+    bus.insert(I8042_BASE, I8042_LEN, i8042)
+        .map_err(Error::Bus)?;
+    Ok((bus, serial))
 }
 
-fn create_vcpus(
-    kvm: &Kvm,
-    vm_fd: &VmFd,
-    memory: &MemoryManager,
-    nr_vcpus: u8,
-    entry: u64,
-) -> Result<Vec<Vcpu>> {
+fn create_vcpus(kvm: &Kvm, vm_fd: &VmFd, nr_vcpus: u8) -> Result<Vec<Vcpu>> {
     let mut vcpus = Vec::with_capacity(usize::from(nr_vcpus));
     let mut template = None;
+    let mut msr_indices = Arc::new(Vec::new());
     for id in 0..nr_vcpus {
         let fd = vm_fd
             .create_vcpu(u64::from(id))
@@ -353,6 +452,7 @@ fn create_vcpus(
         if template.is_none() {
             let tsc_khz = fd.get_tsc_khz().map_err(kvm_call("KVM_GET_TSC_KHZ"))?;
             template = Some(cpuid::supported(kvm, tsc_khz).map_err(Error::Arch)?);
+            msr_indices = Arc::new(cpu::state::saveable_msrs(kvm, &fd));
         }
         if let Some(template) = &template {
             fd.set_cpuid2(&cpuid::for_vcpu(template, id, nr_vcpus))
@@ -360,10 +460,11 @@ fn create_vcpus(
         }
         regs::setup_fpu(&fd).map_err(Error::Arch)?;
         regs::setup_lint(&fd).map_err(Error::Arch)?;
-        if id == 0 {
-            regs::setup_boot_vcpu(&fd, memory.guest_memory(), entry).map_err(Error::Arch)?;
-        }
-        vcpus.push(Vcpu { id, fd });
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            msr_indices: msr_indices.clone(),
+        });
     }
     Ok(vcpus)
 }

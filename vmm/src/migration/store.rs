@@ -1,0 +1,352 @@
+//! The `vm.snapshot` / `vm.restore` directory format:
+//!
+//! ```text
+//! <dir>/config.json    the VmConfig
+//! <dir>/state.json     the state tree (format-versioned)
+//! <dir>/memory-<slot>  one sparse file per guest RAM mapping, exactly its size
+//! <dir>/snapshot.json  manifest: mappings, file sizes and CRC32s of the JSON files
+//! ```
+//!
+//! A snapshot is written into a hidden sibling directory, every file and the directory
+//! fsynced, and only then renamed to its final name: a crash mid-way never leaves a
+//! directory that looks complete.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::memory_manager::{GuestRamMapping, MemoryManager};
+use crate::sparse;
+use crate::state::StateTree;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const STATE_FILE: &str = "state.json";
+pub const MANIFEST_FILE: &str = "snapshot.json";
+const MANIFEST_VERSION: u32 = 1;
+/// Config and state are a few hundred KiB even with many vCPUs; refuse anything absurd
+/// before parsing it.
+const JSON_LIMIT: u64 = 64 << 20;
+
+pub fn memory_file_name(slot: u32) -> String {
+    format!("memory-{slot}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snapshot destination {0} exists and is not an empty directory")]
+    DestinationNotEmpty(PathBuf),
+    #[error("snapshot destination {0} has no parent directory")]
+    NoParent(PathBuf),
+    #[error("{step} {path}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode {0}")]
+    Encode(&'static str, #[source] serde_json::Error),
+    #[error("{path} is not a valid {what}")]
+    Decode {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0} is not a complete snapshot: {1} is missing")]
+    Incomplete(PathBuf, &'static str),
+    #[error(
+        "snapshot format version {0} is not supported (this VMM reads version {MANIFEST_VERSION})"
+    )]
+    Version(u32),
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("the snapshot's memory layout does not match its config")]
+    LayoutMismatch,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { step, path, source }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileDigest {
+    size: u64,
+    crc32: u32,
+}
+
+impl FileDigest {
+    fn of(bytes: &[u8]) -> Self {
+        FileDigest {
+            size: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    config: FileDigest,
+    state: FileDigest,
+    mappings: Vec<GuestRamMapping>,
+    /// Bytes of data (non-hole) per mapping, for information and progress reporting.
+    memory_data_bytes: Vec<u64>,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotStats {
+    pub memory_data_bytes: u64,
+}
+
+/// Writes a complete snapshot of a paused VM into `dest`.
+pub fn save(
+    dest: &Path,
+    config: &VmConfig,
+    state: &StateTree,
+    memory: &MemoryManager,
+) -> Result<SnapshotStats> {
+    check_destination(dest)?;
+    let name = dest
+        .file_name()
+        .ok_or_else(|| Error::NoParent(dest.to_path_buf()))?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io("cannot remove stale partial snapshot", &tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+    let result = write_contents(&tmp, config, state, memory).and_then(|stats| {
+        sync_dir(&tmp)?;
+        // rename(2) replaces an empty directory atomically, so an empty `dest` created by
+        // the user is fine.
+        fs::rename(&tmp, dest).map_err(io("cannot rename the snapshot into", dest))?;
+        sync_dir(&parent)?;
+        Ok(stats)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn check_destination(dest: &Path) -> Result<()> {
+    match fs::read_dir(dest) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                Err(Error::DestinationNotEmpty(dest.to_path_buf()))
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(Error::DestinationNotEmpty(dest.to_path_buf()))
+        }
+        Err(e) => Err(io("cannot inspect", dest)(e)),
+    }
+}
+
+fn write_contents(
+    dir: &Path,
+    config: &VmConfig,
+    state: &StateTree,
+    memory: &MemoryManager,
+) -> Result<SnapshotStats> {
+    let mut data_bytes = Vec::new();
+    for m in memory.mappings() {
+        let path = dir.join(memory_file_name(m.slot));
+        let file = create_file(&path)?;
+        let extents = memory
+            .data_extents(m)
+            .map_err(io("cannot find the data pages of guest RAM for", &path))?;
+        let written = memory
+            .write_mapping(m, &extents, &file)
+            .map_err(io("cannot write", &path))?;
+        file.sync_all().map_err(io("cannot fsync", &path))?;
+        data_bytes.push(written);
+    }
+    let config_json =
+        serde_json::to_vec_pretty(config).map_err(|e| Error::Encode("the VM config", e))?;
+    let state_json = serde_json::to_vec(state).map_err(|e| Error::Encode("the VM state", e))?;
+    write_file(&dir.join(CONFIG_FILE), &config_json)?;
+    write_file(&dir.join(STATE_FILE), &state_json)?;
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        config: FileDigest::of(&config_json),
+        state: FileDigest::of(&state_json),
+        mappings: memory.mappings().to_vec(),
+        memory_data_bytes: data_bytes.clone(),
+    };
+    let manifest_json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Encode("the manifest", e))?;
+    write_file(&dir.join(MANIFEST_FILE), &manifest_json)?;
+    Ok(SnapshotStats {
+        memory_data_bytes: data_bytes.iter().sum(),
+    })
+}
+
+fn create_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("cannot create", path))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = create_file(path)?;
+    file.write_all(bytes).map_err(io("cannot write", path))?;
+    file.sync_all().map_err(io("cannot fsync", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot fsync directory", dir))
+}
+
+/// A snapshot directory whose manifest, config, state and memory files have been checked.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub config: VmConfig,
+    pub state: StateTree,
+    mappings: Vec<GuestRamMapping>,
+}
+
+/// Reads and checks everything but the memory contents: a snapshot that fails here is
+/// refused before any VM is built.
+pub fn load(dir: &Path) -> Result<Snapshot> {
+    let manifest_bytes = read_json_file(dir, MANIFEST_FILE)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|source| Error::Decode {
+            what: "snapshot manifest",
+            path: dir.join(MANIFEST_FILE),
+            source,
+        })?;
+    if manifest.version != MANIFEST_VERSION {
+        return Err(Error::Version(manifest.version));
+    }
+    let config_bytes = read_json_file(dir, CONFIG_FILE)?;
+    check_digest(&dir.join(CONFIG_FILE), &config_bytes, &manifest.config)?;
+    let state_bytes = read_json_file(dir, STATE_FILE)?;
+    check_digest(&dir.join(STATE_FILE), &state_bytes, &manifest.state)?;
+    let config: VmConfig =
+        serde_json::from_slice(&config_bytes).map_err(|source| Error::Decode {
+            what: "VM config",
+            path: dir.join(CONFIG_FILE),
+            source,
+        })?;
+    let state: StateTree =
+        serde_json::from_slice(&state_bytes).map_err(|source| Error::Decode {
+            what: "VM state",
+            path: dir.join(STATE_FILE),
+            source,
+        })?;
+    for m in &manifest.mappings {
+        let path = dir.join(memory_file_name(m.slot));
+        let meta = fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Incomplete(dir.to_path_buf(), "a memory file")
+            } else {
+                io("cannot inspect", &path)(e)
+            }
+        })?;
+        if meta.len() != m.size {
+            return Err(Error::Corrupt {
+                path,
+                reason: format!("{} bytes, expected {}", meta.len(), m.size),
+            });
+        }
+    }
+    Ok(Snapshot {
+        dir: dir.to_path_buf(),
+        config,
+        state,
+        mappings: manifest.mappings,
+    })
+}
+
+fn read_json_file(dir: &Path, name: &'static str) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let mut file = File::open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Incomplete(dir.to_path_buf(), name)
+        } else {
+            io("cannot open", &path)(e)
+        }
+    })?;
+    sparse::read_capped(&mut file, JSON_LIMIT).map_err(io("cannot read", &path))
+}
+
+fn check_digest(path: &Path, bytes: &[u8], want: &FileDigest) -> Result<()> {
+    let got = FileDigest::of(bytes);
+    if got.size != want.size {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, the manifest says {}", got.size, want.size),
+        });
+    }
+    if got.crc32 != want.crc32 {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "CRC32 {:08x}, the manifest says {:08x}",
+                got.crc32, want.crc32
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Snapshot {
+    /// Checks that `memory` (built from this snapshot's config) has the snapshot's layout.
+    pub fn check_layout(&self, memory: &MemoryManager) -> Result<()> {
+        if memory.mappings() == self.mappings.as_slice() {
+            Ok(())
+        } else {
+            Err(Error::LayoutMismatch)
+        }
+    }
+
+    /// The snapshot's memory files as a source for on-demand restore.
+    pub fn memory_source(&self) -> std::io::Result<crate::uffd::file::FileSource> {
+        let paths: Vec<(PathBuf, u64)> = self
+            .mappings
+            .iter()
+            .map(|m| (self.dir.join(memory_file_name(m.slot)), m.size))
+            .collect();
+        let refs: Vec<(&Path, u64)> = paths.iter().map(|(p, s)| (p.as_path(), *s)).collect();
+        crate::uffd::file::FileSource::open(&refs)
+    }
+
+    /// Copies every memory file's data into guest RAM; holes stay untouched (and
+    /// unallocated). Returns the bytes read.
+    pub fn fill_memory(&self, memory: &MemoryManager) -> Result<u64> {
+        self.check_layout(memory)?;
+        let mut total = 0;
+        for m in memory.mappings() {
+            let path = self.dir.join(memory_file_name(m.slot));
+            let file = File::open(&path).map_err(io("cannot open", &path))?;
+            total += memory
+                .read_mapping(m, &file)
+                .map_err(io("cannot read", &path))?;
+        }
+        Ok(total)
+    }
+}

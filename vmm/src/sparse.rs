@@ -1,0 +1,293 @@
+//! Sparse memory I/O: find the parts of guest RAM that hold data, write only those to a
+//! file (holes elsewhere), and read a sparse file back without touching its holes. The
+//! offload daemon reuses this module, so it knows nothing about VMs: it works on byte
+//! ranges of files and of host memory.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+
+use vmm_sys_util::seek_hole::SeekHole;
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A byte range `[offset, offset + len)` relative to the start of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Data extents of `file` within `[start, start + len)` (SEEK_DATA/SEEK_HOLE), relative to
+/// `start`. For a memfd these are exactly the pages ever written through a shared mapping.
+pub fn file_data_extents(file: &File, start: u64, len: u64) -> io::Result<Vec<Extent>> {
+    // SEEK_DATA moves the shared file position; use a private description of the file.
+    let mut f = file.try_clone()?;
+    let end = start + len;
+    let mut extents = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let Some(data) = f.seek_data(pos)? else { break };
+        if data >= end {
+            break;
+        }
+        let hole = f.seek_hole(data)?.unwrap_or(end).min(end);
+        extents.push(Extent {
+            offset: data - start,
+            len: hole - data,
+        });
+        pos = hole;
+    }
+    Ok(extents)
+}
+
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// Pagemap entries read per pread (512 KiB of entries, 256 MiB of memory).
+const PAGEMAP_BATCH: usize = 65536;
+
+/// Pages of this process's mapping `[host_addr, host_addr + len)` that are backed by
+/// anything (present or swapped), from /proc/self/pagemap. Used for MAP_PRIVATE guest RAM,
+/// whose written pages are anonymous and invisible to SEEK_DATA on the memfd.
+pub fn mapped_extents(host_addr: u64, len: u64) -> io::Result<Vec<Extent>> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let first_page = host_addr / PAGE_SIZE;
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
+    let mut done = 0u64;
+    while done < pages {
+        let batch = (pages - done).min(PAGEMAP_BATCH as u64) as usize;
+        let bytes = &mut buf[..batch * 8];
+        pagemap.read_exact_at(bytes, (first_page + done) * 8)?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(entry);
+            let entry = u64::from_ne_bytes(raw);
+            if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) == 0 {
+                continue;
+            }
+            let offset = (done + i as u64) * PAGE_SIZE;
+            push_merged(&mut extents, offset, PAGE_SIZE);
+        }
+        done += batch as u64;
+    }
+    Ok(extents)
+}
+
+fn push_merged(extents: &mut Vec<Extent>, offset: u64, len: u64) {
+    match extents.last_mut() {
+        Some(last) if last.end() == offset => last.len += len,
+        _ => extents.push(Extent { offset, len }),
+    }
+}
+
+/// Whether a page holds only zero bytes. ORs 64-byte blocks so the compiler can vectorize.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    bytes.chunks(64).all(|block| {
+        block
+            .chunks(8)
+            .map(|w| {
+                let mut raw = [0u8; 8];
+                raw[..w.len()].copy_from_slice(w);
+                u64::from_ne_bytes(raw)
+            })
+            .fold(0, |acc, w| acc | w)
+            == 0
+    })
+}
+
+/// Splits `extents` of `region` into runs of pages that are not all zero: a page that was
+/// touched but still reads as zeros costs nothing on disk.
+pub fn nonzero_extents(region: &[u8], extents: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let mut page = e.offset;
+        while page < e.end() {
+            let len = PAGE_SIZE.min(e.end() - page);
+            let start = page as usize;
+            if !is_zero(&region[start..start + len as usize]) {
+                push_merged(&mut out, page, len);
+            }
+            page += len;
+        }
+    }
+    out
+}
+
+/// Chunk size for writes and reads: large enough for disk speed, small enough to keep a
+/// bounded amount of I/O in flight per call.
+const IO_CHUNK: u64 = 8 << 20;
+
+/// Writes `extents` of `region` to `file` at the same offsets and sizes the file to
+/// `region.len()`, so everything else stays a hole. Returns the bytes written.
+pub fn write_extents(region: &[u8], extents: &[Extent], file: &File) -> io::Result<u64> {
+    let mut written = 0;
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let len = IO_CHUNK.min(e.end() - pos);
+            let bytes = &region[pos as usize..(pos + len) as usize];
+            file.write_all_at(bytes, pos)?;
+            pos += len;
+            written += len;
+        }
+    }
+    file.set_len(region.len() as u64)?;
+    Ok(written)
+}
+
+/// Copies the data extents of `file` (SEEK_DATA) into `region` at the same offsets; holes
+/// are not read and their pages in `region` are not touched. The file must be exactly
+/// `region.len()` bytes. Returns the bytes read.
+pub fn read_data_extents(file: &File, region: &mut [u8]) -> io::Result<u64> {
+    let len = region.len() as u64;
+    let mut read = 0;
+    for e in file_data_extents(file, 0, len)? {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = IO_CHUNK.min(e.end() - pos);
+            file.read_exact_at(&mut region[pos as usize..(pos + n) as usize], pos)?;
+            pos += n;
+            read += n;
+        }
+    }
+    Ok(read)
+}
+
+/// Total bytes of `extents`.
+pub fn total_len(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| e.len).sum()
+}
+
+/// Reads a whole small file, refusing more than `limit` bytes (state and config files
+/// come from disk and are not trusted to be small).
+pub fn read_capped(file: &mut File, limit: u64) -> io::Result<Vec<u8>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file is {len} bytes, more than the {limit} allowed"),
+        ));
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let mut out = Vec::with_capacity(len as usize);
+    file.take(limit).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd() -> File {
+        // SAFETY: valid C string; the fd is checked and owned by the File.
+        let fd = unsafe { libc::memfd_create(c"sparse-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is fresh and owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn seek_data_finds_written_pages_only() {
+        let f = memfd();
+        f.set_len(64 * PAGE_SIZE).unwrap();
+        f.write_all_at(&[1u8; 4096], 3 * PAGE_SIZE).unwrap();
+        f.write_all_at(&[2u8; 8192], 10 * PAGE_SIZE).unwrap();
+        let e = file_data_extents(&f, 0, 64 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    offset: 3 * PAGE_SIZE,
+                    len: PAGE_SIZE
+                },
+                Extent {
+                    offset: 10 * PAGE_SIZE,
+                    len: 2 * PAGE_SIZE
+                }
+            ]
+        );
+        // A window into the file reports offsets relative to the window.
+        let e = file_data_extents(&f, 8 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            e,
+            vec![Extent {
+                offset: 2 * PAGE_SIZE,
+                len: 2 * PAGE_SIZE
+            }]
+        );
+    }
+
+    #[test]
+    fn zero_pages_are_dropped() {
+        let mut region = vec![0u8; 4 * PAGE_SIZE as usize];
+        region[PAGE_SIZE as usize + 100] = 7;
+        region[3 * PAGE_SIZE as usize] = 1;
+        let all = [Extent {
+            offset: 0,
+            len: 4 * PAGE_SIZE,
+        }];
+        assert_eq!(
+            nonzero_extents(&region, &all),
+            vec![
+                Extent {
+                    offset: PAGE_SIZE,
+                    len: PAGE_SIZE
+                },
+                Extent {
+                    offset: 3 * PAGE_SIZE,
+                    len: PAGE_SIZE
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn sparse_round_trip_keeps_holes() {
+        let mut region = vec![0u8; 16 * PAGE_SIZE as usize];
+        region[5 * PAGE_SIZE as usize..6 * PAGE_SIZE as usize].fill(9);
+        let extents = nonzero_extents(
+            &region,
+            &[Extent {
+                offset: 0,
+                len: 16 * PAGE_SIZE,
+            }],
+        );
+        let f = memfd();
+        assert_eq!(write_extents(&region, &extents, &f).unwrap(), PAGE_SIZE);
+        assert_eq!(f.metadata().unwrap().len(), 16 * PAGE_SIZE);
+        assert_eq!(file_data_extents(&f, 0, 16 * PAGE_SIZE).unwrap(), extents);
+        let mut back = vec![0u8; region.len()];
+        assert_eq!(read_data_extents(&f, &mut back).unwrap(), PAGE_SIZE);
+        assert_eq!(back, region);
+    }
+
+    #[test]
+    fn pagemap_sees_touched_anonymous_pages() {
+        let mut buf = vec![0u8; 64 * PAGE_SIZE as usize + PAGE_SIZE as usize];
+        let base = (buf.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let skew = (base - buf.as_ptr() as u64) as usize;
+        buf[skew + 5 * PAGE_SIZE as usize] = 1;
+        let e = mapped_extents(base, 64 * PAGE_SIZE).unwrap();
+        assert!(
+            e.iter()
+                .any(|x| x.offset <= 5 * PAGE_SIZE && x.end() > 5 * PAGE_SIZE)
+        );
+    }
+
+    #[test]
+    fn capped_read_refuses_large_files() {
+        let mut f = memfd();
+        f.write_all_at(&[b'x'; 100], 0).unwrap();
+        assert_eq!(read_capped(&mut f, 100).unwrap().len(), 100);
+        assert!(read_capped(&mut f, 99).is_err());
+    }
+}

@@ -1,0 +1,472 @@
+//! The userfaultfd that makes guest RAM appear on demand. Two threads share it:
+//!
+//! * the fault thread reads fault events and resolves each at once: data pages are copied
+//!   from the source (a small aligned block around the fault, so a guest walking memory
+//!   does not pay one round trip per page), holes get the zero page;
+//! * the prefetcher copies every data extent in large sequential chunks, skipping pages a
+//!   fault already brought in, so the restore finishes at source speed.
+//!
+//! A per-page bitmap records which data pages are resident; both threads only copy pages
+//! the bitmap says are missing, and a copy that loses the race (EEXIST) is harmless
+//! because both copies come from the same source. Once every data page is resident the
+//! prefetcher unregisters guest RAM: holes then behave like ordinary untouched memory and
+//! are never allocated ahead of use.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Error, UffdMemorySource};
+use crate::sparse::{Extent, PAGE_SIZE};
+use crate::vmm::VmmEvent;
+
+/// Prefetch read size: large sequential reads run at disk/page-cache speed.
+const PREFETCH_CHUNK: u64 = 2 << 20;
+/// Pages resolved per fault: the faulting page and the rest of its aligned 64 KiB block.
+const FAULT_BLOCK: u64 = 64 << 10;
+
+/// One guest RAM mapping as the VMM sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    pub host: u64,
+    pub size: u64,
+}
+
+/// Restore progress, readable at any time (vm.info).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total_pages: u64,
+    pub resident_pages: AtomicU64,
+    pub faults: AtomicU64,
+    pub complete: AtomicBool,
+    /// Sum of fault service times in ns, for the mean fault latency.
+    pub fault_ns: AtomicU64,
+    pub started: Mutex<Option<Instant>>,
+    pub completed_after_ms: AtomicU64,
+}
+
+struct Shared {
+    uffd: Uffd,
+    regions: Vec<Region>,
+    /// One bit per page of each region: set once the page is resident.
+    bitmaps: Vec<Vec<AtomicU64>>,
+    source: Arc<dyn UffdMemorySource>,
+    progress: Arc<Progress>,
+    stop: EventFd,
+    stopping: AtomicBool,
+}
+
+/// Guest RAM being filled on demand. Dropping it stops both threads (the VM's vCPUs must
+/// be gone by then: a fault nobody serves would block forever).
+pub struct OnDemandMemory {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// An error that makes the restore impossible: the VM must not run on missing pages.
+#[derive(Debug, thiserror::Error)]
+enum FillError {
+    #[error("reading guest memory at offset {offset:#x} of mapping {index} from the source")]
+    Read {
+        index: usize,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resolving a page at {addr:#x}: {error}")]
+    Resolve { addr: u64, error: String },
+    #[error("reading userfaultfd events: {0}")]
+    Events(String),
+    #[error("fault at {0:#x} outside guest RAM")]
+    OutsideRam(u64),
+}
+
+impl OnDemandMemory {
+    /// Registers `regions` for missing-page faults and starts serving them from `source`.
+    /// Must run before any vCPU touches guest RAM.
+    pub fn start(
+        regions: Vec<Region>,
+        source: Arc<dyn UffdMemorySource>,
+        events: Sender<VmmEvent>,
+    ) -> Result<Self, Error> {
+        // Faults come from KVM inside the kernel, so not user-mode only.
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(Error::Create)?;
+        for r in &regions {
+            uffd.register_with_mode(
+                r.host as *mut libc::c_void,
+                r.size as usize,
+                RegisterMode::MISSING,
+            )
+            .map_err(|source| Error::Register {
+                host: r.host,
+                size: r.size,
+                source,
+            })?;
+        }
+        let total_pages = (0..regions.len())
+            .map(|i| crate::sparse::total_len(source.extents(i)) / PAGE_SIZE)
+            .sum();
+        let bitmaps = regions
+            .iter()
+            .map(|r| {
+                (0..(r.size / PAGE_SIZE).div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            })
+            .collect();
+        let progress = Arc::new(Progress {
+            total_pages,
+            started: Mutex::new(Some(Instant::now())),
+            ..Default::default()
+        });
+        let shared = Arc::new(Shared {
+            uffd,
+            regions,
+            bitmaps,
+            source,
+            progress,
+            stop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?,
+            stopping: AtomicBool::new(false),
+        });
+        let mut threads = Vec::with_capacity(2);
+        let s = shared.clone();
+        let ev = events.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("uffd-faults".into())
+                .spawn(move || s.fault_loop(&ev))
+                .map_err(|e| Error::Spawn("uffd fault", e))?,
+        );
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("uffd-prefetch".into())
+            .spawn(move || s.prefetch(&events));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let me = OnDemandMemory { shared, threads };
+                drop(me);
+                return Err(Error::Spawn("uffd prefetch", e));
+            }
+        }
+        Ok(OnDemandMemory { shared, threads })
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.shared.progress.clone()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.shared.progress.complete.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for OnDemandMemory {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.shared.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn report(events: &Sender<VmmEvent>, error: &FillError) {
+    log::error!("on-demand memory: {}", crate::vmm::error_chain(error));
+    let _ = events.send(VmmEvent::MemoryFailed {
+        error: crate::vmm::error_chain(error),
+    });
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn find(&self, addr: u64) -> Option<(usize, u64)> {
+        self.regions
+            .iter()
+            .position(|r| addr >= r.host && addr < r.host + r.size)
+            .map(|i| (i, addr - self.regions[i].host))
+    }
+
+    fn is_resident(&self, index: usize, offset: u64) -> bool {
+        let page = offset / PAGE_SIZE;
+        self.bitmaps[index][(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    fn mark_resident(&self, index: usize, offset: u64, len: u64) {
+        let mut page = offset / PAGE_SIZE;
+        let end = (offset + len).div_ceil(PAGE_SIZE);
+        let mut newly = 0;
+        while page < end {
+            let bit = 1u64 << (page % 64);
+            let old = self.bitmaps[index][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+            if old & bit == 0 {
+                newly += 1;
+            }
+            page += 1;
+        }
+        self.progress
+            .resident_pages
+            .fetch_add(newly, Ordering::AcqRel);
+    }
+
+    /// The extent of mapping `index` containing `offset`, if any.
+    fn extent_at(&self, index: usize, offset: u64) -> Option<Extent> {
+        let extents = self.source.extents(index);
+        let i = extents.partition_point(|e| e.end() <= offset);
+        extents.get(i).copied().filter(|e| e.offset <= offset)
+    }
+
+    /// Copies `bytes` to mapping `index` at `offset`, page run by page run, skipping pages
+    /// that became resident meanwhile. `wake` resolves faults waiting on the range.
+    fn copy_in(&self, index: usize, offset: u64, bytes: &[u8]) -> Result<(), FillError> {
+        let host = self.regions[index].host;
+        let mut pos = 0u64;
+        let len = bytes.len() as u64;
+        while pos < len {
+            if self.is_resident(index, offset + pos) {
+                pos += PAGE_SIZE;
+                continue;
+            }
+            // The longest run of missing pages from here.
+            let mut run = PAGE_SIZE;
+            while pos + run < len && !self.is_resident(index, offset + pos + run) {
+                run += PAGE_SIZE;
+            }
+            let dst = host + offset + pos;
+            let src = &bytes[pos as usize..(pos + run) as usize];
+            // SAFETY: `dst..dst+run` lies inside a registered guest RAM mapping (checked by
+            // the callers through `find`/the extent bounds) that lives as long as the VM,
+            // which outlives these threads; `src` is a live buffer of `run` bytes.
+            let result = unsafe {
+                self.uffd.copy(
+                    src.as_ptr().cast(),
+                    dst as *mut libc::c_void,
+                    run as usize,
+                    true,
+                )
+            };
+            match result {
+                Ok(n) => {
+                    self.mark_resident(index, offset + pos, n as u64);
+                    pos += n as u64;
+                }
+                // Some page in the run already exists: the part before it was copied.
+                Err(userfaultfd::Error::PartiallyCopied(n)) => {
+                    let n = n as u64;
+                    self.mark_resident(index, offset + pos, n + PAGE_SIZE);
+                    pos += n + PAGE_SIZE;
+                }
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    self.mark_resident(index, offset + pos, PAGE_SIZE);
+                    let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
+                    pos += PAGE_SIZE;
+                }
+                Err(e) => {
+                    return Err(FillError::Resolve {
+                        addr: dst,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_fault(&self, addr: u64, buf: &mut [u8]) -> Result<(), FillError> {
+        let start = Instant::now();
+        let page_addr = addr & !(PAGE_SIZE - 1);
+        let (index, offset) = self.find(page_addr).ok_or(FillError::OutsideRam(addr))?;
+        self.progress.faults.fetch_add(1, Ordering::Relaxed);
+        if self.is_resident(index, offset) {
+            // The prefetcher got there between the fault and now; its copy woke the vCPU,
+            // but a wake is cheap and makes sure.
+            let _ = self
+                .uffd
+                .wake(page_addr as *mut libc::c_void, PAGE_SIZE as usize);
+        } else if let Some(extent) = self.extent_at(index, offset) {
+            let block_end = ((offset & !(FAULT_BLOCK - 1)) + FAULT_BLOCK)
+                .min(extent.end())
+                .min(self.regions[index].size);
+            // Copy the faulting page first: a fault must never wait behind its neighbours.
+            let first = &mut buf[..PAGE_SIZE as usize];
+            self.source
+                .read(index, offset, first)
+                .map_err(|source| FillError::Read {
+                    index,
+                    offset,
+                    source,
+                })?;
+            self.copy_in(index, offset, first)?;
+            let rest_start = offset + PAGE_SIZE;
+            if rest_start < block_end {
+                let n = (block_end - rest_start) as usize;
+                let rest = &mut buf[..n];
+                self.source
+                    .read(index, rest_start, rest)
+                    .map_err(|source| FillError::Read {
+                        index,
+                        offset: rest_start,
+                        source,
+                    })?;
+                self.copy_in(index, rest_start, rest)?;
+            }
+        } else {
+            // A hole: the page was never written, so it is zero.
+            // SAFETY: the page lies inside a registered guest RAM mapping (found above).
+            let result = unsafe {
+                self.uffd
+                    .zeropage(page_addr as *mut libc::c_void, PAGE_SIZE as usize, true)
+            };
+            match result {
+                Ok(_) => {}
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                    let _ = self
+                        .uffd
+                        .wake(page_addr as *mut libc::c_void, PAGE_SIZE as usize);
+                }
+                Err(e) => {
+                    return Err(FillError::Resolve {
+                        addr: page_addr,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.progress
+            .fault_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits until the userfaultfd or the stop eventfd is readable.
+    fn wait(&self) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        n >= 0 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    }
+
+    fn fault_loop(&self, events: &Sender<VmmEvent>) {
+        let mut buf = vec![0u8; FAULT_BLOCK as usize];
+        let mut event_buf = EventBuffer::new(64);
+        while !self.stopping() {
+            if !self.wait() {
+                report(
+                    events,
+                    &FillError::Events(std::io::Error::last_os_error().to_string()),
+                );
+                return;
+            }
+            if self.stopping() {
+                return;
+            }
+            let faults: Vec<u64> = match self.uffd.read_events(&mut event_buf) {
+                Ok(iter) => iter
+                    .filter_map(|e| match e {
+                        Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(e) => {
+                    report(events, &FillError::Events(e.to_string()));
+                    return;
+                }
+            };
+            for addr in faults {
+                if let Err(e) = self.serve_fault(addr, &mut buf) {
+                    report(events, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn prefetch(&self, events: &Sender<VmmEvent>) {
+        let mut buf = vec![0u8; PREFETCH_CHUNK as usize];
+        for index in 0..self.regions.len() {
+            for extent in self.source.extents(index) {
+                let mut pos = extent.offset;
+                while pos < extent.end() {
+                    if self.stopping() {
+                        return;
+                    }
+                    let len = PREFETCH_CHUNK.min(extent.end() - pos);
+                    let all_resident = (pos..pos + len)
+                        .step_by(PAGE_SIZE as usize)
+                        .all(|p| self.is_resident(index, p));
+                    if !all_resident {
+                        let chunk = &mut buf[..len as usize];
+                        if let Err(source) = self.source.read(index, pos, chunk) {
+                            report(
+                                events,
+                                &FillError::Read {
+                                    index,
+                                    offset: pos,
+                                    source,
+                                },
+                            );
+                            return;
+                        }
+                        if let Err(e) = self.copy_in(index, pos, chunk) {
+                            report(events, &e);
+                            return;
+                        }
+                    }
+                    pos += len;
+                }
+            }
+        }
+        // Every data page is in. Unregistering wakes any fault still pending on a hole
+        // and lets later hole faults be ordinary zero-fill faults.
+        for r in &self.regions {
+            if let Err(e) = self
+                .uffd
+                .unregister(r.host as *mut libc::c_void, r.size as usize)
+            {
+                log::warn!("unregistering guest RAM from userfaultfd: {e}");
+            }
+        }
+        let elapsed = self
+            .progress
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(0, |s| s.elapsed().as_millis() as u64);
+        self.progress
+            .completed_after_ms
+            .store(elapsed, Ordering::Release);
+        self.progress.complete.store(true, Ordering::Release);
+        log::info!(
+            "on-demand restore complete: {} pages in {elapsed} ms, {} faults",
+            self.progress.total_pages,
+            self.progress.faults.load(Ordering::Relaxed)
+        );
+        crate::event_monitor::event("vm", "restore-memory-complete", None);
+    }
+}

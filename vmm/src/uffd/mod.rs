@@ -1,0 +1,41 @@
+//! On-demand guest memory through userfaultfd. `UffdMemorySource` says where page contents
+//! come from (a snapshot file today; a migration peer later); `handler` owns the
+//! userfaultfd, serves faults and prefetches everything else in the background.
+
+pub mod file;
+pub mod handler;
+
+use std::io;
+
+use crate::sparse::Extent;
+
+pub use handler::{OnDemandMemory, Progress};
+
+/// Where the contents of guest RAM come from during an on-demand restore. Mappings are
+/// numbered as in `MemoryManager::mappings()`; offsets are relative to a mapping's start.
+pub trait UffdMemorySource: Send + Sync {
+    /// The parts of mapping `index` that hold data; every other page is zero.
+    fn extents(&self, index: usize) -> &[Extent];
+    /// Fills `buf` with mapping `index`'s bytes at `offset`; the range lies inside one
+    /// extent.
+    fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create a userfaultfd (is vm.unprivileged_userfaultfd set, or are we root?)")]
+    Create(#[source] userfaultfd::Error),
+    #[error("cannot register guest RAM at {host:#x} ({size} bytes) with userfaultfd")]
+    Register {
+        host: u64,
+        size: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("cannot spawn the {0} thread")]
+    Spawn(&'static str, #[source] io::Error),
+    #[error("the memory source has {got} mappings, guest RAM has {want}")]
+    MappingCount { got: usize, want: usize },
+}
