@@ -1,1 +1,40 @@
-//! Test helpers.
+//! Helpers every integration test and benchmark uses. This crate drives the VMM only as
+//! a user would: it spawns `cloud-hypervisor` and `ch-remote` processes, reads the
+//! guest's serial log and talks REST on the API socket. It never links the vmm crate.
+//!
+//! - [`guest`]: the test guest ELF, built from source by this crate's build script.
+//! - [`process`]: [`VmmBuilder`] / [`VmmProcess`] (own process group, killed on drop),
+//!   waits on serial lines that fail fast when the VMM dies, REST and `ch-remote`.
+//! - [`serial`]: [`SerialLog`], incremental reading of the serial file.
+//! - [`lines`]: typed parsers for the guest's `TG ...` lines.
+//! - [`tempdir`]: [`TempDir`], removed on drop.
+//! - [`wait`]: the one polling helper with a deadline.
+
+pub mod guest;
+pub mod lines;
+pub mod process;
+pub mod serial;
+pub mod tempdir;
+pub mod wait;
+
+pub use api_client;
+pub use lines::{Boot, GuestError, GuestLine, Ready, Tick};
+pub use process::{Binaries, Error, VmmBuilder, VmmProcess};
+pub use serial::SerialLog;
+pub use tempdir::TempDir;
+
+/// Writes `err` and its `source()` chain as plain text. The error types here use it as
+/// their `Debug`, because tests `unwrap()` them and the derived `Debug` would print a
+/// serial tail as one long escaped string.
+pub fn display_chain(
+    err: &dyn std::error::Error,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    write!(f, "{err}")?;
+    let mut source = err.source();
+    while let Some(e) = source {
+        write!(f, "\n  caused by: {e}")?;
+        source = e.source();
+    }
+    Ok(())
+}

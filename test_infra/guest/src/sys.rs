@@ -157,13 +157,13 @@ fn write_serial(bytes: &[u8]) {
 /// A line formatted on the stack, then written with one service call (each byte costs a
 /// port exit, ~20 us, so lines are short). Overlong text is truncated.
 pub struct Line {
-    buf: [u8; 200],
+    buf: [u8; 512],
     len: usize,
 }
 
 impl Line {
     pub fn new() -> Line {
-        Line { buf: [0; 200], len: 0 }
+        Line { buf: [0; 512], len: 0 }
     }
 
     pub fn send(mut self) {

@@ -240,18 +240,36 @@ fn ms_to_ticks(ms: u64) -> u64 {
     (ms * cfg().hz / 1000).max(1)
 }
 
+/// Comma-separated per-vCPU values on a tick line (`cpu_ticks=12,11,12`), so a test can
+/// see that every vCPU is alive, not just the sum.
+struct PerCpu<F: Fn(usize) -> u64>(usize, F);
+
+impl<F: Fn(usize) -> u64> core::fmt::Display for PerCpu<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for cpu in 0..self.0 {
+            if cpu > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}", (self.1)(cpu))?;
+        }
+        Ok(())
+    }
+}
+
 /// The boot vCPU's progress lines, polled from its work loop between batches.
 struct Reporter {
     next_at: u64,
     interval: u64,
     n: u64,
     ready: bool,
+    /// The tick number at which `TG ready` was printed.
+    ready_n: u64,
 }
 
 impl Reporter {
     fn new() -> Reporter {
         let interval = ms_to_ticks(cfg().tick_ms);
-        Reporter { next_at: sys::ticks(0) + interval, interval, n: 0, ready: false }
+        Reporter { next_at: sys::ticks(0) + interval, interval, n: 0, ready: false, ready_n: 0 }
     }
 
     fn poll(&mut self) {
@@ -259,6 +277,7 @@ impl Reporter {
         let ncpus = NCPUS.load(Relaxed);
         if !self.ready && FILLED.load(Acquire) == ncpus {
             self.ready = true;
+            self.ready_n = self.n;
             crate::line!("TG ready pages={}", c.region.npages);
         }
         // Time is the boot vCPU's tick count: ticks missed while the VM was paused or
@@ -278,13 +297,22 @@ impl Reporter {
             v = v.wrapping_add(s.verified.load(Relaxed));
             e = e.wrapping_add(s.errors.load(Relaxed));
         }
+        let n = ncpus as usize;
         crate::line!(
-            "TG tick n={} nonce={:016x} gen={} verified={} errors={}",
-            self.n, c.nonce, g, v, e
+            "TG tick n={} nonce={:016x} gen={} verified={} errors={} cpu_ticks={} cpu_verified={}",
+            self.n,
+            c.nonce,
+            g,
+            v,
+            e,
+            PerCpu(n, sys::ticks),
+            PerCpu(n, |cpu| STATS[cpu].verified.load(Relaxed))
         );
         ERR_BUDGET.store(ERR_LINES_PER_TICK, Relaxed);
-        if self.n == 2
-            && self.ready
+        // Two ticks after the fill, whenever that was: the region is complete and the
+        // verifier has run over it, so the injected damage is the only one.
+        if self.ready
+            && self.n == self.ready_n + 2
             && let Some(kind) = c.inject
         {
             inject(kind);

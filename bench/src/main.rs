@@ -1,0 +1,162 @@
+//! `bench`: measures the VMM with the real test guest and writes `<out>/results.json`
+//! and `<out>/results.md`.
+//!
+//! Every measurement is a [`Scenario`]: it runs once per repetition and returns named
+//! samples. To add a measurement (snapshot, restore, migration ...), implement the trait
+//! in a new module and add it to [`scenarios`].
+
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use test_infra::Binaries;
+
+use crate::report::{Report, ScenarioResult};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks the VMM with the test guest")]
+struct Args {
+    /// Directory for results.json and results.md (created if missing).
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Repetitions of every scenario.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// vCPU counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    cpus: Vec<u8>,
+    /// Only run scenarios whose name contains this string.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Do not (re)build cloud-hypervisor first; use what is next to this binary (or
+    /// $CLOUD_HYPERVISOR_BIN / $CH_REMOTE_BIN).
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// What every scenario gets: the binaries and the guest.
+pub struct Ctx {
+    pub bins: Binaries,
+    pub kernel: PathBuf,
+}
+
+/// One measurement. `run_once` performs a full repetition (its own VMM, from spawn to
+/// teardown) and returns one value per metric it measures.
+pub trait Scenario {
+    /// Unique, stable name (a key in results.json), e.g. `boot_to_ready/2cpu`.
+    fn name(&self) -> String;
+    fn cpus(&self) -> u8;
+    fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>>;
+}
+
+/// One measured value of one metric.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub metric: &'static str,
+    pub value: Duration,
+}
+
+/// Every scenario, for each vCPU count.
+fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
+    let mut all: Vec<Box<dyn Scenario>> = Vec::new();
+    for &n in cpus {
+        all.push(Box::new(scenarios::BootToReady { cpus: n }));
+        all.push(Box::new(scenarios::PauseResume { cpus: n, cycles: 5 }));
+    }
+    all
+}
+
+/// Builds the VMM binaries in the profile this binary was built with, so a
+/// `cargo run --release -p bench` never measures a stale or debug VMM.
+fn build_vmm() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        // Not started by cargo: trust the binaries that are there.
+        return Ok(());
+    };
+    let exe = std::env::current_exe().context("current_exe")?;
+    let profile = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .and_then(|n| n.to_str())
+        .map(|n| if n == "debug" { "dev" } else { n })
+        .unwrap_or("release")
+        .to_string();
+    eprintln!("bench: building cloud-hypervisor ({profile} profile)");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--profile",
+            &profile,
+            "-p",
+            "cloud-hypervisor",
+            "--bins",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p cloud-hypervisor failed: {status}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if !args.no_build {
+        build_vmm()?;
+    }
+    let ctx = Ctx {
+        bins: Binaries::locate()?,
+        kernel: test_infra::guest::elf_path(),
+    };
+    eprintln!(
+        "bench: VMM {}, guest {}",
+        ctx.bins.cloud_hypervisor.display(),
+        ctx.kernel.display()
+    );
+
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for scenario in scenarios(&args.cpus) {
+        let name = scenario.name();
+        if args
+            .filter
+            .as_ref()
+            .is_some_and(|f| !name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let mut samples: Vec<Sample> = Vec::new();
+        for rep in 0..args.reps {
+            let got = scenario
+                .run_once(&ctx)
+                .with_context(|| format!("{name}, repetition {}", rep + 1))?;
+            eprintln!(
+                "bench: {name} #{}: {}",
+                rep + 1,
+                got.iter()
+                    .map(|s| format!("{}={:.3}ms", s.metric, report::ms(s.value)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            samples.extend(got);
+        }
+        results.extend(report::summarize(&name, scenario.cpus(), &samples));
+    }
+
+    let report = Report::new(args.reps, results);
+    report.write(&args.out)?;
+    print!("{}", report.markdown());
+    eprintln!(
+        "bench: wrote {} and {}",
+        args.out.join("results.json").display(),
+        args.out.join("results.md").display()
+    );
+    Ok(())
+}
