@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set the machine up, build the VMM and the test guest, boot the guest,
-# show its progress lines for a few seconds, then shut the VMM down through ch-remote.
+# show its progress lines, snapshot it, stop that VMM, restore the snapshot on demand
+# (userfaultfd) in a new VMM, and show the guest carrying on with the same nonce.
 #
 #   DEMO_SECONDS=5 DEMO_CPUS=2 scripts/demo.sh
 set -euo pipefail
@@ -45,34 +46,67 @@ echo "==> booting the test guest: $DEMO_CPUS vCPUs, ticks every 500 ms"
     2>"$WORK/stderr.log" &
 VMM_PID=$!
 
-# Wait (bounded) for the first tick before showing the log.
-for _ in $(seq 1 300); do
-    if grep -q "TG tick" "$SERIAL" 2>/dev/null; then break; fi
-    if ! kill -0 "$VMM_PID" 2>/dev/null; then
-        echo "the VMM exited early; stderr:" >&2
-        cat "$WORK/stderr.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-grep -q "TG tick" "$SERIAL" 2>/dev/null || {
-    echo "no tick line after 30 s; serial log:" >&2
-    cat "$SERIAL" >&2 || true
+# Waits (bounded) until $1 holds a line matching $2; the VMM with pid $3 must stay up.
+wait_line() {
+    for _ in $(seq 1 300); do
+        if grep -q "$2" "$1" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$3" 2>/dev/null; then
+            echo "the VMM exited early; stderr:" >&2
+            cat "$WORK"/stderr*.log >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "no line matching '$2' after 30 s in $1:" >&2
+    cat "$1" >&2 || true
     exit 1
 }
 
+wait_line "$SERIAL" "TG tick" "$VMM_PID"
 echo "==> guest serial output for $DEMO_SECONDS s:"
 timeout "$DEMO_SECONDS" tail -n +1 -f "$SERIAL" || true
 
-echo "==> ch-remote info"
-"$BIN/ch-remote" --api-socket "$SOCK" info | head -c 2000
-echo
+echo "==> pause and snapshot to $WORK/snapshot"
+"$BIN/ch-remote" --api-socket "$SOCK" pause
+"$BIN/ch-remote" --api-socket "$SOCK" snapshot "file://$WORK/snapshot"
+du -sh --apparent-size "$WORK/snapshot" | sed 's/^/   apparent size: /'
+du -sh "$WORK/snapshot" | sed 's/^/   on disk:       /'
+echo "==> ch-remote shutdown-vmm (the original VM is gone now)"
+"$BIN/ch-remote" --api-socket "$SOCK" shutdown-vmm
+rc=0
+wait "$VMM_PID" || rc=$?
+VMM_PID=
+[[ $rc -eq 0 ]] || { echo "the VMM exited with $rc" >&2; exit "$rc"; }
+mv "$SERIAL" "$WORK/serial.before.log"
+
+echo "==> restoring on demand in a new VMM"
+"$BIN/cloud-hypervisor" \
+    --api-socket "$SOCK" \
+    --restore "source_url=file://$WORK/snapshot,memory_restore_mode=ondemand,resume=on" \
+    --event-monitor "path=$WORK/events.restored.json" \
+    2>"$WORK/stderr.restored.log" &
+VMM_PID=$!
+wait_line "$SERIAL" "TG tick" "$VMM_PID"
+echo "==> restored guest serial output for $DEMO_SECONDS s (same nonce, counters go on):"
+timeout "$DEMO_SECONDS" tail -n +1 -f "$SERIAL" || true
+before=$(grep "TG tick" "$WORK/serial.before.log" | tail -n 1)
+after=$(grep "TG tick" "$SERIAL" | head -n 1)
+echo "   last tick before the snapshot: $before"
+echo "   first tick after the restore:  $after"
+nonce() { sed -n 's/.*nonce=\([0-9a-f]*\).*/\1/p' <<<"$1"; }
+if [[ $(nonce "$before") != "$(nonce "$after")" ]]; then
+    echo "the restored guest has a different nonce: it rebooted" >&2
+    exit 1
+fi
+
+echo "==> ch-remote info (memory_restore shows the on-demand restore)"
+"$BIN/ch-remote" --api-socket "$SOCK" info | grep -A12 '"memory_restore"' || true
 echo "==> ch-remote shutdown-vmm"
 "$BIN/ch-remote" --api-socket "$SOCK" shutdown-vmm
 rc=0
 wait "$VMM_PID" || rc=$?
 VMM_PID=
 echo "==> VMM exited with code $rc"
-echo "==> events:"
-cat "$WORK/events.json" || true
+echo "==> events of the restored VMM:"
+cat "$WORK/events.restored.json" || true
 exit "$rc"

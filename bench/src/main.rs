@@ -7,10 +7,13 @@
 
 mod report;
 mod scenarios;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+pub use report::ms;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -54,11 +57,31 @@ pub trait Scenario {
     fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>>;
 }
 
-/// One measured value of one metric.
+/// One measured value of one metric, in `unit`.
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub metric: &'static str,
-    pub value: Duration,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+impl Sample {
+    /// A duration, reported in milliseconds.
+    pub fn ms(metric: &'static str, value: Duration) -> Sample {
+        Sample {
+            metric,
+            value: value.as_secs_f64() * 1e3,
+            unit: "ms",
+        }
+    }
+
+    pub fn new(metric: &'static str, value: f64, unit: &'static str) -> Sample {
+        Sample {
+            metric,
+            value,
+            unit,
+        }
+    }
 }
 
 /// Every scenario, for each vCPU count.
@@ -67,6 +90,15 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
     for &n in cpus {
         all.push(Box::new(scenarios::BootToReady { cpus: n }));
         all.push(Box::new(scenarios::PauseResume { cpus: n, cycles: 5 }));
+    }
+    // Guests of 1, 4 and 8 GiB that wrote 256 MiB or about 75% of their RAM, on 2 vCPUs
+    // (this host has 2 cores).
+    for (ram_gib, touched_mib) in [(1, 256), (1, 768), (4, 256), (4, 3072), (8, 256), (8, 6144)] {
+        all.push(Box::new(snapshot::SnapshotRestore {
+            cpus: 2,
+            ram_mib: ram_gib << 10,
+            touched_mib,
+        }));
     }
     all
 }
@@ -141,7 +173,7 @@ fn main() -> anyhow::Result<()> {
                 "bench: {name} #{}: {}",
                 rep + 1,
                 got.iter()
-                    .map(|s| format!("{}={:.3}ms", s.metric, report::ms(s.value)))
+                    .map(|s| format!("{}={:.3}{}", s.metric, s.value, s.unit))
                     .collect::<Vec<_>>()
                     .join(" ")
             );

@@ -12,7 +12,7 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// One metric of one scenario over all repetitions, in milliseconds.
+/// One metric of one scenario over all repetitions.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
     pub scenario: String,
@@ -29,26 +29,26 @@ pub struct ScenarioResult {
 
 /// Groups `samples` by metric (in first-seen order) and computes the statistics.
 pub fn summarize(scenario: &str, cpus: u8, samples: &[Sample]) -> Vec<ScenarioResult> {
-    let mut metrics: Vec<&'static str> = Vec::new();
+    let mut metrics: Vec<(&'static str, &'static str)> = Vec::new();
     for s in samples {
-        if !metrics.contains(&s.metric) {
-            metrics.push(s.metric);
+        if !metrics.iter().any(|(m, _)| *m == s.metric) {
+            metrics.push((s.metric, s.unit));
         }
     }
     metrics
         .into_iter()
-        .map(|metric| {
+        .map(|(metric, unit)| {
             let values: Vec<f64> = samples
                 .iter()
                 .filter(|s| s.metric == metric)
-                .map(|s| ms(s.value))
+                .map(|s| s.value)
                 .collect();
             let stats = Stats::of(&values);
             ScenarioResult {
                 scenario: scenario.to_string(),
                 cpus,
                 metric: metric.to_string(),
-                unit: "ms",
+                unit,
                 n: values.len(),
                 mean: stats.mean,
                 p50: stats.p50,
@@ -115,13 +115,13 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut md = String::from(
-            "| scenario | vCPUs | metric | n | mean (ms) | p50 (ms) | max (ms) |\n\
-             |---|---:|---|---:|---:|---:|---:|\n",
+            "| scenario | vCPUs | metric | unit | n | mean | p50 | max |\n\
+             |---|---:|---|---|---:|---:|---:|---:|\n",
         );
         for r in &self.results {
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
-                r.scenario, r.cpus, r.metric, r.n, r.mean, r.p50, r.max
+                "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
+                r.scenario, r.cpus, r.metric, r.unit, r.n, r.mean, r.p50, r.max
             ));
         }
         md
@@ -157,24 +157,15 @@ mod tests {
             }
         );
         let samples = [
-            Sample {
-                metric: "a",
-                value: Duration::from_millis(1),
-            },
-            Sample {
-                metric: "b",
-                value: Duration::from_millis(5),
-            },
-            Sample {
-                metric: "a",
-                value: Duration::from_millis(3),
-            },
+            Sample::ms("a", Duration::from_millis(1)),
+            Sample::ms("b", Duration::from_millis(5)),
+            Sample::ms("a", Duration::from_millis(3)),
         ];
         let r = summarize("x", 2, &samples);
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].metric.as_str(), r[0].n), ("a", 2));
         assert!((r[0].mean - 2.0).abs() < 1e-9);
         let md = Report::new(1, r).markdown();
-        assert!(md.contains("| x | 2 | b | 1 | 5.000 |"), "{md}");
+        assert!(md.contains("| x | 2 | b | ms | 1 | 5.000 |"), "{md}");
     }
 }

@@ -58,14 +58,8 @@ impl Scenario for BootToReady {
         let to_ready = start.elapsed();
         clean_ticks(&mut vmm, ready_idx + 1)?;
         Ok(vec![
-            Sample {
-                metric: "spawn_to_boot_line",
-                value: to_boot,
-            },
-            Sample {
-                metric: "spawn_to_ready",
-                value: to_ready,
-            },
+            Sample::ms("spawn_to_boot_line", to_boot),
+            Sample::ms("spawn_to_ready", to_ready),
         ])
     }
 }
@@ -96,16 +90,10 @@ impl Scenario for PauseResume {
         for _ in 0..self.cycles {
             let t = Instant::now();
             vmm.api_ok("PUT", "vm.pause", None)?;
-            samples.push(Sample {
-                metric: "pause",
-                value: t.elapsed(),
-            });
+            samples.push(Sample::ms("pause", t.elapsed()));
             let t = Instant::now();
             vmm.api_ok("PUT", "vm.resume", None)?;
-            samples.push(Sample {
-                metric: "resume",
-                value: t.elapsed(),
-            });
+            samples.push(Sample::ms("resume", t.elapsed()));
             // Ticks completed while paused do not prove the resume worked.
             vmm.serial().refresh()?;
             let from = pos.max(vmm.serial().len());

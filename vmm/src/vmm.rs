@@ -259,6 +259,8 @@ impl Vmm {
                             mean_fault_us: p.fault_ns.load(Ordering::Acquire)
                                 / 1000
                                 / faults.max(1),
+                            fault_p50_us: p.fault_latency.quantile_us(0.5),
+                            fault_p99_us: p.fault_latency.quantile_us(0.99),
                             complete: p.complete.load(Ordering::Acquire),
                             completed_after_ms: p.completed_after_ms.load(Ordering::Acquire),
                         }

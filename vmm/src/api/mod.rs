@@ -63,8 +63,11 @@ pub struct MemoryRestoreProgress {
     pub total_pages: u64,
     /// Faults the handler resolved.
     pub faults: u64,
-    /// Mean time to resolve one fault, in microseconds.
+    /// Mean, median and 99th percentile time to resolve one fault, in microseconds
+    /// (from reading the fault event to the page being in place).
     pub mean_fault_us: u64,
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
     pub complete: bool,
     /// Milliseconds from the start of the restore until every page was in (0 until then).
     pub completed_after_ms: u64,

@@ -1,0 +1,196 @@
+//! Snapshot and restore: a guest of `ram_mib` that wrote `touched_mib` is snapshotted,
+//! then restored twice into fresh VMMs, by copy and on demand. Every restore ends on a
+//! clean verifier tick with the snapshot's nonce.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use test_infra::{TempDir, VmmBuilder, VmmProcess};
+
+use crate::{Ctx, Sample, Scenario};
+
+const TICK_MS: u64 = 200;
+/// First touch of guest RAM runs at ~150-300 MiB/s here: a 6 GiB fill takes a while.
+const FILL_TIMEOUT: Duration = Duration::from_secs(300);
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct SnapshotRestore {
+    pub cpus: u8,
+    pub ram_mib: u64,
+    pub touched_mib: u64,
+}
+
+fn file_url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+/// Sum of `memory_data_bytes` in the snapshot's manifest.
+fn data_bytes(snap: &Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(snap.join("snapshot.json")).context("manifest")?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(manifest["memory_data_bytes"]
+        .as_array()
+        .context("memory_data_bytes")?
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .sum())
+}
+
+/// Peak resident set of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM")?;
+    Ok(kb / 1024.0)
+}
+
+impl SnapshotRestore {
+    /// Restores `snap` into a fresh VMM; returns it and the time the API call took.
+    fn restore(
+        &self,
+        ctx: &Ctx,
+        snap: &Path,
+        mode: &str,
+    ) -> anyhow::Result<(VmmProcess, Instant, Duration)> {
+        let mut vmm = VmmBuilder::new(ctx.bins.clone())
+            .tmp_prefix("bench-restored")
+            .spawn()?;
+        vmm.wait_api_ready(STEP_TIMEOUT)?;
+        let body = format!(
+            r#"{{"source_url":"{}","memory_restore_mode":"{mode}","resume":true}}"#,
+            file_url(snap)
+        );
+        let start = Instant::now();
+        vmm.api_ok("PUT", "vm.restore", Some(&body))?;
+        Ok((vmm, start, start.elapsed()))
+    }
+
+    /// Waits for the restored guest's first tick (same nonce, clean) and one more.
+    fn first_tick(vmm: &mut VmmProcess, serial: &Path, nonce: u64) -> anyhow::Result<Instant> {
+        vmm.follow_serial(serial);
+        let (idx, tick) = vmm.wait_tick(0, STEP_TIMEOUT)?;
+        let at = Instant::now();
+        ensure!(
+            tick.nonce == nonce,
+            "restored guest has another nonce: {tick:?}"
+        );
+        vmm.wait_ticks(1, idx + 1, STEP_TIMEOUT)?;
+        Ok(at)
+    }
+}
+
+impl Scenario for SnapshotRestore {
+    fn name(&self) -> String {
+        format!(
+            "snapshot_restore/{}M_ram/{}M_touched",
+            self.ram_mib, self.touched_mib
+        )
+    }
+
+    fn cpus(&self) -> u8 {
+        self.cpus
+    }
+
+    fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
+        let dir = TempDir::new("bench-snap")?;
+        let serial = dir.join("serial.log");
+        let mut src = VmmBuilder::new(ctx.bins.clone())
+            .tmp_prefix("bench-snap-src")
+            .kernel(&ctx.kernel)
+            .cmdline(format!(
+                "mem={}M mode=fill tick={TICK_MS}",
+                self.touched_mib
+            ))
+            .cpus(self.cpus)
+            .memory(format!("size={}M", self.ram_mib))
+            .serial_file(&serial)
+            .spawn()?;
+        src.wait_api_ready(STEP_TIMEOUT)?;
+        let (boot_idx, _) = src.wait_boot(STEP_TIMEOUT)?;
+        let (ready_idx, _) = src.wait_ready(boot_idx + 1, FILL_TIMEOUT)?;
+        let (_, ticks) = src.wait_ticks(1, ready_idx + 1, STEP_TIMEOUT)?;
+        let nonce = ticks[0].nonce;
+
+        src.api_ok("PUT", "vm.pause", None)?;
+        let snap = dir.join("snap");
+        let body = format!(r#"{{"destination_url":"{}"}}"#, file_url(&snap));
+        let t = Instant::now();
+        src.api_ok("PUT", "vm.snapshot", Some(&body))?;
+        let snapshot_time = t.elapsed();
+        let bytes = data_bytes(&snap)?;
+        src.kill()?;
+        drop(src);
+
+        let mut samples = vec![
+            Sample::new("data", bytes as f64 / (1 << 20) as f64, "MiB"),
+            Sample::ms("snapshot", snapshot_time),
+            Sample::new("snapshot_rate", mib_per_s(bytes, snapshot_time), "MiB/s"),
+        ];
+
+        // Copy restore.
+        std::fs::rename(&serial, dir.join("serial.src.log"))?;
+        let (mut copy, start, call) = self.restore(ctx, &snap, "Copy")?;
+        let tick_at = Self::first_tick(&mut copy, &serial, nonce)?;
+        samples.push(Sample::ms("copy_restore", call));
+        samples.push(Sample::new("copy_rate", mib_per_s(bytes, call), "MiB/s"));
+        samples.push(Sample::ms("copy_first_tick", tick_at - start));
+        samples.push(Sample::new(
+            "copy_peak_rss",
+            peak_rss_mib(copy.pid())?,
+            "MiB",
+        ));
+        copy.kill()?;
+        drop(copy);
+
+        // On-demand restore.
+        std::fs::rename(&serial, dir.join("serial.copy.log"))?;
+        let (mut od, start, call) = self.restore(ctx, &snap, "OnDemand")?;
+        samples.push(Sample::ms("ondemand_resume", call));
+        let tick_at = Self::first_tick(&mut od, &serial, nonce)?;
+        samples.push(Sample::ms("ondemand_first_tick", tick_at - start));
+        let deadline = Instant::now() + FILL_TIMEOUT;
+        let progress = loop {
+            let info = od.vm_info()?;
+            let p = info["memory_restore"].clone();
+            if p["complete"] == true {
+                break p;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "on-demand restore not complete: {p}"
+            );
+            // Progress is only visible through the API; poll it.
+            test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
+                Ok::<Option<()>, std::io::Error>(None)
+            })?;
+        };
+        let resident_ms = progress["completed_after_ms"].as_u64().unwrap_or(0);
+        let resident = Duration::from_millis(resident_ms);
+        samples.push(Sample::ms("ondemand_fully_resident", resident));
+        samples.push(Sample::new(
+            "ondemand_fill_rate",
+            mib_per_s(bytes, resident),
+            "MiB/s",
+        ));
+        let us = |k: &str| progress[k].as_u64().unwrap_or(0) as f64;
+        samples.push(Sample::new("ondemand_faults", us("faults"), "count"));
+        samples.push(Sample::new("fault_p50", us("fault_p50_us"), "us"));
+        samples.push(Sample::new("fault_p99", us("fault_p99_us"), "us"));
+        samples.push(Sample::new(
+            "ondemand_peak_rss",
+            peak_rss_mib(od.pid())?,
+            "MiB",
+        ));
+        let from = od.serial().len();
+        od.wait_ticks(1, from, STEP_TIMEOUT)?;
+        Ok(samples)
+    }
+}
