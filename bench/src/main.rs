@@ -60,24 +60,24 @@ pub trait Scenario {
 /// One measured value of one metric, in `unit`.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    pub metric: &'static str,
+    pub metric: String,
     pub value: f64,
     pub unit: &'static str,
 }
 
 impl Sample {
     /// A duration, reported in milliseconds.
-    pub fn ms(metric: &'static str, value: Duration) -> Sample {
+    pub fn ms(metric: impl Into<String>, value: Duration) -> Sample {
         Sample {
-            metric,
+            metric: metric.into(),
             value: value.as_secs_f64() * 1e3,
             unit: "ms",
         }
     }
 
-    pub fn new(metric: &'static str, value: f64, unit: &'static str) -> Sample {
+    pub fn new(metric: impl Into<String>, value: f64, unit: &'static str) -> Sample {
         Sample {
-            metric,
+            metric: metric.into(),
             value,
             unit,
         }

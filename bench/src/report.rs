@@ -29,10 +29,10 @@ pub struct ScenarioResult {
 
 /// Groups `samples` by metric (in first-seen order) and computes the statistics.
 pub fn summarize(scenario: &str, cpus: u8, samples: &[Sample]) -> Vec<ScenarioResult> {
-    let mut metrics: Vec<(&'static str, &'static str)> = Vec::new();
+    let mut metrics: Vec<(&str, &'static str)> = Vec::new();
     for s in samples {
         if !metrics.iter().any(|(m, _)| *m == s.metric) {
-            metrics.push((s.metric, s.unit));
+            metrics.push((&s.metric, s.unit));
         }
     }
     metrics

@@ -69,8 +69,90 @@ impl SnapshotRestore {
             file_url(snap)
         );
         let start = Instant::now();
-        vmm.api_ok("PUT", "vm.restore", Some(&body))?;
+        let resp = vmm.api_with_timeout("PUT", "vm.restore", Some(&body), FILL_TIMEOUT)?;
+        ensure!(
+            resp.is_success(),
+            "vm.restore: {} {}",
+            resp.status,
+            resp.body
+        );
         Ok((vmm, start, start.elapsed()))
+    }
+
+    /// One restore of `snap` in `mode`, measured; the guest must carry on cleanly.
+    #[allow(clippy::too_many_arguments)]
+    fn measure_restore(
+        &self,
+        ctx: &Ctx,
+        snap: &Path,
+        mode: &str,
+        prefix: &str,
+        serial: &Path,
+        nonce: u64,
+        bytes: u64,
+    ) -> anyhow::Result<Vec<Sample>> {
+        let mut samples = Vec::new();
+        let (mut vmm, start, call) = self.restore(ctx, snap, mode)?;
+        samples.push(Sample::ms(format!("{prefix}_restore_call"), call));
+        let tick_at = Self::first_tick(&mut vmm, serial, nonce)?;
+        samples.push(Sample::ms(format!("{prefix}_first_tick"), tick_at - start));
+        if mode == "Copy" {
+            samples.push(Sample::new(
+                format!("{prefix}_rate"),
+                mib_per_s(bytes, call),
+                "MiB/s",
+            ));
+        } else {
+            let deadline = Instant::now() + FILL_TIMEOUT;
+            let progress = loop {
+                let info = vmm.vm_info()?;
+                let p = info["memory_restore"].clone();
+                if p["complete"] == true {
+                    break p;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "on-demand restore not complete: {p}"
+                );
+                // Progress is only visible through the API; poll it.
+                test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
+                    Ok::<Option<()>, std::io::Error>(None)
+                })?;
+            };
+            let resident =
+                Duration::from_millis(progress["completed_after_ms"].as_u64().unwrap_or(0));
+            let num = |k: &str| progress[k].as_u64().unwrap_or(0) as f64;
+            samples.push(Sample::ms(format!("{prefix}_fully_resident"), resident));
+            samples.push(Sample::new(
+                format!("{prefix}_fill_rate"),
+                mib_per_s(bytes, resident),
+                "MiB/s",
+            ));
+            samples.push(Sample::new(
+                format!("{prefix}_faults"),
+                num("faults"),
+                "count",
+            ));
+            samples.push(Sample::new(
+                format!("{prefix}_fault_p50"),
+                num("fault_p50_us"),
+                "us",
+            ));
+            samples.push(Sample::new(
+                format!("{prefix}_fault_p99"),
+                num("fault_p99_us"),
+                "us",
+            ));
+        }
+        samples.push(Sample::new(
+            format!("{prefix}_peak_rss"),
+            peak_rss_mib(vmm.pid())?,
+            "MiB",
+        ));
+        let from = vmm.serial().len();
+        vmm.wait_ticks(1, from, STEP_TIMEOUT)?;
+        vmm.kill()?;
+        Ok(samples)
     }
 
     /// Waits for the restored guest's first tick (same nonce, clean) and one more.
@@ -85,6 +167,67 @@ impl SnapshotRestore {
         vmm.wait_ticks(1, idx + 1, STEP_TIMEOUT)?;
         Ok(at)
     }
+}
+
+#[derive(Clone, Copy)]
+enum Cache {
+    Cold,
+    Warm,
+}
+
+impl Cache {
+    fn name(self) -> &'static str {
+        match self {
+            Cache::Cold => "cold",
+            Cache::Warm => "warm",
+        }
+    }
+
+    /// Drops the page cache (needs root), or reads the memory files into it.
+    fn prepare(self, snap: &Path) -> anyhow::Result<()> {
+        match self {
+            Cache::Cold => {
+                std::process::Command::new("sync").status()?;
+                std::fs::write("/proc/sys/vm/drop_caches", "3")
+                    .context("dropping the page cache (the bench runs as root)")?;
+            }
+            // Only the data: reading a sparse file's holes would fill the page cache
+            // with gigabytes of zero pages the restore never reads.
+            Cache::Warm => {
+                for entry in std::fs::read_dir(snap)? {
+                    read_data_extents(&entry?.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads every data extent of `path` (SEEK_DATA/SEEK_HOLE) once, so it is in the page
+/// cache; holes are skipped.
+fn read_data_extents(path: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    use vmm_sys_util::seek_hole::SeekHole;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 8 << 20];
+    while pos < len {
+        let Some(data) = file.seek_data(pos)? else {
+            break;
+        };
+        let hole = file.seek_hole(data)?.unwrap_or(len);
+        file.seek(SeekFrom::Start(data))?;
+        let mut left = hole - data;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = file.read(&mut buf[..want])?;
+            ensure!(n > 0, "{} ended early", path.display());
+            left -= n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
 }
 
 impl Scenario for SnapshotRestore {
@@ -123,7 +266,13 @@ impl Scenario for SnapshotRestore {
         let snap = dir.join("snap");
         let body = format!(r#"{{"destination_url":"{}"}}"#, file_url(&snap));
         let t = Instant::now();
-        src.api_ok("PUT", "vm.snapshot", Some(&body))?;
+        let resp = src.api_with_timeout("PUT", "vm.snapshot", Some(&body), FILL_TIMEOUT)?;
+        ensure!(
+            resp.is_success(),
+            "vm.snapshot: {} {}",
+            resp.status,
+            resp.body
+        );
         let snapshot_time = t.elapsed();
         let bytes = data_bytes(&snap)?;
         src.kill()?;
@@ -135,62 +284,20 @@ impl Scenario for SnapshotRestore {
             Sample::new("snapshot_rate", mib_per_s(bytes, snapshot_time), "MiB/s"),
         ];
 
-        // Copy restore.
-        std::fs::rename(&serial, dir.join("serial.src.log"))?;
-        let (mut copy, start, call) = self.restore(ctx, &snap, "Copy")?;
-        let tick_at = Self::first_tick(&mut copy, &serial, nonce)?;
-        samples.push(Sample::ms("copy_restore", call));
-        samples.push(Sample::new("copy_rate", mib_per_s(bytes, call), "MiB/s"));
-        samples.push(Sample::ms("copy_first_tick", tick_at - start));
-        samples.push(Sample::new(
-            "copy_peak_rss",
-            peak_rss_mib(copy.pid())?,
-            "MiB",
-        ));
-        copy.kill()?;
-        drop(copy);
-
-        // On-demand restore.
-        std::fs::rename(&serial, dir.join("serial.copy.log"))?;
-        let (mut od, start, call) = self.restore(ctx, &snap, "OnDemand")?;
-        samples.push(Sample::ms("ondemand_resume", call));
-        let tick_at = Self::first_tick(&mut od, &serial, nonce)?;
-        samples.push(Sample::ms("ondemand_first_tick", tick_at - start));
-        let deadline = Instant::now() + FILL_TIMEOUT;
-        let progress = loop {
-            let info = od.vm_info()?;
-            let p = info["memory_restore"].clone();
-            if p["complete"] == true {
-                break p;
+        // Each restore mode from a cold page cache (the snapshot read from disk, as after
+        // a reboot) and from a warm one (restored right after it was written or read).
+        let mut n = 0;
+        for (mode, name) in [("Copy", "copy"), ("OnDemand", "ondemand")] {
+            for cache in [Cache::Cold, Cache::Warm] {
+                n += 1;
+                std::fs::rename(&serial, dir.join(format!("serial.{n}.log")))?;
+                cache.prepare(&snap)?;
+                let prefix = format!("{name}_{}", cache.name());
+                samples.extend(
+                    self.measure_restore(ctx, &snap, mode, &prefix, &serial, nonce, bytes)?,
+                );
             }
-            ensure!(
-                Instant::now() < deadline,
-                "on-demand restore not complete: {p}"
-            );
-            // Progress is only visible through the API; poll it.
-            test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
-                Ok::<Option<()>, std::io::Error>(None)
-            })?;
-        };
-        let resident_ms = progress["completed_after_ms"].as_u64().unwrap_or(0);
-        let resident = Duration::from_millis(resident_ms);
-        samples.push(Sample::ms("ondemand_fully_resident", resident));
-        samples.push(Sample::new(
-            "ondemand_fill_rate",
-            mib_per_s(bytes, resident),
-            "MiB/s",
-        ));
-        let us = |k: &str| progress[k].as_u64().unwrap_or(0) as f64;
-        samples.push(Sample::new("ondemand_faults", us("faults"), "count"));
-        samples.push(Sample::new("fault_p50", us("fault_p50_us"), "us"));
-        samples.push(Sample::new("fault_p99", us("fault_p99_us"), "us"));
-        samples.push(Sample::new(
-            "ondemand_peak_rss",
-            peak_rss_mib(od.pid())?,
-            "MiB",
-        ));
-        let from = od.serial().len();
-        od.wait_ticks(1, from, STEP_TIMEOUT)?;
+        }
         Ok(samples)
     }
 }

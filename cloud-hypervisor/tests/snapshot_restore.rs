@@ -446,3 +446,51 @@ fn copy_dir(from: &Path, to: &Path) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A snapshot onto a full filesystem fails with the reason, leaves neither the snapshot
+/// nor its hidden partial directory behind, and the VM resumes unharmed.
+#[test]
+fn snapshot_to_full_disk_fails_cleanly() {
+    let dir = TempDir::new("diskfull").unwrap();
+    let mnt = dir.join("small");
+    fs::create_dir(&mnt).unwrap();
+    // A 2 MiB tmpfs: far smaller than the guest's 16 MiB workload. The tests run as root
+    // (they need /dev/kvm); a mount failure is a broken test machine, not a skip.
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot mount a tmpfs for the test");
+    let _unmount = Unmount(mnt.clone());
+
+    let mut src = boot_source(&dir, "diskfull", 1, "size=128M", "");
+    src.vmm.api_ok("PUT", "vm.pause", None).unwrap();
+    let snap = mnt.join("snap");
+    let body = format!(r#"{{"destination_url":"{}"}}"#, file_url(&snap));
+    let resp = src.vmm.api("PUT", "vm.snapshot", Some(&body)).unwrap();
+    assert_eq!(resp.status, 500, "{}", resp.body);
+    assert!(
+        resp.body.contains("No space left on device"),
+        "the error should say why: {}",
+        resp.body
+    );
+    let left: Vec<_> = fs::read_dir(&mnt).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the failed snapshot left files behind: {left:?}"
+    );
+    assert_eq!(src.vmm.vm_state().unwrap(), "Paused");
+    src.vmm.api_ok("PUT", "vm.resume", None).unwrap();
+    let from = src.vmm.serial().len();
+    ticks(&mut src.vmm, 2, from);
+}
+
+/// Unmounts on drop, so a failing assertion does not leave a mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}

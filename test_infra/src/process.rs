@@ -707,7 +707,19 @@ impl VmmProcess {
         path: &str,
         body: Option<&str>,
     ) -> Result<api_client::Response, Error> {
-        api_client::api_command(self.socket()?, method, path, body, Some(API_TIMEOUT)).map_err(
+        self.api_with_timeout(method, path, body, API_TIMEOUT)
+    }
+
+    /// Like `api`, for calls that take as long as their data (large snapshots and
+    /// restores).
+    pub fn api_with_timeout(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<api_client::Response, Error> {
+        api_client::api_command(self.socket()?, method, path, body, Some(timeout)).map_err(
             |source| Error::Api {
                 method: method.to_string(),
                 path: path.to_string(),

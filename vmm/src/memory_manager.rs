@@ -1,4 +1,6 @@
-//! Guest RAM: one memfd holding all of it, mapped into the VMM and registered as KVM memory
+//! Guest RAM: with shared=on, one memfd holding all of it (MAP_SHARED, so a peer can be
+//! handed the fd); with shared=off, anonymous private memory. Mapped into the VMM and
+//! registered as KVM memory
 //! slots. The `GuestRamMapping` list (slot, gpa, size, file_offset) is the one description
 //! of guest memory that snapshot, migration and the offload daemon move memory by.
 
@@ -62,7 +64,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Owns guest RAM. The mappings are unmapped when the last `GuestMemoryMmap` clone drops.
 pub struct MemoryManager {
-    memfd: File,
+    /// Only for shared RAM. A MAP_PRIVATE memfd would cost two pages per touched guest
+    /// page (the memfd's zero page plus the private copy), and private RAM cannot be
+    /// handed to a peer anyway.
+    memfd: Option<File>,
     guest_memory: GuestMemoryMmap,
     mappings: Vec<GuestRamMapping>,
     shared: bool,
@@ -70,34 +75,43 @@ pub struct MemoryManager {
 
 impl MemoryManager {
     /// Creates RAM of `config.size` bytes: below the 32-bit device hole first, the rest
-    /// from 4 GiB up, both backed by one memfd so a peer can receive it as a single fd.
+    /// from 4 GiB up. Shared RAM is one memfd, so a peer can receive it as a single fd;
+    /// `file_offset` is then the offset in that memfd (for private RAM it is the same
+    /// layout offset, with nothing behind it).
     pub fn new(config: &MemoryConfig) -> Result<Self> {
         let size = config.size;
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidSize(size));
         }
-        let memfd = create_memfd(size)?;
+        let memfd = if config.shared {
+            Some(create_memfd(size)?)
+        } else {
+            None
+        };
         let mappings = layout_ram(size);
-        let flags = libc::MAP_NORESERVE
-            | if config.shared {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE
-            };
         let mut regions = Vec::with_capacity(mappings.len());
         for m in &mappings {
-            let fd = memfd.try_clone().map_err(Error::CreateMemfd)?;
             let map_err = |source| Error::MapRegion {
                 gpa: m.gpa,
                 size: m.size,
                 source,
             };
-            let region = MmapRegionBuilder::new(m.size as usize)
-                .with_file_offset(FileOffset::new(fd, m.file_offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-                .map_err(map_err)?;
+            let builder = MmapRegionBuilder::new(m.size as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            let builder = match &memfd {
+                Some(memfd) => {
+                    let fd = memfd.try_clone().map_err(Error::CreateMemfd)?;
+                    builder
+                        .with_file_offset(FileOffset::new(fd, m.file_offset))
+                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                }
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+            };
+            let region = builder.build().map_err(map_err)?;
+            if memfd.is_none() {
+                advise_huge_pages(region.as_ptr(), m.size);
+            }
             // `new` only fails when gpa + size overflows, which layout_ram rules out.
             let region = GuestRegionMmap::new(region, GuestAddress(m.gpa))
                 .ok_or(Error::InvalidSize(size))?;
@@ -162,10 +176,9 @@ impl MemoryManager {
     /// Shared RAM lives in the memfd (SEEK_DATA); private RAM is anonymous memory
     /// (pagemap). The VM must be paused.
     pub fn data_extents(&self, m: &GuestRamMapping) -> std::io::Result<Vec<sparse::Extent>> {
-        let candidates = if self.shared {
-            sparse::file_data_extents(&self.memfd, m.file_offset, m.size)?
-        } else {
-            sparse::mapped_extents(self.host_address(m)?, m.size)?
+        let candidates = match &self.memfd {
+            Some(memfd) => sparse::file_data_extents(memfd, m.file_offset, m.size)?,
+            None => sparse::mapped_extents(self.host_address(m)?, m.size)?,
         };
         // SAFETY: see `host_bytes`; the slice is only read here.
         let bytes = unsafe { self.host_bytes(m)? };
@@ -182,7 +195,7 @@ impl MemoryManager {
     ) -> std::io::Result<u64> {
         // SAFETY: see `host_bytes`; the slice is only read here.
         let bytes = unsafe { self.host_bytes(m)? };
-        sparse::write_extents(bytes, extents, file)
+        sparse::write_extents(bytes, extents, file, io_threads())
     }
 
     /// Fills one mapping from the data extents of `file`; holes are skipped, so their
@@ -190,7 +203,7 @@ impl MemoryManager {
     pub fn read_mapping(&self, m: &GuestRamMapping, file: &File) -> std::io::Result<u64> {
         // SAFETY: see `host_bytes`. No vCPU runs yet, and this is the only writer.
         let bytes = unsafe { self.host_bytes_mut(m)? };
-        sparse::read_data_extents(file, bytes)
+        sparse::read_data_extents(file, bytes, io_threads())
     }
 
     /// The host view of one mapping.
@@ -231,8 +244,9 @@ impl MemoryManager {
         &self.mappings
     }
 
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The memfd behind shared RAM; `None` for private RAM.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
     }
 
     pub fn shared(&self) -> bool {
@@ -243,6 +257,28 @@ impl MemoryManager {
     pub fn ram_size(&self) -> u64 {
         self.mappings.iter().map(|m| m.size).sum()
     }
+}
+
+/// Asks for transparent huge pages on private guest RAM (as Cloud Hypervisor does by
+/// default): one fault then maps 2 MiB instead of 4 KiB, which is what makes a copy
+/// restore run at memory speed rather than page-fault speed, and it also shortens KVM's
+/// shadow-page walks. Best effort: a kernel without THP just keeps 4 KiB pages.
+fn advise_huge_pages(host: *mut u8, size: u64) {
+    // SAFETY: `host..host+size` is a private anonymous mapping this manager just created
+    // and owns; MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
+    let ret = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_HUGEPAGE) };
+    if ret != 0 {
+        log::debug!(
+            "MADV_HUGEPAGE on guest RAM failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Threads for bulk memory I/O: one per core (up to 4); snapshot and copy restore run
+/// while no vCPU does, so the cores are free.
+fn io_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Splits `size` bytes of RAM around the 32-bit MMIO hole.

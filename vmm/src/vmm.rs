@@ -183,6 +183,7 @@ impl Vmm {
         }
         let start = Instant::now();
         let state = vm.save_state().map_err(SnapshotError::State)?;
+        log::debug!("snapshot: state saved in {:?}", start.elapsed());
         let stats = store::save(destination, vm.config(), &state, vm.memory())
             .map_err(SnapshotError::Store)?;
         log::info!(
@@ -207,8 +208,10 @@ impl Vmm {
         let start = Instant::now();
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
         let snapshot = store::load(&params.source).map_err(snapshot_error)?;
+        let t_load = start.elapsed();
         let mut vm =
             Vm::new_for_restore(&snapshot.config, self.events.clone()).map_err(RestoreError::Vm)?;
+        let t_create = start.elapsed();
         let bytes = match params.mode {
             MemoryRestoreMode::Copy => snapshot.fill_memory(vm.memory()).map_err(snapshot_error)?,
             MemoryRestoreMode::OnDemand => {
@@ -219,8 +222,15 @@ impl Vmm {
                 0
             }
         };
+        let t_memory = start.elapsed();
         vm.apply_state(snapshot.state).map_err(RestoreError::Vm)?;
         vm.start(!params.resume).map_err(RestoreError::Vm)?;
+        log::debug!(
+            "restore: load {t_load:?}, create {:?}, memory {:?}, state+start {:?}",
+            t_create - t_load,
+            t_memory - t_create,
+            start.elapsed() - t_memory
+        );
         log::info!(
             "restored {bytes} data bytes from {} in {:?}",
             params.source.display(),

@@ -21,7 +21,8 @@ use super::routes::{self, RouteError};
 use super::{ApiError, ApiRequest, ApiResponse, ApiResult};
 use crate::vmm::VmmEvent;
 
-/// How long a request waits for the VMM's answer before the client gets a 504.
+/// How long a request waits for the VMM's answer before the client gets a 504 (not for
+/// long-running requests, see `ApiRequest::is_long_running`).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds a slow or silent client: connections are served one at a time.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -331,7 +332,8 @@ fn respond(request: &Request, vmm: &Sender<VmmEvent>, reply_timeout: Duration) -
         Ok(api_request) => api_request,
         Err(e) => return api_response(Err(e)),
     };
-    match call_vmm(vmm, api_request, reply_timeout) {
+    let timeout = (!api_request.is_long_running()).then_some(reply_timeout);
+    match call_vmm(vmm, api_request, timeout) {
         Ok(response) => api_response(Ok(response)),
         Err(CallError::Api(e)) => api_response(Err(e)),
         Err(CallError::Timeout) => error_response(
@@ -353,12 +355,18 @@ enum CallError {
 fn call_vmm(
     vmm: &Sender<VmmEvent>,
     request: ApiRequest,
-    reply_timeout: Duration,
+    reply_timeout: Option<Duration>,
 ) -> Result<ApiResponse, CallError> {
     let (reply, answer) = mpsc::channel();
     vmm.send(VmmEvent::Api { request, reply })
         .map_err(|_| CallError::Api(ApiError::VmmGone))?;
-    match answer.recv_timeout(reply_timeout) {
+    let Some(timeout) = reply_timeout else {
+        return answer
+            .recv()
+            .map_err(|_| CallError::Api(ApiError::VmmGone))?
+            .map_err(CallError::Api);
+    };
+    match answer.recv_timeout(timeout) {
         Ok(result) => result.map_err(CallError::Api),
         Err(RecvTimeoutError::Timeout) => Err(CallError::Timeout),
         Err(RecvTimeoutError::Disconnected) => Err(CallError::Api(ApiError::VmmGone)),

@@ -27,6 +27,18 @@ pub enum ApiRequest {
     VmRestore(RestoreParams),
 }
 
+impl ApiRequest {
+    /// Whether the answer takes as long as the data does (snapshot, restore): the HTTP
+    /// layer then waits for it however long it takes instead of answering 504 while the
+    /// work goes on.
+    pub fn is_long_running(&self) -> bool {
+        matches!(
+            self,
+            ApiRequest::VmSnapshot { .. } | ApiRequest::VmRestore(_)
+        )
+    }
+}
+
 /// Lifecycle state as reported by `vm.info` (Cloud Hypervisor's spelling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {

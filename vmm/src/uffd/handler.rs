@@ -28,6 +28,9 @@ use crate::vmm::VmmEvent;
 
 /// Prefetch read size: large sequential reads run at disk/page-cache speed.
 const PREFETCH_CHUNK: u64 = 2 << 20;
+/// Prefetch workers. Two keep the disk (or page cache) and the UFFDIO_COPY page
+/// allocation busy at once; faults still have their own thread.
+const PREFETCH_THREADS: usize = 2;
 /// Pages resolved per fault: the faulting page and the rest of its aligned 64 KiB block.
 const FAULT_BLOCK: u64 = 64 << 10;
 
@@ -474,40 +477,66 @@ impl Shared {
         }
     }
 
-    fn prefetch(&self, events: &Sender<VmmEvent>) {
-        let mut buf = vec![0u8; PREFETCH_CHUNK as usize];
-        for index in 0..self.regions.len() {
-            for extent in self.source.extents(index) {
-                let mut pos = extent.offset;
-                while pos < extent.end() {
-                    if self.stopping() {
-                        return;
-                    }
-                    let len = PREFETCH_CHUNK.min(extent.end() - pos);
-                    let all_resident = (pos..pos + len)
-                        .step_by(PAGE_SIZE as usize)
-                        .all(|p| self.is_resident(index, p));
-                    if !all_resident {
-                        let chunk = &mut buf[..len as usize];
-                        if let Err(source) = self.source.read(index, pos, chunk) {
-                            report(
-                                events,
-                                &FillError::Read {
-                                    index,
-                                    offset: pos,
-                                    source,
-                                },
-                            );
-                            return;
-                        }
-                        if let Err(e) = self.copy_in(index, pos, chunk) {
-                            report(events, &e);
-                            return;
-                        }
-                    }
-                    pos += len;
+    /// Copies every data chunk that is not resident yet, with `PREFETCH_THREADS`
+    /// workers pulling chunks in address order from one queue. Returns false if a worker
+    /// hit an error (already reported) or the restore is being stopped.
+    fn prefetch_all(&self, events: &Sender<VmmEvent>) -> bool {
+        let chunks: Vec<(usize, u64, u64)> = (0..self.regions.len())
+            .flat_map(|index| {
+                self.source.extents(index).iter().flat_map(move |e| {
+                    (e.offset..e.end())
+                        .step_by(PREFETCH_CHUNK as usize)
+                        .map(move |pos| (index, pos, PREFETCH_CHUNK.min(e.end() - pos)))
+                })
+            })
+            .collect();
+        let next = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = || {
+            let mut buf = vec![0u8; PREFETCH_CHUNK as usize];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(&(index, pos, len)) = chunks.get(i) else {
+                    return;
+                };
+                if self.stopping() || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let all_resident = (pos..pos + len)
+                    .step_by(PAGE_SIZE as usize)
+                    .all(|p| self.is_resident(index, p));
+                if all_resident {
+                    continue;
+                }
+                let chunk = &mut buf[..len as usize];
+                let result = self
+                    .source
+                    .read(index, pos, chunk)
+                    .map_err(|source| FillError::Read {
+                        index,
+                        offset: pos,
+                        source,
+                    })
+                    .and_then(|()| self.copy_in(index, pos, chunk));
+                if let Err(e) = result {
+                    failed.store(true, Ordering::Relaxed);
+                    report(events, &e);
+                    return;
                 }
             }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..PREFETCH_THREADS {
+                s.spawn(worker);
+            }
+            worker();
+        });
+        !failed.load(Ordering::Relaxed) && !self.stopping()
+    }
+
+    fn prefetch(&self, events: &Sender<VmmEvent>) {
+        if !self.prefetch_all(events) {
+            return;
         }
         // Every data page is in. Unregistering wakes any fault still pending on a hole
         // and lets later hole faults be ordinary zero-fill faults.

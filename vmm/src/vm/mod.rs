@@ -139,8 +139,10 @@ impl Vm {
     /// guest RAM, devices, and vCPUs with their CPUID (not yet running). A restore fills
     /// the RAM and applies a state tree before `boot`.
     pub fn new_for_restore(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
+        let t = std::time::Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
+        let t_vm = t.elapsed();
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDRESS)
             .map_err(kvm_call("KVM_SET_TSS_ADDR"))?;
@@ -161,11 +163,19 @@ impl Vm {
             return Err(Error::XsaveTooLarge);
         }
 
+        let t_chips = t.elapsed();
         let memory = MemoryManager::new(&config.memory).map_err(Error::Memory)?;
         memory.register_slots(&vm_fd).map_err(Error::Memory)?;
+        let t_memory = t.elapsed();
 
         let (bus, serial) = build_pio_bus(config, &vm_fd, events.clone())?;
         let pending = create_vcpus(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
+        log::debug!(
+            "VM created: KVM VM {t_vm:?}, irqchip+PIT {:?}, memory {:?}, devices+vCPUs {:?}",
+            t_chips - t_vm,
+            t_memory - t_chips,
+            t.elapsed() - t_memory
+        );
 
         Ok(Vm {
             config: config.clone(),
