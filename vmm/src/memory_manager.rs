@@ -6,8 +6,9 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -50,6 +51,16 @@ pub enum Error {
     },
     #[error("guest RAM regions overlap or are invalid")]
     BuildGuestMemory(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("{got} memory files for {want} guest RAM mappings")]
+    BackingCount { got: usize, want: usize },
+    #[error("the memory file for slot {slot} is only {len} bytes")]
+    BackingTooSmall { slot: u32, len: u64 },
+    #[error("cannot read the dirty log of slot {slot}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("slot {0} does not match a mapped guest RAM region")]
     UnknownMapping(u32),
     #[error("cannot register KVM memory slot {slot}")]
@@ -64,10 +75,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Owns guest RAM. The mappings are unmapped when the last `GuestMemoryMmap` clone drops.
 pub struct MemoryManager {
-    /// Only for shared RAM. A MAP_PRIVATE memfd would cost two pages per touched guest
-    /// page (the memfd's zero page plus the private copy), and private RAM cannot be
-    /// handed to a peer anyway.
-    memfd: Option<File>,
+    /// For shared RAM, the file behind each mapping (in `mappings` order): the VMM's own
+    /// memfd, or fds a migration peer handed over. Empty for private RAM: a MAP_PRIVATE
+    /// memfd would cost two pages per touched guest page (the memfd's zero page plus the
+    /// private copy), and private RAM cannot be handed to a peer anyway.
+    backing: Vec<File>,
     guest_memory: GuestMemoryMmap,
     mappings: Vec<GuestRamMapping>,
     shared: bool,
@@ -79,18 +91,52 @@ impl MemoryManager {
     /// `file_offset` is then the offset in that memfd (for private RAM it is the same
     /// layout offset, with nothing behind it).
     pub fn new(config: &MemoryConfig) -> Result<Self> {
-        let size = config.size;
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(Error::InvalidSize(size));
-        }
-        let memfd = if config.shared {
-            Some(create_memfd(size)?)
+        check_size(config.size)?;
+        let backing = if config.shared {
+            let memfd = create_memfd(config.size)?;
+            let mut files = Vec::new();
+            for _ in layout_ram(config.size) {
+                files.push(memfd.try_clone().map_err(Error::CreateMemfd)?);
+            }
+            files
         } else {
-            None
+            Vec::new()
         };
+        Self::with_backing(config, backing)
+    }
+
+    /// Guest RAM of `config.size` bytes mapped MAP_SHARED from `files` (one per mapping,
+    /// each at least `file_offset + size` long), e.g. memfds received from a migration
+    /// source: the pages are shared with it, nothing is copied.
+    pub fn from_files(config: &MemoryConfig, files: Vec<File>) -> Result<Self> {
+        check_size(config.size)?;
+        let mappings = layout_ram(config.size);
+        if files.len() != mappings.len() {
+            return Err(Error::BackingCount {
+                got: files.len(),
+                want: mappings.len(),
+            });
+        }
+        for (m, f) in mappings.iter().zip(&files) {
+            let len = f.metadata().map_err(Error::CreateMemfd)?.len();
+            if len < m.file_offset + m.size {
+                return Err(Error::BackingTooSmall { slot: m.slot, len });
+            }
+        }
+        Self::with_backing(
+            &MemoryConfig {
+                size: config.size,
+                shared: true,
+            },
+            files,
+        )
+    }
+
+    fn with_backing(config: &MemoryConfig, backing: Vec<File>) -> Result<Self> {
+        let size = config.size;
         let mappings = layout_ram(size);
         let mut regions = Vec::with_capacity(mappings.len());
-        for m in &mappings {
+        for (i, m) in mappings.iter().enumerate() {
             let map_err = |source| Error::MapRegion {
                 gpa: m.gpa,
                 size: m.size,
@@ -98,9 +144,9 @@ impl MemoryManager {
             };
             let builder = MmapRegionBuilder::new(m.size as usize)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-            let builder = match &memfd {
-                Some(memfd) => {
-                    let fd = memfd.try_clone().map_err(Error::CreateMemfd)?;
+            let builder = match backing.get(i) {
+                Some(file) => {
+                    let fd = file.try_clone().map_err(Error::CreateMemfd)?;
                     builder
                         .with_file_offset(FileOffset::new(fd, m.file_offset))
                         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -109,7 +155,7 @@ impl MemoryManager {
                     .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
             };
             let region = builder.build().map_err(map_err)?;
-            if memfd.is_none() {
+            if backing.is_empty() {
                 advise_huge_pages(region.as_ptr(), m.size);
             }
             // `new` only fails when gpa + size overflows, which layout_ram rules out.
@@ -120,11 +166,49 @@ impl MemoryManager {
         let guest_memory =
             GuestMemoryMmap::from_regions(regions).map_err(Error::BuildGuestMemory)?;
         Ok(MemoryManager {
-            memfd,
+            shared: !backing.is_empty(),
+            backing,
             guest_memory,
             mappings,
-            shared: config.shared,
         })
+    }
+
+    /// Turns KVM dirty-page logging on for every slot and returns a handle that reads
+    /// and clears the log from any thread (pre-copy migration runs off the control loop).
+    pub fn start_dirty_log(&self, vm: &Arc<VmFd>) -> Result<DirtyLog> {
+        let slots = self
+            .mappings
+            .iter()
+            .map(|m| {
+                let host = self
+                    .host_address(m)
+                    .map_err(|_| Error::UnknownMapping(m.slot))?;
+                Ok((*m, host))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let log = DirtyLog {
+            vm: vm.clone(),
+            slots,
+        };
+        log.set_flags(KVM_MEM_LOG_DIRTY_PAGES)?;
+        // Reading once drops whatever KVM logged before the start.
+        log.ranges()?;
+        Ok(log)
+    }
+
+    /// Data extents of every mapping as guest-physical ranges, from metadata only
+    /// (SEEK_DATA on shared RAM, pagemap on private RAM): safe while vCPUs run, unlike
+    /// `data_extents`, which also reads page contents to drop zero pages.
+    pub fn mapped_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut ranges = Vec::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let extents = match self.backing.get(i) {
+                Some(file) => sparse::file_data_extents(file, m.file_offset, m.size)?,
+                None => sparse::mapped_extents(self.host_address(m)?, m.size)?,
+            };
+            ranges.extend(extents.iter().map(|e| (m.gpa + e.offset, e.len)));
+        }
+        Ok(ranges)
     }
 
     /// Registers every mapping as a KVM memory slot.
@@ -133,22 +217,7 @@ impl MemoryManager {
             let host = self
                 .host_address(m)
                 .map_err(|_| Error::UnknownMapping(m.slot))?;
-            let region = kvm_userspace_memory_region {
-                slot: m.slot,
-                flags: 0,
-                guest_phys_addr: m.gpa,
-                memory_size: m.size,
-                userspace_addr: host,
-            };
-            // SAFETY: the host range is a live mapping of `m.size` bytes owned by
-            // `self.guest_memory`, which outlives the VM fd (the Vm drops its vCPUs and VmFd
-            // before the memory manager).
-            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
-                Error::SetMemorySlot {
-                    slot: m.slot,
-                    source,
-                }
-            })?;
+            set_slot(vm, m, host, 0)?;
         }
         Ok(())
     }
@@ -176,8 +245,9 @@ impl MemoryManager {
     /// Shared RAM lives in the memfd (SEEK_DATA); private RAM is anonymous memory
     /// (pagemap). The VM must be paused.
     pub fn data_extents(&self, m: &GuestRamMapping) -> std::io::Result<Vec<sparse::Extent>> {
-        let candidates = match &self.memfd {
-            Some(memfd) => sparse::file_data_extents(memfd, m.file_offset, m.size)?,
+        let index = self.mappings.iter().position(|x| x == m);
+        let candidates = match index.and_then(|i| self.backing.get(i)) {
+            Some(file) => sparse::file_data_extents(file, m.file_offset, m.size)?,
             None => sparse::mapped_extents(self.host_address(m)?, m.size)?,
         };
         // SAFETY: see `host_bytes`; the slice is only read here.
@@ -244,9 +314,10 @@ impl MemoryManager {
         &self.mappings
     }
 
-    /// The memfd behind shared RAM; `None` for private RAM.
-    pub fn memfd(&self) -> Option<&File> {
-        self.memfd.as_ref()
+    /// The file behind each mapping of shared RAM (in `mappings()` order); empty for
+    /// private RAM.
+    pub fn backing_files(&self) -> &[File] {
+        &self.backing
     }
 
     pub fn shared(&self) -> bool {
@@ -256,6 +327,80 @@ impl MemoryManager {
     /// Total guest RAM in bytes.
     pub fn ram_size(&self) -> u64 {
         self.mappings.iter().map(|m| m.size).sum()
+    }
+}
+
+fn set_slot(vm: &VmFd, m: &GuestRamMapping, host: u64, flags: u32) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: m.slot,
+        flags,
+        guest_phys_addr: m.gpa,
+        memory_size: m.size,
+        userspace_addr: host,
+    };
+    // SAFETY: `host` is the start of the live mapping of `m.size` bytes that the memory
+    // manager created for this slot; it outlives the VM fd (the Vm drops its vCPUs and
+    // VmFd before the memory manager), and re-registering the same range only changes
+    // its flags.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::SetMemorySlot {
+        slot: m.slot,
+        source,
+    })
+}
+
+/// KVM dirty-page logging over guest RAM, usable from a migration worker thread.
+pub struct DirtyLog {
+    vm: Arc<VmFd>,
+    slots: Vec<(GuestRamMapping, u64)>,
+}
+
+impl DirtyLog {
+    fn set_flags(&self, flags: u32) -> Result<()> {
+        for (m, host) in &self.slots {
+            set_slot(&self.vm, m, *host, flags)?;
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call as guest-physical ranges (reading clears
+    /// KVM's bitmap).
+    pub fn ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (m, _) in &self.slots {
+            let bitmap = self
+                .vm
+                .get_dirty_log(m.slot, m.size as usize)
+                .map_err(|source| Error::DirtyLog {
+                    slot: m.slot,
+                    source,
+                })?;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let gpa = m.gpa + (word_index as u64 * 64 + bit) * PAGE_SIZE;
+                    match ranges.last_mut() {
+                        Some(last) if last.0 + last.1 == gpa => last.1 += PAGE_SIZE,
+                        _ => ranges.push((gpa, PAGE_SIZE)),
+                    }
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Turns logging off again (after a failed or finished migration).
+    pub fn stop(&self) -> Result<()> {
+        self.set_flags(0)
+    }
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+        Err(Error::InvalidSize(size))
+    } else {
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use crate::api::{
 };
 use crate::config::{MemoryRestoreMode, RestoreParams, VmConfig};
 use crate::event_monitor;
-use crate::migration::store;
+use crate::migration::{MigrationUrl, receive, send, store};
 use crate::vm::{self, Vm};
 
 /// Everything that can wake the control loop. API threads, vCPU threads and devices all
@@ -31,6 +31,13 @@ pub enum VmmEvent {
     /// Guest RAM cannot be filled (on-demand restore): the VM must stop rather than run
     /// on missing pages.
     MemoryFailed { error: String },
+    /// A migration worker needs the VM (pause it, save its state).
+    Migration {
+        request: send::Control,
+        reply: mpsc::Sender<Result<send::ControlReply, String>>,
+    },
+    /// The migration worker finished; `Err` holds the reason it failed.
+    MigrationDone { result: Result<(), String> },
 }
 
 /// Why `Vmm::run` returned without an error.
@@ -40,6 +47,8 @@ pub enum VmmExit {
     GuestReset,
     /// `vmm.shutdown` was requested (exit code 0).
     Shutdown,
+    /// The VM migrated away (exit code 0).
+    Migrated,
 }
 
 /// What the VMM does at start, before serving the API.
@@ -92,11 +101,49 @@ pub enum Error {
     MemoryFailed(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("there is no VM to migrate")]
+    NoVm,
+    #[error("a migration is already running")]
+    Busy,
+    #[error("cannot migrate a VM that is {0:?}")]
+    WrongState(VmState),
+    #[error(
+        "local migration needs shared memory (--memory shared=on): private RAM cannot be handed over"
+    )]
+    LocalNeedsSharedMemory,
+    #[error("local migration works only over a UNIX socket")]
+    LocalNeedsUnix,
+    #[error("guest memory is still being restored on demand; retry when it is complete")]
+    RestoreInProgress,
+    #[error("a VM already exists and is {0:?}")]
+    VmExists(VmState),
+    #[error("cannot prepare the migration")]
+    Prepare(#[source] std::io::Error),
+    #[error("cannot start dirty logging")]
+    DirtyLog(#[source] crate::memory_manager::Error),
+    #[error("receiving the VM")]
+    Receive(#[source] receive::Error),
+}
+
+/// A send-migration in progress (or just finished).
+struct Outgoing {
+    progress: Arc<send::Progress>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// The VM ran when the migration started, so a failure resumes it.
+    was_running: bool,
+    preserve_source: bool,
+}
+
 /// The VMM: at most one VM, driven by events.
 pub struct Vmm {
     events: mpsc::Sender<VmmEvent>,
     receiver: mpsc::Receiver<VmmEvent>,
     vm: Option<Vm>,
+    migration: Option<Outgoing>,
+    /// The last migration's figures stay visible in vm.info.
+    last_migration: Option<Arc<send::Progress>>,
 }
 
 impl Vmm {
@@ -107,6 +154,8 @@ impl Vmm {
             events,
             receiver,
             vm: None,
+            migration: None,
+            last_migration: None,
         }
     }
 
@@ -150,6 +199,14 @@ impl Vmm {
                 VmmEvent::MemoryFailed { error } => {
                     self.stop_vm();
                     return Err(Error::MemoryFailed(error));
+                }
+                VmmEvent::Migration { request, reply } => {
+                    let _ = reply.send(self.migration_control(request));
+                }
+                VmmEvent::MigrationDone { result } => {
+                    if self.migration_done(result) {
+                        return Ok(VmmExit::Migrated);
+                    }
                 }
             }
         }
@@ -241,6 +298,173 @@ impl Vmm {
         Ok(())
     }
 
+    /// Starts sending the VM to `params.url` on a worker thread and returns at once; the
+    /// worker reports back with `MigrationDone`.
+    fn send_migration(&mut self, params: send::SendParams) -> Result<(), MigrationError> {
+        if self.migration.is_some() {
+            return Err(MigrationError::Busy);
+        }
+        let vm = self.vm.as_ref().ok_or(MigrationError::NoVm)?;
+        let state = vm.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(MigrationError::WrongState(state));
+        }
+        if vm.on_demand().is_some_and(|od| !od.is_complete()) {
+            return Err(MigrationError::RestoreInProgress);
+        }
+        let memory = vm.memory();
+        let memory_files = if params.local {
+            if !matches!(params.url, MigrationUrl::Unix(_)) {
+                return Err(MigrationError::LocalNeedsUnix);
+            }
+            if memory.backing_files().is_empty() {
+                return Err(MigrationError::LocalNeedsSharedMemory);
+            }
+            memory
+                .backing_files()
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(MigrationError::Prepare)?
+        } else {
+            Vec::new()
+        };
+        let config =
+            crate::migration::config::VmMigrationConfig::new(vm.config(), memory.mappings());
+        let config_json = serde_json::to_vec(&config)
+            .map_err(|e| MigrationError::Prepare(std::io::Error::other(e)))?;
+        // Dirty logging starts before the first extents are read, so a page written in
+        // between is both in the extents and in the first dirty log, never in neither.
+        let (dirty_log, initial_ranges) = if params.local {
+            (None, Vec::new())
+        } else {
+            let log = memory
+                .start_dirty_log(vm.vm_fd())
+                .map_err(MigrationError::DirtyLog)?;
+            let ranges = memory.mapped_ranges().map_err(MigrationError::Prepare)?;
+            (Some(log), ranges)
+        };
+        let progress = Arc::new(send::Progress::default());
+        let ctx = send::SendContext {
+            params: params.clone(),
+            config_json,
+            memory: memory.guest_memory().clone(),
+            mappings: memory.mappings().to_vec(),
+            memory_files,
+            dirty_log,
+            initial_ranges,
+            resume_on_destination: state == VmState::Running,
+            events: self.events.clone(),
+            progress: progress.clone(),
+        };
+        let events = self.events.clone();
+        let worker = std::thread::Builder::new()
+            .name("migration-send".into())
+            .spawn(move || {
+                let result = send::run(&ctx).map_err(|e| error_chain(&e));
+                if let Some(log) = &ctx.dirty_log
+                    && let Err(e) = log.stop()
+                {
+                    log::warn!("turning dirty logging off: {e}");
+                }
+                let _ = events.send(VmmEvent::MigrationDone { result });
+            })
+            .map_err(MigrationError::Prepare)?;
+        self.migration = Some(Outgoing {
+            progress,
+            worker: Some(worker),
+            was_running: state == VmState::Running,
+            preserve_source: params.preserve_source,
+        });
+        Ok(())
+    }
+
+    fn migration_control(&mut self, request: send::Control) -> Result<send::ControlReply, String> {
+        let vm = self.vm.as_mut().ok_or("the VM is gone")?;
+        match request {
+            send::Control::Pause => {
+                if vm.state() == VmState::Running {
+                    vm.pause().map_err(|e| error_chain(&e))?;
+                    event_monitor::event("vm", "paused", None);
+                }
+                Ok(send::ControlReply::Paused)
+            }
+            send::Control::SaveState => {
+                let tree = vm.save_state().map_err(|e| error_chain(&e))?;
+                serde_json::to_vec(&tree)
+                    .map(send::ControlReply::State)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Returns whether the VMM should exit (the VM now lives on the destination).
+    fn migration_done(&mut self, result: Result<(), String>) -> bool {
+        let Some(mut outgoing) = self.migration.take() else {
+            return false;
+        };
+        if let Some(w) = outgoing.worker.take() {
+            let _ = w.join();
+        }
+        self.last_migration = Some(outgoing.progress.clone());
+        match result {
+            Ok(()) => {
+                event_monitor::event("vm", "migration-finished", None);
+                if outgoing.preserve_source {
+                    log::info!("migration finished; the source VM stays paused (preserve_source)");
+                    false
+                } else {
+                    log::info!("migration finished; the VM runs on the destination");
+                    self.stop_vm();
+                    true
+                }
+            }
+            Err(reason) => {
+                outgoing
+                    .progress
+                    .phase
+                    .store(send::PHASE_FAILED, Ordering::Release);
+                log::error!("migration failed: {reason}");
+                event_monitor::event(
+                    "vm",
+                    "migration-failed",
+                    Some(&[("error".to_string(), reason)].into_iter().collect()),
+                );
+                // The destination never got Complete: this VM is still the one that
+                // counts. Put it back the way it was.
+                if outgoing.was_running
+                    && let Some(vm) = self.vm.as_mut()
+                    && vm.state() == VmState::Paused
+                {
+                    match vm.resume() {
+                        Ok(()) => event_monitor::event("vm", "resumed", None),
+                        Err(e) => log::error!("resuming after the failed migration: {e}"),
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Receives a VM on `url`, blocking until it is complete.
+    fn receive_migration(&mut self, url: &MigrationUrl) -> Result<(), MigrationError> {
+        if let Some(vm) = &self.vm
+            && vm.state() != VmState::Shutdown
+        {
+            return Err(MigrationError::VmExists(vm.state()));
+        }
+        match receive::receive(url, self.events.clone()) {
+            Ok(vm) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Err(e) => {
+                event_monitor::event("vm", "migration-receive-failed", None);
+                Err(MigrationError::Receive(e))
+            }
+        }
+    }
+
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
         self.vm.as_mut().ok_or(ApiError::NoVm)
     }
@@ -275,6 +499,12 @@ impl Vmm {
                             completed_after_ms: p.completed_after_ms.load(Ordering::Acquire),
                         }
                     }),
+                    migration: self
+                        .migration
+                        .as_ref()
+                        .map(|m| m.progress.clone())
+                        .or_else(|| self.last_migration.clone())
+                        .map(|p| migration_progress(&p)),
                 })))
             }
             ApiRequest::VmPause => {
@@ -314,6 +544,14 @@ impl Vmm {
                 })?;
                 Ok(ApiResponse::Empty)
             }
+            ApiRequest::VmSendMigration(params) => {
+                self.send_migration(*params).map_err(migration_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmReceiveMigration(url) => {
+                self.receive_migration(&url).map_err(migration_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
             ApiRequest::VmRestore(params) => {
                 self.restore(&params).map_err(|e| match e {
                     RestoreError::VmExists(state) => ApiError::InvalidState {
@@ -328,6 +566,46 @@ impl Vmm {
                     },
                 })?;
                 Ok(ApiResponse::Empty)
+            }
+        }
+    }
+}
+
+fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
+    let phase = match p.phase.load(Ordering::Acquire) {
+        send::PHASE_SETUP => "setup",
+        send::PHASE_ITERATING => "iterating",
+        send::PHASE_PAUSED => "paused",
+        send::PHASE_DONE => "completed",
+        _ => "failed",
+    };
+    crate::api::MigrationProgress {
+        phase: phase.into(),
+        iteration: p.iteration.load(Ordering::Relaxed),
+        bytes_sent: p.bytes_sent.load(Ordering::Relaxed),
+        last_dirty_bytes: p.last_dirty_bytes.load(Ordering::Relaxed),
+        dirty_rate_bytes_per_s: p.dirty_rate_bytes_per_s.load(Ordering::Relaxed),
+        estimated_downtime_ms: p.estimated_downtime_ms.load(Ordering::Relaxed),
+        downtime_ms: p.downtime_ms.load(Ordering::Relaxed),
+    }
+}
+
+/// A migration that cannot start because of the VM's or the request's state is 4xx;
+/// one that failed while running is 5xx.
+fn migration_api_error(e: MigrationError) -> ApiError {
+    match e {
+        MigrationError::NoVm => ApiError::NoVm,
+        MigrationError::WrongState(_)
+        | MigrationError::Busy
+        | MigrationError::RestoreInProgress
+        | MigrationError::VmExists(_) => ApiError::Conflict(error_chain(&e)),
+        MigrationError::LocalNeedsSharedMemory | MigrationError::LocalNeedsUnix => {
+            ApiError::BadRequest(error_chain(&e))
+        }
+        MigrationError::Prepare(_) | MigrationError::DirtyLog(_) | MigrationError::Receive(_) => {
+            ApiError::Internal {
+                action: "migrate",
+                message: error_chain(&e),
             }
         }
     }

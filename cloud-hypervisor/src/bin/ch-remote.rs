@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::config::SnapshotConfig;
+use vmm::config::migration;
 use vmm::config::options::{self, OptionsError};
 use vmm::vmm::error_chain;
 
@@ -50,6 +51,20 @@ enum Command {
     /// `restore source_url=file:///dir[,memory_restore_mode=copy|ondemand][,resume=on]`.
     Restore {
         /// The restore options.
+        options: String,
+    },
+    /// Send the VM to a VMM waiting in receive-migration:
+    /// `send-migration destination_url=tcp:H:P|unix:PATH[,local=on][,connections=N]
+    /// [,downtime_ms=N][,timeout_s=N][,timeout_strategy=cancel|ignore][,preserve_source=on]`.
+    /// Returns once the migration has started; the source VMM exits when it is done.
+    SendMigration {
+        /// The migration options.
+        options: String,
+    },
+    /// Wait for a migrating VM: `receive-migration receiver_url=unix:PATH|tcp:H:P`.
+    /// Returns when the VM has arrived.
+    ReceiveMigration {
+        /// The receive options.
         options: String,
     },
 }
@@ -116,6 +131,14 @@ impl Command {
             Command::Restore { options } => {
                 ApiCall::put_json("vm.restore", &options::parse_restore(options)?)?
             }
+            Command::SendMigration { options } => ApiCall::put_json(
+                "vm.send-migration",
+                &migration::parse_send_migration(options)?,
+            )?,
+            Command::ReceiveMigration { options } => ApiCall::put_json(
+                "vm.receive-migration",
+                &migration::parse_receive_migration(options)?,
+            )?,
         })
     }
 }

@@ -561,6 +561,7 @@ mod tests {
                         state: VmState::Running,
                         memory_actual_size: 1 << 20,
                         memory_restore: None,
+                        migration: None,
                     }))),
                     ApiRequest::VmPause => Err(ApiError::InvalidState {
                         action: "pause",
@@ -573,7 +574,9 @@ mod tests {
                     }),
                     ApiRequest::VmmShutdown => Err(ApiError::NoVm),
                     ApiRequest::VmSnapshot { .. } => Err(ApiError::Conflict("busy".into())),
-                    ApiRequest::VmRestore(_) => Ok(ApiResponse::Empty),
+                    ApiRequest::VmRestore(_)
+                    | ApiRequest::VmSendMigration(_)
+                    | ApiRequest::VmReceiveMigration(_) => Ok(ApiResponse::Empty),
                 };
                 let _ = reply.send(result);
             }

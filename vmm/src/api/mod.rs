@@ -25,6 +25,10 @@ pub enum ApiRequest {
     },
     /// Build a VM from a snapshot directory (only when there is no VM yet).
     VmRestore(RestoreParams),
+    /// Start sending the VM to another VMM (returns once the worker runs).
+    VmSendMigration(Box<crate::migration::send::SendParams>),
+    /// Receive a VM (returns when it has arrived).
+    VmReceiveMigration(crate::migration::MigrationUrl),
 }
 
 impl ApiRequest {
@@ -34,7 +38,9 @@ impl ApiRequest {
     pub fn is_long_running(&self) -> bool {
         matches!(
             self,
-            ApiRequest::VmSnapshot { .. } | ApiRequest::VmRestore(_)
+            ApiRequest::VmSnapshot { .. }
+                | ApiRequest::VmRestore(_)
+                | ApiRequest::VmReceiveMigration(_)
         )
     }
 }
@@ -64,6 +70,24 @@ pub struct VmInfoResponse {
     /// Present while (and after) guest RAM is restored on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_restore: Option<MemoryRestoreProgress>,
+    /// Present during and after an outgoing migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
+}
+
+/// An outgoing migration's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// setup, iterating, paused, completed or failed.
+    pub phase: String,
+    pub iteration: u64,
+    pub bytes_sent: u64,
+    /// Bytes the guest dirtied during the last iteration, and that per second.
+    pub last_dirty_bytes: u64,
+    pub dirty_rate_bytes_per_s: u64,
+    pub estimated_downtime_ms: u64,
+    /// How long the VM was paused (final iteration, state, Complete).
+    pub downtime_ms: u64,
 }
 
 /// How far an on-demand restore has filled guest RAM.

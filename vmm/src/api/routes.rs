@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiRequest};
+use crate::config::migration::{ReceiveMigrationConfig, SendMigrationConfig};
 use crate::config::{RestoreConfig, SnapshotConfig, file_url_path};
 
 /// Every endpoint lives under this prefix.
@@ -78,7 +79,33 @@ pub static ROUTES: &[Route] = &[
         endpoint: "vm.restore",
         handler: vm_restore,
     },
+    Route {
+        method: Method::Put,
+        endpoint: "vm.send-migration",
+        handler: vm_send_migration,
+    },
+    Route {
+        method: Method::Put,
+        endpoint: "vm.receive-migration",
+        handler: vm_receive_migration,
+    },
 ];
+
+fn vm_send_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let config: SendMigrationConfig = parse_body(body)?;
+    let params = config
+        .params()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(ApiRequest::VmSendMigration(Box::new(params)))
+}
+
+fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let config: ReceiveMigrationConfig = parse_body(body)?;
+    let url = config
+        .url()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(ApiRequest::VmReceiveMigration(url))
+}
 
 fn vm_snapshot(body: &[u8]) -> Result<ApiRequest, ApiError> {
     let config: SnapshotConfig = parse_body(body)?;

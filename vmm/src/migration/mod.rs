@@ -1,4 +1,11 @@
-//! Routes a VM's state takes out of and into this VMM. Today: the `file://` snapshot
-//! store. Live migration (send/receive, transports) lands beside it.
+//! Routes a VM's state takes out of and into this VMM: the `file://` snapshot store and
+//! live migration (URLs, transport, the Config payload, sending and receiving).
 
+pub mod config;
+pub mod receive;
+pub mod send;
 pub mod store;
+pub mod transport;
+pub mod url;
+
+pub use url::MigrationUrl;

@@ -116,7 +116,8 @@ pub struct Vm {
     on_demand: Option<OnDemandMemory>,
     // Field order is drop order: vCPU threads stop in Drop before the VM fd and the
     // memory they use go away.
-    vm_fd: VmFd,
+    /// Shared with a migration worker, which reads the dirty log off the control loop.
+    vm_fd: Arc<VmFd>,
     memory: MemoryManager,
     _kvm: Kvm,
 }
@@ -125,7 +126,7 @@ impl Vm {
     /// Builds the VM from `config` ready to boot: everything `new_for_restore` builds plus
     /// the kernel, its PVH boot data and the boot vCPU's entry state.
     pub fn new(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
-        let vm = Self::new_for_restore(config, events)?;
+        let vm = Self::with_memory(config, events, None, false)?;
         let entry = load_kernel(config, &vm.memory)?;
         mptable::write(vm.memory.guest_memory(), config.cpus.boot_vcpus).map_err(Error::Arch)?;
         if let Some(boot) = vm.pending.first() {
@@ -139,6 +140,27 @@ impl Vm {
     /// guest RAM, devices, and vCPUs with their CPUID (not yet running). A restore fills
     /// the RAM and applies a state tree before `boot`.
     pub fn new_for_restore(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
+        Self::with_memory(config, events, None, true)
+    }
+
+    /// Like `new_for_restore`, with guest RAM mapped from `memory_files` (one per
+    /// mapping) that a migration source handed over, instead of fresh memory.
+    pub fn new_for_migration(
+        config: &VmConfig,
+        events: Sender<VmmEvent>,
+        memory_files: Option<Vec<File>>,
+    ) -> Result<Self> {
+        Self::with_memory(config, events, memory_files, true)
+    }
+
+    /// `continued`: the VM carries on from a snapshot or a migration, so its serial file
+    /// is appended to (it may still hold the source's output) instead of truncated.
+    fn with_memory(
+        config: &VmConfig,
+        events: Sender<VmmEvent>,
+        memory_files: Option<Vec<File>>,
+        continued: bool,
+    ) -> Result<Self> {
         let t = std::time::Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
@@ -164,11 +186,15 @@ impl Vm {
         }
 
         let t_chips = t.elapsed();
-        let memory = MemoryManager::new(&config.memory).map_err(Error::Memory)?;
+        let memory = match memory_files {
+            Some(files) => MemoryManager::from_files(&config.memory, files),
+            None => MemoryManager::new(&config.memory),
+        }
+        .map_err(Error::Memory)?;
         memory.register_slots(&vm_fd).map_err(Error::Memory)?;
         let t_memory = t.elapsed();
 
-        let (bus, serial) = build_pio_bus(config, &vm_fd, events.clone())?;
+        let (bus, serial) = build_pio_bus(config, &vm_fd, events.clone(), continued)?;
         let pending = create_vcpus(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
         log::debug!(
             "VM created: KVM VM {t_vm:?}, irqchip+PIT {:?}, memory {:?}, devices+vCPUs {:?}",
@@ -188,7 +214,7 @@ impl Vm {
             },
             serial,
             on_demand: None,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             memory,
             _kvm: kvm,
         })
@@ -334,7 +360,7 @@ impl Vm {
         &self.memory
     }
 
-    pub fn vm_fd(&self) -> &VmFd {
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
     }
 }
@@ -405,7 +431,7 @@ fn load_initramfs(
     Ok(pvh::Module { addr, size })
 }
 
-fn serial_output(config: &VmConfig) -> Result<Option<SerialOutput>> {
+fn serial_output(config: &VmConfig, append: bool) -> Result<Option<SerialOutput>> {
     Ok(match config.serial.mode {
         ConsoleOutputMode::Off => None,
         ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
@@ -416,10 +442,16 @@ fn serial_output(config: &VmConfig) -> Result<Option<SerialOutput>> {
                 .file
                 .as_ref()
                 .ok_or(Error::SerialFileMissing)?;
-            let file = File::create(path).map_err(|source| Error::OpenSerialFile {
-                path: path.clone(),
-                source,
-            })?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .open(path)
+                .map_err(|source| Error::OpenSerialFile {
+                    path: path.clone(),
+                    source,
+                })?;
             Some(Box::new(file) as Box<dyn Write + Send>)
         }
     })
@@ -431,10 +463,11 @@ fn build_pio_bus(
     config: &VmConfig,
     vm_fd: &VmFd,
     events: Sender<VmmEvent>,
+    append_serial: bool,
 ) -> Result<(PioBus, SerialHandle)> {
     let mut bus = PioBus::default();
     let mut serial = None;
-    if let Some(out) = serial_output(config)? {
+    if let Some(out) = serial_output(config, append_serial)? {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm_fd
             .register_irqfd(&irq, COM1_GSI)

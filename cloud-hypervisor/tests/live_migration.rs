@@ -1,0 +1,379 @@
+//! Live migration between two VMM processes on the real test guest (2 vCPUs, dirty mode,
+//! so memory changes throughout), and the ways it can fail: the destination hangs up or
+//! talks garbage, or the guest dirties memory faster than the link carries it. After a
+//! success the destination carries on (same nonce, counters continue, errors=0) and the
+//! source has exited; after a failure the source VM still runs cleanly.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use test_infra::{TempDir, Tick, VmmBuilder, VmmProcess};
+
+/// Migrating 16-48 MiB takes well under a second here; generous for a loaded host.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Source {
+    vmm: VmmProcess,
+    serial: PathBuf,
+}
+
+/// A 2-vCPU guest that keeps rewriting its pages at `rate` MiB/s.
+fn boot_source(dir: &TempDir, name: &str, memory: &str, extra: &str) -> Source {
+    let serial = dir.join("serial.log");
+    let mut vmm = guest_builder(name, 2, extra)
+        .memory(memory)
+        .serial_file(&serial)
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    let (boot_idx, _) = vmm.wait_boot(BOOT_TIMEOUT).unwrap();
+    let (ready_idx, _) = vmm.wait_ready(boot_idx + 1, READY_TIMEOUT).unwrap();
+    ticks(&mut vmm, 2, ready_idx + 1);
+    Source { vmm, serial }
+}
+
+fn empty_vmm(name: &str) -> VmmProcess {
+    let mut vmm = VmmBuilder::new(bins()).tmp_prefix(name).spawn().unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm
+}
+
+/// Starts `vm.receive-migration` on `dest` in a thread (the call blocks until the VM has
+/// arrived); returns the handle yielding the HTTP status and body.
+fn receive_in_background(dest: &VmmProcess, url: &str) -> std::thread::JoinHandle<(u16, String)> {
+    let socket = dest.api_socket().unwrap().to_path_buf();
+    let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+    let handle = std::thread::spawn(move || {
+        let resp = test_infra::api_client::api_command(
+            &socket,
+            "PUT",
+            "vm.receive-migration",
+            Some(&body),
+            Some(MIGRATION_TIMEOUT),
+        )
+        .unwrap();
+        (resp.status, resp.body)
+    });
+    // The control loop is busy receiving, so the API cannot say when it listens: watch
+    // for its socket or port instead.
+    wait_listening(url);
+    handle
+}
+
+/// Waits until something accepts connections on `url` (the receiver's listener).
+fn wait_listening(url: &str) {
+    let ready = test_infra::wait::poll_until(
+        std::time::Instant::now() + Duration::from_secs(10),
+        || -> Result<Option<()>, std::io::Error> {
+            Ok(match url.strip_prefix("unix:") {
+                Some(path) => Path::new(path).exists().then_some(()),
+                None => {
+                    let addr = url.trim_start_matches("tcp:");
+                    // A probe connection would become the receiver's main connection, so
+                    // only look at the listening sockets.
+                    let listening = std::fs::read_to_string("/proc/net/tcp")?;
+                    let port = addr.rsplit(':').next().unwrap_or_default();
+                    let port_hex = format!(":{:04X} ", port.parse::<u16>().unwrap_or(0));
+                    listening
+                        .lines()
+                        .any(|l| l.contains(&port_hex) && l.split_whitespace().nth(3) == Some("0A"))
+                        .then_some(())
+                }
+            })
+        },
+    )
+    .unwrap();
+    assert!(ready.is_some(), "the receiver never listened on {url}");
+}
+
+/// A free TCP port on loopback (bound and released, so there is a tiny reuse race).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn last_tick(path: &Path) -> Tick {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|l| Tick::parse(l).ok())
+        .next_back()
+        .expect("no tick line yet")
+}
+
+/// Migrates a ticking guest to a fresh VMM and checks both ends.
+fn scenario_migrate(name: &str, memory: &str, url: &str, options: &str) {
+    let dir = TempDir::new(name).unwrap();
+    let mut src = boot_source(&dir, name, memory, "rate=128");
+    let mut dest = empty_vmm(&format!("{name}-dest"));
+    let receiver = receive_in_background(&dest, url);
+    let before = last_tick(&src.serial);
+    let out = src
+        .vmm
+        .ch_remote(["send-migration", &format!("destination_url={url}{options}")])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "send-migration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 204, "receive-migration: {body}");
+    let exit = src.vmm.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(exit.success(), "the source VMM exited with {exit}");
+    assert_eq!(dest.vm_state().unwrap(), "Running");
+
+    // The destination appends to the same serial log: wait for its fresh ticks.
+    dest.follow_serial(&src.serial);
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    let (_, after) = ticks(&mut dest, 3, from);
+    assert_eq!(
+        after[0].nonce, before.nonce,
+        "the guest rebooted: {after:?}"
+    );
+    assert!(
+        after[0].n > before.n,
+        "ticks went back: {before:?} -> {after:?}"
+    );
+    assert!(after[0].generation > before.generation);
+    for t in &after {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+}
+
+#[test]
+fn migrate_over_unix() {
+    let dir = TempDir::new("mig-unix-sock").unwrap();
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    scenario_migrate("mig-unix", "size=256M", &url, "");
+}
+
+#[test]
+fn migrate_over_tcp() {
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    scenario_migrate("mig-tcp", "size=256M", &url, "");
+}
+
+#[test]
+fn migrate_over_tcp_with_4_connections() {
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    scenario_migrate("mig-tcp4", "size=256M", &url, ",connections=4");
+}
+
+#[test]
+fn migrate_locally_with_memory_fds() {
+    let dir = TempDir::new("mig-local-sock").unwrap();
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    scenario_migrate("mig-local", "size=256M,shared=on", &url, ",local=on");
+}
+
+#[test]
+fn local_migration_refuses_private_memory() {
+    let dir = TempDir::new("mig-local-priv").unwrap();
+    let mut src = boot_source(&dir, "mig-local-priv", "size=128M", "");
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let body = format!(r#"{{"destination_url":"{url}","local":true}}"#);
+    let resp = src
+        .vmm
+        .api("PUT", "vm.send-migration", Some(&body))
+        .unwrap();
+    assert_eq!(resp.status, 400, "{}", resp.body);
+    assert!(resp.body.contains("shared=on"), "{}", resp.body);
+    let from = src.vmm.serial().len();
+    ticks(&mut src.vmm, 2, from);
+}
+
+// ---- failures ------------------------------------------------------------------------
+
+/// Waits for the source to report the failed migration, then checks it still runs
+/// cleanly and says why in vm.info.
+fn expect_source_survives(src: &mut Source) {
+    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+    let failed = test_infra::wait::poll_until(deadline, || {
+        let info = src.vmm.vm_info()?;
+        Ok::<_, test_infra::Error>((info["migration"]["phase"] == "failed").then_some(info))
+    })
+    .unwrap();
+    let info = failed.expect("the source never reported the migration as failed");
+    assert_eq!(info["state"], "Running", "{info}");
+    assert!(
+        src.vmm
+            .events()
+            .iter()
+            .any(|e| e["event"] == "migration-failed"),
+        "no migration-failed event: {:?}",
+        src.vmm.events()
+    );
+    src.vmm.serial().refresh().unwrap();
+    let from = src.vmm.serial().len();
+    ticks(&mut src.vmm, 3, from);
+}
+
+/// A destination that acknowledges Start and Config, then dies.
+#[test]
+fn destination_dying_mid_migration_leaves_source_running() {
+    let dir = TempDir::new("mig-dies").unwrap();
+    let mut src = boot_source(&dir, "mig-dies", "size=256M", "rate=128");
+    let sock = dir.join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let ok = [1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut header = [0u8; 16];
+        conn.read_exact(&mut header).unwrap(); // Start
+        conn.write_all(&ok).unwrap();
+        conn.read_exact(&mut header).unwrap(); // Config
+        let len = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        conn.read_exact(&mut payload).unwrap();
+        conn.write_all(&ok).unwrap();
+        // Read a little of the first Memory request, then vanish.
+        conn.read_exact(&mut header).unwrap();
+        drop(conn);
+    });
+    let out = src
+        .vmm
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{}", sock.display()),
+        ])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fake.join().unwrap();
+    expect_source_survives(&mut src);
+}
+
+/// A destination that answers with bytes that are not a response header.
+#[test]
+fn garbage_from_destination_is_a_clean_error() {
+    let dir = TempDir::new("mig-garbage").unwrap();
+    let mut src = boot_source(&dir, "mig-garbage", "size=128M", "");
+    let sock = dir.join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut header = [0u8; 16];
+        conn.read_exact(&mut header).unwrap();
+        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n garbage").unwrap();
+        let _ = conn.read(&mut header);
+    });
+    src.vmm
+        .api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(
+                r#"{{"destination_url":"unix:{}"}}"#,
+                sock.display()
+            )),
+        )
+        .unwrap();
+    fake.join().unwrap();
+    expect_source_survives(&mut src);
+}
+
+/// Garbage sent to a real receiver: the receive call fails with a reason, the VMM keeps
+/// serving its API and has no VM.
+#[test]
+fn garbage_to_receiver_is_a_clean_error() {
+    let dir = TempDir::new("mig-recv-garbage").unwrap();
+    let dest = empty_vmm("mig-recv-garbage");
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &url);
+    let mut conn = std::os::unix::net::UnixStream::connect(dir.join("mig.sock")).unwrap();
+    conn.write_all(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let mut response = [0u8; 16];
+    conn.read_exact(&mut response).unwrap();
+    assert_eq!(
+        response[0], 2,
+        "the receiver should answer Error: {response:?}"
+    );
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("unknown command 42"), "{body}");
+    dest.api_ok("GET", "vmm.ping", None).unwrap();
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+    assert!(
+        !dir.join("mig.sock").exists(),
+        "the receiver left its socket behind"
+    );
+}
+
+/// A link slower than the guest dirties memory never lets the remaining bytes fit the
+/// downtime target; with timeout_strategy=cancel the migration gives up after timeout_s
+/// and the source runs on. The slow link is a fake destination that reads memory at
+/// about 8 MiB/s (its pauses stand in for a thin pipe; nothing waits on them).
+#[test]
+fn migration_that_cannot_converge_is_cancelled() {
+    let dir = TempDir::new("mig-cancel").unwrap();
+    let mut src = boot_source(&dir, "mig-cancel", "size=256M", "rate=64");
+    let sock = dir.join("slow.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let slow = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let ok = [1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut header = [0u8; 16];
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if conn.read_exact(&mut header).is_err() {
+                return; // the source gave up and closed the connection
+            }
+            let command = u16::from_le_bytes([header[0], header[1]]);
+            let len = u64::from_le_bytes(header[8..16].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            if conn.read_exact(&mut payload).is_err() {
+                return;
+            }
+            if command == 4 {
+                // Memory: the page data follows the range table.
+                let data: u64 = payload
+                    .chunks_exact(16)
+                    .map(|r| u64::from_le_bytes(r[8..16].try_into().unwrap()))
+                    .sum();
+                let mut left = data;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    if conn.read_exact(&mut buf[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+            }
+            if conn.write_all(&ok).is_err() {
+                return;
+            }
+        }
+    });
+    src.vmm
+        .api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(
+                r#"{{"destination_url":"unix:{}","downtime_ms":1,"timeout_s":1,"timeout_strategy":"Cancel"}}"#,
+                sock.display()
+            )),
+        )
+        .unwrap();
+    expect_source_survives(&mut src);
+    let info = src.vmm.vm_info().unwrap();
+    assert!(
+        info["migration"]["iteration"].as_u64().unwrap_or(0) >= 1,
+        "no iteration ran: {info}"
+    );
+    let log = src.vmm.stderr();
+    assert!(log.contains("timeout_strategy=cancel"), "{log}");
+    slow.join().unwrap();
+}

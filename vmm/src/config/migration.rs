@@ -1,0 +1,353 @@
+//! The `vm.send-migration` and `vm.receive-migration` bodies (Cloud Hypervisor v54 field
+//! names), their validation, and the option strings ch-remote accepts for them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::options::{Key, Options, OptionsError, Toggle, value};
+use crate::migration::MigrationUrl;
+use crate::migration::send::{SendParams, TimeoutStrategy};
+
+/// Pre-copy (the only mode so far) or post-copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum MemoryMode {
+    #[default]
+    Precopy,
+    Postcopy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParamsError {
+    #[error("unknown {what} {value:?} (expected {expected})")]
+    UnknownValue {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{0}")]
+    Url(#[from] crate::migration::url::UrlError),
+    #[error("{field} must be at least 1")]
+    Zero { field: &'static str },
+    #[error("connections must be 1..=128, got {0}")]
+    Connections(u64),
+    #[error("connections > 1 needs a tcp: URL (memory connections are TCP only)")]
+    ConnectionsNeedTcp,
+    #[error("local=on works only with a unix: URL (memory fds are passed over it)")]
+    LocalNeedsUnix,
+    #[error("local=on and connections > 1 cannot be combined (no memory is copied)")]
+    LocalWithConnections,
+    #[error("preserve_source=on needs local=on")]
+    PreserveNeedsLocal,
+    #[error("tls_dir is not supported by this VMM")]
+    Tls,
+    #[error("post-copy migration is not supported yet; use memory_mode=precopy")]
+    Postcopy,
+}
+
+fn parse_case_insensitive<T: Copy>(
+    what: &'static str,
+    expected: &'static str,
+    value: &str,
+    choices: &[(&str, T)],
+) -> Result<T, ParamsError> {
+    choices
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(value))
+        .map(|(_, v)| *v)
+        .ok_or_else(|| ParamsError::UnknownValue {
+            what,
+            value: value.to_string(),
+            expected,
+        })
+}
+
+impl std::str::FromStr for MemoryMode {
+    type Err = ParamsError;
+    fn from_str(s: &str) -> Result<Self, ParamsError> {
+        parse_case_insensitive(
+            "memory_mode",
+            "precopy or postcopy",
+            s,
+            &[
+                ("precopy", MemoryMode::Precopy),
+                ("postcopy", MemoryMode::Postcopy),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_strategy(s: &str) -> Result<TimeoutStrategy, ParamsError> {
+    parse_case_insensitive(
+        "timeout_strategy",
+        "cancel or ignore",
+        s,
+        &[
+            ("cancel", TimeoutStrategy::Cancel),
+            ("ignore", TimeoutStrategy::Ignore),
+        ],
+    )
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+fn default_timeout_s() -> u64 {
+    3600
+}
+fn default_connections() -> u64 {
+    1
+}
+fn default_strategy() -> String {
+    "Cancel".into()
+}
+
+/// `PUT /api/v1/vm.send-migration`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationConfig {
+    pub destination_url: String,
+    #[serde(default)]
+    pub local: bool,
+    #[serde(default)]
+    pub preserve_source: bool,
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    #[serde(default = "default_strategy")]
+    pub timeout_strategy: String,
+    #[serde(default = "default_connections")]
+    pub connections: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<String>,
+    #[serde(default)]
+    pub memory_mode: MemoryMode,
+    /// Same as `memory_mode: Postcopy`.
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+impl SendMigrationConfig {
+    pub fn params(&self) -> Result<SendParams, ParamsError> {
+        let url: MigrationUrl = self.destination_url.parse()?;
+        if self.tls_dir.is_some() {
+            return Err(ParamsError::Tls);
+        }
+        if self.postcopy || self.memory_mode == MemoryMode::Postcopy {
+            return Err(ParamsError::Postcopy);
+        }
+        if self.downtime_ms == 0 {
+            return Err(ParamsError::Zero {
+                field: "downtime_ms",
+            });
+        }
+        if self.timeout_s == 0 {
+            return Err(ParamsError::Zero { field: "timeout_s" });
+        }
+        let connections = u8::try_from(self.connections)
+            .ok()
+            .filter(|c| (1..=128).contains(c))
+            .ok_or(ParamsError::Connections(self.connections))?;
+        let unix = matches!(url, MigrationUrl::Unix(_));
+        if connections > 1 && unix {
+            return Err(ParamsError::ConnectionsNeedTcp);
+        }
+        if self.local && !unix {
+            return Err(ParamsError::LocalNeedsUnix);
+        }
+        if self.local && connections > 1 {
+            return Err(ParamsError::LocalWithConnections);
+        }
+        if self.preserve_source && !self.local {
+            return Err(ParamsError::PreserveNeedsLocal);
+        }
+        Ok(SendParams {
+            url,
+            local: self.local,
+            connections,
+            downtime: Duration::from_millis(self.downtime_ms),
+            timeout: Duration::from_secs(self.timeout_s),
+            timeout_strategy: parse_strategy(&self.timeout_strategy)?,
+            preserve_source: self.preserve_source,
+        })
+    }
+}
+
+/// `PUT /api/v1/vm.receive-migration`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationConfig {
+    pub receiver_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<String>,
+    #[serde(default)]
+    pub memory_mode: MemoryMode,
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+impl ReceiveMigrationConfig {
+    pub fn url(&self) -> Result<MigrationUrl, ParamsError> {
+        if self.tls_dir.is_some() {
+            return Err(ParamsError::Tls);
+        }
+        if self.postcopy || self.memory_mode == MemoryMode::Postcopy {
+            return Err(ParamsError::Postcopy);
+        }
+        Ok(self.receiver_url.parse()?)
+    }
+}
+
+const SEND_KEYS: &[Key] = &[
+    value("destination_url"),
+    value("local"),
+    value("preserve_source"),
+    value("downtime_ms"),
+    value("timeout_s"),
+    value("timeout_strategy"),
+    value("connections"),
+    value("tls_dir"),
+    value("memory_mode"),
+    value("postcopy"),
+];
+const RECEIVE_KEYS: &[Key] = &[
+    value("receiver_url"),
+    value("tls_dir"),
+    value("memory_mode"),
+    value("postcopy"),
+];
+
+fn toggle(opts: &Options, key: &'static str) -> Result<bool, OptionsError> {
+    Ok(opts.convert::<Toggle>(key)?.is_some_and(|t| t.0))
+}
+
+/// ch-remote `send-migration destination_url=tcp:H:P[,local=on][,connections=N]...`.
+pub fn parse_send_migration(input: &str) -> Result<SendMigrationConfig, OptionsError> {
+    let opts = Options::parse("send-migration", SEND_KEYS, input)?;
+    Ok(SendMigrationConfig {
+        destination_url: opts.required("destination_url")?,
+        local: toggle(&opts, "local")?,
+        preserve_source: toggle(&opts, "preserve_source")?,
+        downtime_ms: opts
+            .convert("downtime_ms")?
+            .unwrap_or(default_downtime_ms()),
+        timeout_s: opts.convert("timeout_s")?.unwrap_or(default_timeout_s()),
+        timeout_strategy: opts
+            .get("timeout_strategy")
+            .map_or_else(default_strategy, str::to_string),
+        connections: opts
+            .convert("connections")?
+            .unwrap_or(default_connections()),
+        tls_dir: opts.get("tls_dir").map(str::to_string),
+        memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
+        postcopy: toggle(&opts, "postcopy")?,
+    })
+}
+
+/// ch-remote `receive-migration receiver_url=unix:PATH[,memory_mode=precopy]`.
+pub fn parse_receive_migration(input: &str) -> Result<ReceiveMigrationConfig, OptionsError> {
+    let opts = Options::parse("receive-migration", RECEIVE_KEYS, input)?;
+    Ok(ReceiveMigrationConfig {
+        receiver_url: opts.required("receiver_url")?,
+        tls_dir: opts.get("tls_dir").map(str::to_string),
+        memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
+        postcopy: toggle(&opts, "postcopy")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Result<SendParams, String> {
+        serde_json::from_str::<SendMigrationConfig>(json)
+            .map_err(|e| e.to_string())?
+            .params()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn send_defaults_and_validation() {
+        let p = body(r#"{"destination_url":"tcp:127.0.0.1:6000"}"#).unwrap();
+        assert_eq!(p.connections, 1);
+        assert_eq!(p.downtime, Duration::from_millis(300));
+        assert_eq!(p.timeout_strategy, TimeoutStrategy::Cancel);
+        let p =
+            body(r#"{"destination_url":"tcp:h:1","connections":4,"timeout_strategy":"ignore"}"#)
+                .unwrap();
+        assert_eq!(
+            (p.connections, p.timeout_strategy),
+            (4, TimeoutStrategy::Ignore)
+        );
+        for (json, want) in [
+            (
+                r#"{"destination_url":"unix:/s","connections":2}"#,
+                "tcp: URL",
+            ),
+            (r#"{"destination_url":"tcp:h:1","local":true}"#, "unix: URL"),
+            (
+                r#"{"destination_url":"tcp:h:1","connections":0}"#,
+                "1..=128",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","connections":129}"#,
+                "1..=128",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","downtime_ms":0}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","preserve_source":true}"#,
+                "local=on",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","timeout_strategy":"maybe"}"#,
+                "cancel or ignore",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","memory_mode":"Postcopy"}"#,
+                "post-copy",
+            ),
+            (r#"{"destination_url":"http://x"}"#, "migration URL"),
+            (
+                r#"{"destination_url":"tcp:h:1","bogus":1}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = body(json).unwrap_err();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn option_strings() {
+        let c = parse_send_migration(
+            "destination_url=tcp:127.0.0.1:6000,connections=4,downtime_ms=20,timeout_strategy=cancel",
+        )
+        .unwrap();
+        assert_eq!(c.connections, 4);
+        assert_eq!(c.params().unwrap().downtime, Duration::from_millis(20));
+        let c =
+            parse_send_migration("destination_url=unix:/s,local=on,preserve_source=on").unwrap();
+        assert!(c.params().unwrap().local);
+        assert!(parse_send_migration("destination_url=unix:/s,speed=fast").is_err());
+        let r = parse_receive_migration("receiver_url=unix:/tmp/r.sock").unwrap();
+        assert_eq!(r.url().unwrap(), MigrationUrl::Unix("/tmp/r.sock".into()));
+        assert!(
+            parse_receive_migration("receiver_url=unix:/x,memory_mode=postcopy")
+                .unwrap()
+                .url()
+                .is_err()
+        );
+    }
+}

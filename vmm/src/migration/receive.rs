@@ -1,0 +1,413 @@
+//! The destination side of a live migration (`vm.receive-migration`): listens, then runs
+//! the receiver state machine of the wire protocol on the main connection, and takes
+//! extra memory connections (role PrecopyMemory) between Config and State.
+//!
+//! Any error is answered with an Error response where the protocol allows one, and no VM
+//! is left behind: the half-built VM is dropped.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vm_memory::GuestMemoryMmap;
+use vm_migration::{
+    ConnectionRole, Limits, MemoryRangeTable, Request, Status, check_version, read_request,
+    read_role, recv_memory_fd_payload, send_response,
+};
+
+use super::config::VmMigrationConfig;
+use super::transport::{Listener, Stream};
+use super::url::MigrationUrl;
+use crate::event_monitor;
+use crate::state::StateTree;
+use crate::vm::{self, Vm};
+use crate::vmm::VmmEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {url}")]
+    Listen {
+        url: MigrationUrl,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot accept the migration connection")]
+    Accept(#[source] std::io::Error),
+    #[error("migration protocol")]
+    Protocol(#[source] vm_migration::Error),
+    #[error("the sender sent {got} while the receiver expected {expected}")]
+    UnexpectedCommand {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("memory fds can only be passed over a UNIX socket")]
+    MemoryFdOverTcp,
+    #[error("the Config payload is not a valid VmMigrationConfig")]
+    BadConfig(#[source] serde_json::Error),
+    #[error("the State payload is not a valid state tree")]
+    BadState(#[source] serde_json::Error),
+    #[error("no memory fd was sent for slot {0}")]
+    MissingMemoryFd(u32),
+    #[error("the sender's guest RAM layout does not match the VM its config describes")]
+    LayoutMismatch,
+    #[error("cannot build the VM")]
+    Vm(#[source] vm::Error),
+    #[error("writing guest memory at {gpa:#x} (+{len} bytes)")]
+    GuestMemory {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("a memory connection failed: {0}")]
+    MemoryConnection(String),
+    #[error("the sender abandoned the migration")]
+    Abandoned,
+    #[error("the sender closed the connection before the migration completed")]
+    Disconnected,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Established,
+    Started,
+    Configured,
+    StateReceived,
+}
+
+/// Writes the page data that follows a Memory request into guest memory, range by
+/// range, in table order (later ranges win where they overlap).
+fn receive_memory(
+    stream: &mut Stream,
+    mem: &GuestMemoryMmap,
+    table: &MemoryRangeTable,
+) -> Result<()> {
+    for range in table.iter() {
+        let len = usize::try_from(range.length).map_err(|_| Error::GuestMemory {
+            gpa: range.gpa,
+            len: range.length,
+            source: vm_memory::GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(
+                range.gpa,
+            )),
+        })?;
+        stream
+            .read_into_guest(mem, range.gpa, len)
+            .map_err(|source| Error::GuestMemory {
+                gpa: range.gpa,
+                len: range.length,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Extra connections opened by the sender between Config and State.
+struct MemoryConnections {
+    stop: Arc<AtomicBool>,
+    url: MigrationUrl,
+    acceptor: Option<JoinHandle<()>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl MemoryConnections {
+    fn start(listener: Arc<Listener>, url: MigrationUrl, mem: GuestMemoryMmap) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let workers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
+        let (s, e, w) = (stop.clone(), errors.clone(), workers.clone());
+        let acceptor = std::thread::Builder::new()
+            .name("migration-accept".into())
+            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem))
+            .ok();
+        MemoryConnections {
+            stop,
+            url,
+            acceptor,
+            errors,
+            workers,
+        }
+    }
+
+    /// Stops accepting, waits for every memory connection to finish, and reports the
+    /// first error any of them hit.
+    fn finish(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own; it sees `stop` and ends.
+        let _ = Stream::connect(&self.url);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for w in workers {
+            let _ = w.join();
+        }
+        match lock(&self.errors).first() {
+            Some(e) => Err(Error::MemoryConnection(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MemoryConnections {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() {
+            self.stop.store(true, Ordering::Release);
+            let _ = Stream::connect(&self.url);
+            if let Some(a) = self.acceptor.take() {
+                let _ = a.join();
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn accept_loop(
+    listener: &Listener,
+    stop: &AtomicBool,
+    errors: &Arc<Mutex<Vec<String>>>,
+    workers: &Mutex<Vec<JoinHandle<()>>>,
+    mem: &GuestMemoryMmap,
+) {
+    while !stop.load(Ordering::Acquire) {
+        let mut stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                lock(errors).push(format!("accepting a memory connection: {e}"));
+                return;
+            }
+        };
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        // A peer that connects and says nothing must not hold up the migration.
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let role = read_role(&mut stream);
+        let _ = stream.set_read_timeout(None);
+        match role {
+            Ok(ConnectionRole::PrecopyMemory) => {
+                let (worker_errors, mem) = (errors.clone(), mem.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("migration-memory".into())
+                    .spawn(move || {
+                        if let Err(e) = memory_worker(&mut stream, &mem) {
+                            lock(&worker_errors).push(crate::vmm::error_chain(&e));
+                        }
+                    });
+                match spawned {
+                    Ok(w) => lock(workers).push(w),
+                    Err(e) => lock(errors).push(format!("spawning a memory worker: {e}")),
+                }
+            }
+            Ok(other) => log::warn!("ignoring a migration connection with role {other:?}"),
+            Err(e) => log::warn!("dropping a migration connection: {e}"),
+        }
+    }
+}
+
+fn memory_worker(stream: &mut Stream, mem: &GuestMemoryMmap) -> Result<()> {
+    let limits = Limits::default();
+    loop {
+        let request = match read_request(stream, &limits) {
+            Ok(r) => r,
+            // The sender closes its memory connections after the last iteration.
+            Err(e) if e.is_closed_between_messages() => return Ok(()),
+            Err(e) => return Err(Error::Protocol(e)),
+        };
+        let Request::Memory(table) = request else {
+            return Err(Error::UnexpectedCommand {
+                got: request_name(&request),
+                expected: "Memory on a memory connection",
+            });
+        };
+        let result = receive_memory(stream, mem, &table);
+        let status = if result.is_ok() {
+            Status::Ok
+        } else {
+            Status::Error
+        };
+        send_response(stream, status, &[]).map_err(Error::Protocol)?;
+        result?;
+    }
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Start { .. } => "Start",
+        Request::Config(_) => "Config",
+        Request::State(_) => "State",
+        Request::Memory(_) => "Memory",
+        Request::Complete => "Complete",
+        Request::CompletePaused => "CompletePaused",
+        Request::Abandon => "Abandon",
+        Request::MemoryFd => "MemoryFd",
+        Request::PageFault(_) => "PageFault",
+    }
+}
+
+/// Removes a UNIX listening socket's path when the receive ends, however it ends.
+struct UnlinkOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Receives a VM on `url`. Returns it running (Complete) or paused (CompletePaused).
+pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>) -> Result<Vm> {
+    let listener = Listener::bind(url).map_err(|source| Error::Listen {
+        url: url.clone(),
+        source,
+    })?;
+    let _unlink = UnlinkOnDrop(match url {
+        MigrationUrl::Unix(p) => Some(p.clone()),
+        MigrationUrl::Tcp { .. } => None,
+    });
+    let listener = Arc::new(listener);
+    event_monitor::event("vm", "migration-receive-ready", None);
+    let mut main = listener.accept().map_err(Error::Accept)?;
+    event_monitor::event("vm", "migration-receive-started", None);
+
+    let mut receiver = Receiver {
+        phase: Phase::Established,
+        fds: BTreeMap::new(),
+        vm: None,
+        connections: None,
+        listener,
+        url: url.clone(),
+        events,
+    };
+    let limits = Limits::default();
+    loop {
+        let request = match read_request(&mut main, &limits) {
+            Ok(r) => r,
+            Err(e) if e.is_closed_between_messages() => return Err(Error::Disconnected),
+            // A request we cannot even parse: say so (the peer may be listening) and stop.
+            Err(e) => {
+                let _ = send_response(&mut main, Status::Error, &[]);
+                return Err(Error::Protocol(e));
+            }
+        };
+        let abandon = matches!(request, Request::Abandon);
+        let result = receiver.handle(request, &mut main);
+        let status = if result.is_ok() {
+            Status::Ok
+        } else {
+            Status::Error
+        };
+        send_response(&mut main, status, &[]).map_err(Error::Protocol)?;
+        if abandon {
+            return Err(Error::Abandoned);
+        }
+        if let Some(resume) = result? {
+            let mut vm = receiver.vm.take().ok_or(Error::UnexpectedCommand {
+                got: "Complete",
+                expected: "State first",
+            })?;
+            vm.start(!resume).map_err(Error::Vm)?;
+            event_monitor::event("vm", "migration-receive-finished", None);
+            return Ok(vm);
+        }
+    }
+}
+
+struct Receiver {
+    phase: Phase,
+    fds: BTreeMap<u32, File>,
+    vm: Option<Vm>,
+    connections: Option<MemoryConnections>,
+    listener: Arc<Listener>,
+    url: MigrationUrl,
+    events: Sender<VmmEvent>,
+}
+
+impl Receiver {
+    /// Handles one request. `Ok(Some(resume))` once Complete/CompletePaused arrived.
+    fn handle(&mut self, request: Request, main: &mut Stream) -> Result<Option<bool>> {
+        let unexpected = |got: &Request, expected| Error::UnexpectedCommand {
+            got: request_name(got),
+            expected,
+        };
+        match (self.phase, request) {
+            (_, Request::Abandon) => Ok(None),
+            (Phase::Established, Request::Start { version }) => {
+                check_version(version).map_err(Error::Protocol)?;
+                self.phase = Phase::Started;
+                Ok(None)
+            }
+            (Phase::Started, Request::MemoryFd) => {
+                let unix = main.as_unix().ok_or(Error::MemoryFdOverTcp)?;
+                let (slot, file) = recv_memory_fd_payload(unix).map_err(Error::Protocol)?;
+                self.fds.insert(slot, file);
+                Ok(None)
+            }
+            (Phase::Started, Request::Config(bytes)) => {
+                self.configure(&bytes)?;
+                self.phase = Phase::Configured;
+                Ok(None)
+            }
+            (Phase::Configured, Request::Memory(table)) => {
+                let vm = self.vm.as_ref().ok_or(Error::LayoutMismatch)?;
+                receive_memory(main, vm.memory().guest_memory(), &table)?;
+                Ok(None)
+            }
+            (Phase::Configured, Request::State(bytes)) => {
+                if let Some(c) = self.connections.take() {
+                    c.finish()?;
+                }
+                let tree: StateTree = serde_json::from_slice(&bytes).map_err(Error::BadState)?;
+                let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
+                vm.apply_state(tree).map_err(Error::Vm)?;
+                self.phase = Phase::StateReceived;
+                Ok(None)
+            }
+            (Phase::StateReceived, Request::Complete) => Ok(Some(true)),
+            (Phase::StateReceived, Request::CompletePaused) => Ok(Some(false)),
+            (Phase::Established, r) => Err(unexpected(&r, "Start")),
+            (Phase::Started, r) => Err(unexpected(&r, "MemoryFd or Config")),
+            (Phase::Configured, r) => Err(unexpected(&r, "Memory or State")),
+            (Phase::StateReceived, r) => Err(unexpected(&r, "Complete or CompletePaused")),
+        }
+    }
+
+    fn configure(&mut self, bytes: &[u8]) -> Result<()> {
+        let config: VmMigrationConfig = serde_json::from_slice(bytes).map_err(Error::BadConfig)?;
+        let mappings = config.mappings();
+        let files = if self.fds.is_empty() {
+            None
+        } else {
+            let mut files = Vec::with_capacity(mappings.len());
+            for m in &mappings {
+                let file = self
+                    .fds
+                    .remove(&m.slot)
+                    .ok_or(Error::MissingMemoryFd(m.slot))?;
+                files.push(file);
+            }
+            Some(files)
+        };
+        let vm = Vm::new_for_migration(&config.vm_config, self.events.clone(), files)
+            .map_err(Error::Vm)?;
+        if vm.memory().mappings() != mappings.as_slice() {
+            return Err(Error::LayoutMismatch);
+        }
+        self.connections = Some(MemoryConnections::start(
+            self.listener.clone(),
+            self.url.clone(),
+            vm.memory().guest_memory().clone(),
+        ));
+        self.vm = Some(vm);
+        Ok(())
+    }
+}

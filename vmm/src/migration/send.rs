@@ -1,0 +1,360 @@
+//! The source side of a live migration (`vm.send-migration`). It runs on a worker thread,
+//! so the control loop stays free for vm.info; whatever needs the VM itself (pausing it,
+//! saving its state) is asked of the control loop through `VmmEvent::Migration`.
+//!
+//! Pre-copy: iteration 0 sends only the extents that hold data, later iterations the
+//! pages KVM logged as dirty, until the rest fits the downtime target; then the VM is
+//! paused and the last dirty pages, the state and Complete go out. Local mode hands the
+//! memfds over instead of copying memory.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+use vm_migration::{
+    ConnectionRole, MEMORY_CHUNK_SIZE, MemoryRange, MemoryRangeTable, RequestHeader, expect_ok,
+    send_memory_fd, send_memory_table, send_request, write_role,
+};
+
+use super::transport::Stream;
+use super::url::MigrationUrl;
+use crate::event_monitor;
+use crate::memory_manager::{DirtyLog, GuestRamMapping};
+use crate::vmm::VmmEvent;
+
+/// What to do when the guest dirties memory faster than it can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeoutStrategy {
+    /// Give up; the source VM keeps running.
+    #[default]
+    Cancel,
+    /// Pause the VM anyway and send the rest, however long the downtime.
+    Ignore,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendParams {
+    pub url: MigrationUrl,
+    pub local: bool,
+    /// Total connections: 1 = memory on the main connection; N > 1 = N extra memory
+    /// connections beside the main one.
+    pub connections: u8,
+    pub downtime: Duration,
+    pub timeout: Duration,
+    pub timeout_strategy: TimeoutStrategy,
+    pub preserve_source: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {url}")]
+    Connect {
+        url: MigrationUrl,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("migration protocol")]
+    Protocol(#[source] vm_migration::Error),
+    #[error("the destination refused {0}")]
+    Refused(&'static str),
+    #[error("sending guest memory at {gpa:#x}")]
+    GuestMemory {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("reading the dirty log")]
+    DirtyLog(#[source] crate::memory_manager::Error),
+    #[error(
+        "the guest dirties memory faster than it can be sent: {remaining} bytes left after \
+         {elapsed:?} (timeout_s reached, timeout_strategy=cancel)"
+    )]
+    Timeout { remaining: u64, elapsed: Duration },
+    #[error("the VMM could not {0}")]
+    Control(&'static str, String),
+    #[error("a memory connection failed: {0}")]
+    MemoryConnection(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Requests the worker makes of the control loop, which owns the VM.
+#[derive(Debug)]
+pub enum Control {
+    /// Pause the vCPUs (no-op if already paused).
+    Pause,
+    /// The state tree of the paused VM, as JSON.
+    SaveState,
+}
+
+#[derive(Debug)]
+pub enum ControlReply {
+    Paused,
+    State(Vec<u8>),
+}
+
+/// Live figures for vm.info.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// 0 setup, 1 memory iterations, 2 paused (final iteration + state), 3 done, 4 failed.
+    pub phase: AtomicU64,
+    pub iteration: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Bytes the guest dirtied during the last iteration.
+    pub last_dirty_bytes: AtomicU64,
+    pub dirty_rate_bytes_per_s: AtomicU64,
+    pub estimated_downtime_ms: AtomicU64,
+    /// Time the VM was paused for the final iteration, state and Complete.
+    pub downtime_ms: AtomicU64,
+}
+
+pub const PHASE_SETUP: u64 = 0;
+pub const PHASE_ITERATING: u64 = 1;
+pub const PHASE_PAUSED: u64 = 2;
+pub const PHASE_DONE: u64 = 3;
+pub const PHASE_FAILED: u64 = 4;
+
+/// Everything the worker needs, captured by the control loop before it starts.
+pub struct SendContext {
+    pub params: SendParams,
+    pub config_json: Vec<u8>,
+    pub memory: GuestMemoryMmap,
+    pub mappings: Vec<GuestRamMapping>,
+    /// Local mode: the file behind each mapping.
+    pub memory_files: Vec<File>,
+    /// Pre-copy: dirty logging already on, and the data extents to send first.
+    pub dirty_log: Option<DirtyLog>,
+    pub initial_ranges: Vec<(u64, u64)>,
+    /// Complete (the VM ran when the migration started) or CompletePaused.
+    pub resume_on_destination: bool,
+    pub events: Sender<VmmEvent>,
+    pub progress: Arc<Progress>,
+}
+
+fn control(events: &Sender<VmmEvent>, request: Control) -> Result<ControlReply> {
+    let what = match request {
+        Control::Pause => "pause the VM",
+        Control::SaveState => "save the VM state",
+    };
+    let (reply, answer) = mpsc::channel();
+    events
+        .send(VmmEvent::Migration { request, reply })
+        .map_err(|_| Error::Control(what, "the control loop is gone".into()))?;
+    answer
+        .recv()
+        .map_err(|_| Error::Control(what, "no answer".into()))?
+        .map_err(|e| Error::Control(what, e))
+}
+
+fn table_of(ranges: &[(u64, u64)]) -> Result<MemoryRangeTable> {
+    MemoryRangeTable::from_ranges(ranges.iter().map(|&(gpa, len)| MemoryRange::new(gpa, len)))
+        .map_err(Error::Protocol)
+}
+
+/// Sends one Memory request (table, then the bytes) and waits for its Ok.
+fn send_memory(stream: &mut Stream, mem: &GuestMemoryMmap, table: &MemoryRangeTable) -> Result<()> {
+    if table.is_empty() {
+        return Ok(());
+    }
+    send_memory_table(stream, table).map_err(Error::Protocol)?;
+    for r in table.iter() {
+        stream
+            .write_from_guest(mem, r.gpa, r.length as usize)
+            .map_err(|source| Error::GuestMemory { gpa: r.gpa, source })?;
+    }
+    expect_ok(stream).map_err(|_| Error::Refused("guest memory"))
+}
+
+struct Sender2<'a> {
+    main: Stream,
+    extra: Vec<Stream>,
+    ctx: &'a SendContext,
+}
+
+impl Sender2<'_> {
+    /// One iteration's memory: on the main connection, or cut into chunks of at most
+    /// 64 MiB spread over the extra connections, which all finish before this returns.
+    fn send_table(&mut self, table: &MemoryRangeTable) -> Result<()> {
+        let mem = &self.ctx.memory;
+        if self.extra.is_empty() {
+            send_memory(&mut self.main, mem, table)?;
+        } else {
+            let chunks = table.split_into_chunks(MEMORY_CHUNK_SIZE);
+            let n = self.extra.len();
+            std::thread::scope(|s| {
+                let workers: Vec<_> = self
+                    .extra
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, stream)| {
+                        let mine: Vec<&MemoryRangeTable> =
+                            chunks.iter().skip(i).step_by(n).collect();
+                        s.spawn(move || -> Result<()> {
+                            for chunk in mine {
+                                send_memory(stream, mem, chunk)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                workers.into_iter().try_for_each(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(Error::MemoryConnection("a sender thread panicked".into()))
+                    })
+                })
+            })?;
+        }
+        self.ctx
+            .progress
+            .bytes_sent
+            .fetch_add(table.total_bytes(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Runs a whole migration. On error the destination has not been told Complete, so the
+/// source VM is still the one that counts; the control loop resumes it if it ran.
+pub fn run(ctx: &SendContext) -> Result<()> {
+    let p = &ctx.params;
+    let connect = || {
+        Stream::connect(&p.url).map_err(|source| Error::Connect {
+            url: p.url.clone(),
+            source,
+        })
+    };
+    let mut main = connect()?;
+    event_monitor::event("vm", "migration-started", None);
+    send_request(&mut main, &RequestHeader::start(), &[]).map_err(Error::Protocol)?;
+    expect_ok(&mut main).map_err(|_| Error::Refused("Start"))?;
+
+    if p.local {
+        let mut unix = main.as_unix().ok_or(Error::Refused("MemoryFd over TCP"))?;
+        for (m, file) in ctx.mappings.iter().zip(&ctx.memory_files) {
+            send_memory_fd(unix, m.slot, file).map_err(Error::Protocol)?;
+            expect_ok(&mut unix).map_err(|_| Error::Refused("MemoryFd"))?;
+        }
+    }
+    send_request(
+        &mut main,
+        &RequestHeader::config(ctx.config_json.len() as u64),
+        &ctx.config_json,
+    )
+    .map_err(Error::Protocol)?;
+    expect_ok(&mut main).map_err(|_| Error::Refused("Config"))?;
+
+    let mut extra = Vec::new();
+    if p.connections > 1 && !p.local {
+        for _ in 0..p.connections {
+            let mut s = connect()?;
+            write_role(&mut s, ConnectionRole::PrecopyMemory).map_err(Error::Protocol)?;
+            extra.push(s);
+        }
+    }
+    let mut sender = Sender2 { main, extra, ctx };
+
+    if let Some(log) = &ctx.dirty_log {
+        precopy(&mut sender, log)?;
+    } else {
+        control(&ctx.events, Control::Pause)?;
+    }
+    ctx.progress.phase.store(PHASE_PAUSED, Ordering::Release);
+    let paused_at = Instant::now();
+    let ControlReply::State(state) = control(&ctx.events, Control::SaveState)? else {
+        return Err(Error::Control(
+            "save the VM state",
+            "unexpected reply".into(),
+        ));
+    };
+    // The extra connections are done: closing them ends the destination's workers.
+    for s in sender.extra.drain(..) {
+        s.shutdown();
+    }
+    let main = &mut sender.main;
+    send_request(main, &RequestHeader::state(state.len() as u64), &state)
+        .map_err(Error::Protocol)?;
+    expect_ok(main).map_err(|_| Error::Refused("State"))?;
+    let complete = if ctx.resume_on_destination {
+        RequestHeader::complete()
+    } else {
+        RequestHeader::complete_paused()
+    };
+    send_request(main, &complete, &[]).map_err(Error::Protocol)?;
+    expect_ok(main).map_err(|_| Error::Refused("Complete"))?;
+    let downtime =
+        paused_at.elapsed().as_millis() as u64 + ctx.progress.downtime_ms.load(Ordering::Relaxed);
+    ctx.progress.downtime_ms.store(downtime, Ordering::Relaxed);
+    ctx.progress.phase.store(PHASE_DONE, Ordering::Release);
+    Ok(())
+}
+
+/// Memory iterations while the guest runs, then the final one with the VM paused.
+fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {
+    let ctx = sender.ctx;
+    let p = &ctx.params;
+    let progress = &ctx.progress;
+    progress.phase.store(PHASE_ITERATING, Ordering::Release);
+    let start = Instant::now();
+    let mut table = table_of(&ctx.initial_ranges)?;
+    let mut bandwidth: Option<f64> = None; // bytes per second
+    let mut iteration = 0u64;
+    loop {
+        let bytes = table.total_bytes();
+        let estimate = bandwidth.map(|bw| Duration::from_secs_f64(bytes as f64 / bw));
+        if let Some(e) = estimate {
+            progress
+                .estimated_downtime_ms
+                .store(e.as_millis() as u64, Ordering::Relaxed);
+        }
+        let converged = bytes == 0 || estimate.is_some_and(|e| e <= p.downtime);
+        if converged {
+            break;
+        }
+        if start.elapsed() >= p.timeout {
+            match p.timeout_strategy {
+                TimeoutStrategy::Cancel => {
+                    return Err(Error::Timeout {
+                        remaining: bytes,
+                        elapsed: start.elapsed(),
+                    });
+                }
+                TimeoutStrategy::Ignore => break,
+            }
+        }
+        let sent_at = Instant::now();
+        sender.send_table(&table)?;
+        let took = sent_at.elapsed().as_secs_f64().max(1e-6);
+        bandwidth = Some(bytes as f64 / took);
+        iteration += 1;
+        progress.iteration.store(iteration, Ordering::Relaxed);
+        event_monitor::event(
+            "vm",
+            "migration-memory-iteration",
+            Some(
+                &[("id".to_string(), iteration.to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
+        );
+        table = table_of(&log.ranges().map_err(Error::DirtyLog)?)?;
+        let dirty = table.total_bytes();
+        progress.last_dirty_bytes.store(dirty, Ordering::Relaxed);
+        progress
+            .dirty_rate_bytes_per_s
+            .store((dirty as f64 / took) as u64, Ordering::Relaxed);
+    }
+    // Pause, then everything still unsent: the converged table plus what was dirtied
+    // since it was read.
+    control(&ctx.events, Control::Pause)?;
+    let paused_at = Instant::now();
+    let mut last: Vec<(u64, u64)> = table.iter().map(|r| (r.gpa, r.length)).collect();
+    last.extend(log.ranges().map_err(Error::DirtyLog)?);
+    let last = table_of(&last)?;
+    sender.send_table(&last)?;
+    progress
+        .downtime_ms
+        .store(paused_at.elapsed().as_millis() as u64, Ordering::Relaxed);
+    Ok(())
+}
