@@ -5,6 +5,7 @@
 //! samples. To add a measurement (snapshot, restore, migration ...), implement the trait
 //! in a new module and add it to [`scenarios`].
 
+mod migration;
 mod report;
 mod scenarios;
 mod snapshot;
@@ -99,6 +100,32 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
             ram_mib: ram_gib << 10,
             touched_mib,
         }));
+    }
+    // Live migration: every transport on a 1 GiB guest rewriting 64 MiB/s of 256 MiB,
+    // then a 4 GiB guest with 1 GiB touched at three dirty rates over TCP x4 and locally.
+    use migration::{Migrate, Transport};
+    for transport in [
+        Transport::Unix,
+        Transport::Tcp { connections: 1 },
+        Transport::Tcp { connections: 4 },
+        Transport::Local,
+    ] {
+        all.push(Box::new(Migrate {
+            ram_mib: 1024,
+            touched_mib: 256,
+            rate: Some(64),
+            transport,
+        }));
+    }
+    for transport in [Transport::Tcp { connections: 4 }, Transport::Local] {
+        for rate in [None, Some(64), Some(256)] {
+            all.push(Box::new(Migrate {
+                ram_mib: 4096,
+                touched_mib: 1024,
+                rate,
+                transport,
+            }));
+        }
     }
     all
 }

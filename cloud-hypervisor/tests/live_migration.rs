@@ -65,39 +65,13 @@ fn receive_in_background(dest: &VmmProcess, url: &str) -> std::thread::JoinHandl
     handle
 }
 
-/// Waits until something accepts connections on `url` (the receiver's listener).
 fn wait_listening(url: &str) {
-    let ready = test_infra::wait::poll_until(
-        std::time::Instant::now() + Duration::from_secs(10),
-        || -> Result<Option<()>, std::io::Error> {
-            Ok(match url.strip_prefix("unix:") {
-                Some(path) => Path::new(path).exists().then_some(()),
-                None => {
-                    let addr = url.trim_start_matches("tcp:");
-                    // A probe connection would become the receiver's main connection, so
-                    // only look at the listening sockets.
-                    let listening = std::fs::read_to_string("/proc/net/tcp")?;
-                    let port = addr.rsplit(':').next().unwrap_or_default();
-                    let port_hex = format!(":{:04X} ", port.parse::<u16>().unwrap_or(0));
-                    listening
-                        .lines()
-                        .any(|l| l.contains(&port_hex) && l.split_whitespace().nth(3) == Some("0A"))
-                        .then_some(())
-                }
-            })
-        },
-    )
-    .unwrap();
-    assert!(ready.is_some(), "the receiver never listened on {url}");
+    let listening = test_infra::migration::wait_listening(url, Duration::from_secs(10)).unwrap();
+    assert!(listening, "the receiver never listened on {url}");
 }
 
-/// A free TCP port on loopback (bound and released, so there is a tiny reuse race).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_infra::migration::free_tcp_port().unwrap()
 }
 
 fn last_tick(path: &Path) -> Tick {

@@ -12,6 +12,7 @@
 
 pub mod guest;
 pub mod lines;
+pub mod migration;
 pub mod process;
 pub mod serial;
 pub mod tempdir;

@@ -409,7 +409,17 @@ impl Vmm {
         self.last_migration = Some(outgoing.progress.clone());
         match result {
             Ok(()) => {
-                event_monitor::event("vm", "migration-finished", None);
+                let p = &outgoing.progress;
+                let figures: std::collections::BTreeMap<String, String> = [
+                    ("downtime_us", p.downtime_us.load(Ordering::Relaxed)),
+                    ("total_ms", p.total_ms.load(Ordering::Relaxed)),
+                    ("iterations", p.iteration.load(Ordering::Relaxed)),
+                    ("bytes_sent", p.bytes_sent.load(Ordering::Relaxed)),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+                event_monitor::event("vm", "migration-finished", Some(&figures));
                 if outgoing.preserve_source {
                     log::info!("migration finished; the source VM stays paused (preserve_source)");
                     false
@@ -586,7 +596,7 @@ fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
         last_dirty_bytes: p.last_dirty_bytes.load(Ordering::Relaxed),
         dirty_rate_bytes_per_s: p.dirty_rate_bytes_per_s.load(Ordering::Relaxed),
         estimated_downtime_ms: p.estimated_downtime_ms.load(Ordering::Relaxed),
-        downtime_ms: p.downtime_ms.load(Ordering::Relaxed),
+        downtime_ms: p.downtime_us.load(Ordering::Relaxed) / 1000,
     }
 }
 

@@ -107,8 +107,11 @@ pub struct Progress {
     pub last_dirty_bytes: AtomicU64,
     pub dirty_rate_bytes_per_s: AtomicU64,
     pub estimated_downtime_ms: AtomicU64,
-    /// Time the VM was paused for the final iteration, state and Complete.
-    pub downtime_ms: AtomicU64,
+    /// Time the VM was paused for the final iteration, state and Complete (the
+    /// destination acknowledges Complete only once its vCPUs run).
+    pub downtime_us: AtomicU64,
+    /// From connecting to the destination's Complete acknowledgement.
+    pub total_ms: AtomicU64,
 }
 
 pub const PHASE_SETUP: u64 = 0;
@@ -225,6 +228,7 @@ pub fn run(ctx: &SendContext) -> Result<()> {
             source,
         })
     };
+    let started = Instant::now();
     let mut main = connect()?;
     event_monitor::event("vm", "migration-started", None);
     send_request(&mut main, &RequestHeader::start(), &[]).map_err(Error::Protocol)?;
@@ -255,13 +259,16 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     }
     let mut sender = Sender2 { main, extra, ctx };
 
-    if let Some(log) = &ctx.dirty_log {
+    // Downtime counts from the pause request: the vCPUs stop during it.
+    let paused_at = if let Some(log) = &ctx.dirty_log {
         precopy(&mut sender, log)?;
+        Instant::now()
     } else {
+        let at = Instant::now();
         control(&ctx.events, Control::Pause)?;
-    }
+        at
+    };
     ctx.progress.phase.store(PHASE_PAUSED, Ordering::Release);
-    let paused_at = Instant::now();
     let ControlReply::State(state) = control(&ctx.events, Control::SaveState)? else {
         return Err(Error::Control(
             "save the VM state",
@@ -284,8 +291,11 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     send_request(main, &complete, &[]).map_err(Error::Protocol)?;
     expect_ok(main).map_err(|_| Error::Refused("Complete"))?;
     let downtime =
-        paused_at.elapsed().as_millis() as u64 + ctx.progress.downtime_ms.load(Ordering::Relaxed);
-    ctx.progress.downtime_ms.store(downtime, Ordering::Relaxed);
+        paused_at.elapsed().as_micros() as u64 + ctx.progress.downtime_us.load(Ordering::Relaxed);
+    ctx.progress.downtime_us.store(downtime, Ordering::Relaxed);
+    ctx.progress
+        .total_ms
+        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     ctx.progress.phase.store(PHASE_DONE, Ordering::Release);
     Ok(())
 }
@@ -347,14 +357,14 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {
     }
     // Pause, then everything still unsent: the converged table plus what was dirtied
     // since it was read.
-    control(&ctx.events, Control::Pause)?;
     let paused_at = Instant::now();
+    control(&ctx.events, Control::Pause)?;
     let mut last: Vec<(u64, u64)> = table.iter().map(|r| (r.gpa, r.length)).collect();
     last.extend(log.ranges().map_err(Error::DirtyLog)?);
     let last = table_of(&last)?;
     sender.send_table(&last)?;
     progress
-        .downtime_ms
-        .store(paused_at.elapsed().as_millis() as u64, Ordering::Relaxed);
+        .downtime_us
+        .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
     Ok(())
 }

@@ -1,0 +1,44 @@
+//! Helpers for tests and benchmarks that migrate VMs between VMM processes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::wait::poll_until;
+
+/// A free TCP port on loopback (bound, then released: another process could take it in
+/// between, which on a test machine does not happen in practice).
+pub fn free_tcp_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits until a receiver listens on `url` (`unix:<path>` or `tcp:<host>:<port>`). It
+/// cannot be asked: its control loop is busy receiving, and a probe connection would
+/// become its main connection. So this watches the socket file, or the kernel's table of
+/// listening TCP sockets.
+pub fn wait_listening(url: &str, timeout: Duration) -> std::io::Result<bool> {
+    let found = poll_until(
+        Instant::now() + timeout,
+        || -> std::io::Result<Option<()>> {
+            Ok(match url.strip_prefix("unix:") {
+                Some(path) => Path::new(path).exists().then_some(()),
+                None => {
+                    let port: u16 = url
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
+                    let needle = format!(":{port:04X} ");
+                    let table = std::fs::read_to_string("/proc/net/tcp")?;
+                    // Column 4 is the state; 0A is LISTEN.
+                    table
+                        .lines()
+                        .any(|l| l.contains(&needle) && l.split_whitespace().nth(3) == Some("0A"))
+                        .then_some(())
+                }
+            })
+        },
+    )?;
+    Ok(found.is_some())
+}
