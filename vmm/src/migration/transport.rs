@@ -58,29 +58,17 @@ impl Stream {
         };
     }
 
-    /// Reads `len` bytes from the peer straight into guest memory at `gpa`. Loops itself:
-    /// vm-memory's "exact" helpers treat a short socket read as an error.
+    /// Reads `len` bytes from the peer straight into guest memory at `gpa`.
     pub fn read_into_guest(
         &mut self,
         mem: &GuestMemoryMmap,
         gpa: u64,
         len: usize,
     ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut done = 0;
-        while done < len {
-            let addr = GuestAddress(gpa + done as u64);
-            let n = match self {
-                Stream::Unix(s) => mem.read_volatile_from(addr, s, len - done),
-                Stream::Tcp(s) => mem.read_volatile_from(addr, s, len - done),
-            };
-            match n {
-                Ok(0) => return Err(eof()),
-                Ok(n) => done += n,
-                Err(e) if interrupted(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        whole(gpa, len, |addr, left| match self {
+            Stream::Unix(s) => mem.read_volatile_from(addr, s, left),
+            Stream::Tcp(s) => mem.read_volatile_from(addr, s, left),
+        })
     }
 
     /// Sends `len` bytes of guest memory at `gpa` to the peer.
@@ -90,30 +78,36 @@ impl Stream {
         gpa: u64,
         len: usize,
     ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut done = 0;
-        while done < len {
-            let addr = GuestAddress(gpa + done as u64);
-            let n = match self {
-                Stream::Unix(s) => mem.write_volatile_to(addr, s, len - done),
-                Stream::Tcp(s) => mem.write_volatile_to(addr, s, len - done),
-            };
-            match n {
-                Ok(0) => return Err(eof()),
-                Ok(n) => done += n,
-                Err(e) if interrupted(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        whole(gpa, len, |addr, left| match self {
+            Stream::Unix(s) => mem.write_volatile_to(addr, s, left),
+            Stream::Tcp(s) => mem.write_volatile_to(addr, s, left),
+        })
     }
 }
 
-fn eof() -> vm_memory::GuestMemoryError {
-    vm_memory::GuestMemoryError::IOError(io::Error::from(io::ErrorKind::UnexpectedEof))
-}
-
-fn interrupted(e: &vm_memory::GuestMemoryError) -> bool {
-    matches!(e, vm_memory::GuestMemoryError::IOError(io) if io.kind() == io::ErrorKind::Interrupted)
+/// Repeats a partial guest-memory transfer until all `len` bytes from `gpa` are done.
+/// vm-memory's "exact" helpers treat a short socket read or write as an error, and
+/// sockets return short counts all the time.
+fn whole(
+    gpa: u64,
+    len: usize,
+    mut step: impl FnMut(GuestAddress, usize) -> Result<usize, vm_memory::GuestMemoryError>,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0;
+    while done < len {
+        match step(GuestAddress(gpa + done as u64), len - done) {
+            Ok(0) => {
+                return Err(vm_memory::GuestMemoryError::IOError(io::Error::from(
+                    io::ErrorKind::UnexpectedEof,
+                )));
+            }
+            Ok(n) => done += n,
+            Err(vm_memory::GuestMemoryError::IOError(e))
+                if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Read for Stream {
