@@ -1,0 +1,173 @@
+//! The control loop's answers to API requests.
+
+use std::sync::atomic::Ordering;
+
+use super::migrate::MigrationError;
+use super::snapshot::{RestoreError, SnapshotError};
+use super::{Vmm, error_chain};
+use crate::api::{
+    ApiError, ApiRequest, ApiResponse, ApiResult, MemoryRestoreProgress, VmInfoResponse,
+    VmmPingResponse,
+};
+use crate::event_monitor;
+use crate::migration::{send, store};
+use crate::vm::{self, Vm};
+
+impl Vmm {
+    fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
+        self.vm.as_mut().ok_or(ApiError::NoVm)
+    }
+
+    pub(super) fn handle_api(&mut self, request: ApiRequest) -> ApiResult {
+        match request {
+            ApiRequest::VmmPing => Ok(ApiResponse::Ping(VmmPingResponse {
+                build_version: env!("CARGO_PKG_VERSION").to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: i64::from(std::process::id()),
+                features: Vec::new(),
+            })),
+            ApiRequest::VmInfo => {
+                let vm = self.vm.as_ref().ok_or(ApiError::NoVm)?;
+                Ok(ApiResponse::Info(Box::new(VmInfoResponse {
+                    config: vm.config().clone(),
+                    state: vm.state(),
+                    memory_actual_size: vm.memory().ram_size(),
+                    memory_restore: vm.on_demand().map(|od| {
+                        let p = od.progress();
+                        let faults = p.faults.load(Ordering::Acquire);
+                        MemoryRestoreProgress {
+                            resident_pages: p.resident_pages.load(Ordering::Acquire),
+                            total_pages: p.total_pages,
+                            faults,
+                            mean_fault_us: p.fault_ns.load(Ordering::Acquire)
+                                / 1000
+                                / faults.max(1),
+                            fault_p50_us: p.fault_latency.quantile_us(0.5),
+                            fault_p99_us: p.fault_latency.quantile_us(0.99),
+                            complete: p.complete.load(Ordering::Acquire),
+                            completed_after_ms: p.completed_after_ms.load(Ordering::Acquire),
+                        }
+                    }),
+                    migration: self
+                        .migration
+                        .as_ref()
+                        .map(|m| m.progress.clone())
+                        .or_else(|| self.last_migration.clone())
+                        .map(|p| migration_progress(&p)),
+                })))
+            }
+            ApiRequest::VmPause => {
+                self.vm_mut()?.pause().map_err(api_error("pause"))?;
+                event_monitor::event("vm", "paused", None);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmResume => {
+                self.vm_mut()?.resume().map_err(api_error("resume"))?;
+                event_monitor::event("vm", "resumed", None);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmShutdown => {
+                self.vm_mut()?.shutdown().map_err(api_error("shut down"))?;
+                event_monitor::event("vm", "shutdown", None);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmmShutdown => {
+                self.stop_vm();
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmSnapshot { destination } => {
+                self.snapshot(&destination).map_err(|e| match e {
+                    SnapshotError::NoVm => ApiError::NoVm,
+                    SnapshotError::NotPaused(state) => ApiError::InvalidState {
+                        action: "snapshot",
+                        state,
+                    },
+                    SnapshotError::RestoreInProgress { .. } => ApiError::Conflict(error_chain(&e)),
+                    SnapshotError::Store(store::Error::DestinationNotEmpty(_)) => {
+                        ApiError::BadRequest(error_chain(&e))
+                    }
+                    other => ApiError::Internal {
+                        action: "snapshot",
+                        message: error_chain(&other),
+                    },
+                })?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmSendMigration(params) => {
+                self.send_migration(*params).map_err(migration_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmReceiveMigration(url) => {
+                self.receive_migration(&url).map_err(migration_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmRestore(params) => {
+                self.restore(&params).map_err(|e| match e {
+                    RestoreError::VmExists(state) => ApiError::InvalidState {
+                        action: "restore into a VMM whose VM",
+                        state,
+                    },
+                    // A snapshot that cannot be used is the caller's input problem.
+                    RestoreError::Snapshot(..) => ApiError::BadRequest(error_chain(&e)),
+                    RestoreError::Vm(_) | RestoreError::OpenMemory(_) => ApiError::Internal {
+                        action: "restore",
+                        message: error_chain(&e),
+                    },
+                })?;
+                Ok(ApiResponse::Empty)
+            }
+        }
+    }
+}
+
+fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
+    let phase = match p.phase.load(Ordering::Acquire) {
+        send::PHASE_SETUP => "setup",
+        send::PHASE_ITERATING => "iterating",
+        send::PHASE_PAUSED => "paused",
+        send::PHASE_DONE => "completed",
+        _ => "failed",
+    };
+    crate::api::MigrationProgress {
+        phase: phase.into(),
+        iteration: p.iteration.load(Ordering::Relaxed),
+        bytes_sent: p.bytes_sent.load(Ordering::Relaxed),
+        last_dirty_bytes: p.last_dirty_bytes.load(Ordering::Relaxed),
+        dirty_rate_bytes_per_s: p.dirty_rate_bytes_per_s.load(Ordering::Relaxed),
+        estimated_downtime_ms: p.estimated_downtime_ms.load(Ordering::Relaxed),
+        downtime_ms: p.downtime_us.load(Ordering::Relaxed) / 1000,
+    }
+}
+
+/// A migration that cannot start because of the VM's or the request's state is 4xx;
+/// one that failed while running is 5xx.
+fn migration_api_error(e: MigrationError) -> ApiError {
+    match e {
+        MigrationError::NoVm => ApiError::NoVm,
+        MigrationError::WrongState(_)
+        | MigrationError::Busy
+        | MigrationError::RestoreInProgress
+        | MigrationError::VmExists(_) => ApiError::Conflict(error_chain(&e)),
+        MigrationError::LocalNeedsSharedMemory | MigrationError::LocalNeedsUnix => {
+            ApiError::BadRequest(error_chain(&e))
+        }
+        MigrationError::Prepare(_) | MigrationError::DirtyLog(_) | MigrationError::Receive(_) => {
+            ApiError::Internal {
+                action: "migrate",
+                message: error_chain(&e),
+            }
+        }
+    }
+}
+
+/// Wrong-state errors become 4xx; anything else is the VMM's failure (5xx), with the
+/// whole chain in the message.
+fn api_error(action: &'static str) -> impl Fn(vm::Error) -> ApiError {
+    move |e| match e {
+        vm::Error::InvalidState { state, .. } => ApiError::InvalidState { action, state },
+        other => ApiError::Internal {
+            action,
+            message: error_chain(&other),
+        },
+    }
+}

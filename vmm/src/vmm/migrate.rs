@@ -1,0 +1,230 @@
+//! Live migration as the control loop runs it: starting the send worker and serving its
+//! requests, finishing (exit or resume), and receiving a VM.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Vmm, VmmEvent, error_chain};
+use crate::api::VmState;
+use crate::event_monitor;
+use crate::migration::{MigrationUrl, receive, send};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("there is no VM to migrate")]
+    NoVm,
+    #[error("a migration is already running")]
+    Busy,
+    #[error("cannot migrate a VM that is {0:?}")]
+    WrongState(VmState),
+    #[error(
+        "local migration needs shared memory (--memory shared=on): private RAM cannot be handed over"
+    )]
+    LocalNeedsSharedMemory,
+    #[error("local migration works only over a UNIX socket")]
+    LocalNeedsUnix,
+    #[error("guest memory is still being restored on demand; retry when it is complete")]
+    RestoreInProgress,
+    #[error("a VM already exists and is {0:?}")]
+    VmExists(VmState),
+    #[error("cannot prepare the migration")]
+    Prepare(#[source] std::io::Error),
+    #[error("cannot start dirty logging")]
+    DirtyLog(#[source] crate::memory_manager::Error),
+    #[error("receiving the VM")]
+    Receive(#[source] receive::Error),
+}
+
+/// A send-migration in progress (or just finished).
+pub(super) struct Outgoing {
+    pub(super) progress: Arc<send::Progress>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// The VM ran when the migration started, so a failure resumes it.
+    was_running: bool,
+    preserve_source: bool,
+}
+
+impl Vmm {
+    /// Starts sending the VM to `params.url` on a worker thread and returns at once; the
+    /// worker reports back with `MigrationDone`.
+    pub(super) fn send_migration(
+        &mut self,
+        params: send::SendParams,
+    ) -> Result<(), MigrationError> {
+        if self.migration.is_some() {
+            return Err(MigrationError::Busy);
+        }
+        let vm = self.vm.as_ref().ok_or(MigrationError::NoVm)?;
+        let state = vm.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(MigrationError::WrongState(state));
+        }
+        if vm.on_demand().is_some_and(|od| !od.is_complete()) {
+            return Err(MigrationError::RestoreInProgress);
+        }
+        let memory = vm.memory();
+        let memory_files = if params.local {
+            if !matches!(params.url, MigrationUrl::Unix(_)) {
+                return Err(MigrationError::LocalNeedsUnix);
+            }
+            if memory.backing_files().is_empty() {
+                return Err(MigrationError::LocalNeedsSharedMemory);
+            }
+            memory
+                .backing_files()
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(MigrationError::Prepare)?
+        } else {
+            Vec::new()
+        };
+        let config =
+            crate::migration::config::VmMigrationConfig::new(vm.config(), memory.mappings());
+        let config_json = serde_json::to_vec(&config)
+            .map_err(|e| MigrationError::Prepare(std::io::Error::other(e)))?;
+        // Dirty logging starts before the first extents are read, so a page written in
+        // between is both in the extents and in the first dirty log, never in neither.
+        let (dirty_log, initial_ranges) = if params.local {
+            (None, Vec::new())
+        } else {
+            let log = memory
+                .start_dirty_log(vm.vm_fd())
+                .map_err(MigrationError::DirtyLog)?;
+            let ranges = memory.mapped_ranges().map_err(MigrationError::Prepare)?;
+            (Some(log), ranges)
+        };
+        let progress = Arc::new(send::Progress::default());
+        let ctx = send::SendContext {
+            params: params.clone(),
+            config_json,
+            memory: memory.guest_memory().clone(),
+            mappings: memory.mappings().to_vec(),
+            memory_files,
+            dirty_log,
+            initial_ranges,
+            resume_on_destination: state == VmState::Running,
+            events: self.events.clone(),
+            progress: progress.clone(),
+        };
+        let events = self.events.clone();
+        let worker = std::thread::Builder::new()
+            .name("migration-send".into())
+            .spawn(move || {
+                let result = send::run(&ctx).map_err(|e| error_chain(&e));
+                if let Some(log) = &ctx.dirty_log
+                    && let Err(e) = log.stop()
+                {
+                    log::warn!("turning dirty logging off: {e}");
+                }
+                let _ = events.send(VmmEvent::MigrationDone { result });
+            })
+            .map_err(MigrationError::Prepare)?;
+        self.migration = Some(Outgoing {
+            progress,
+            worker: Some(worker),
+            was_running: state == VmState::Running,
+            preserve_source: params.preserve_source,
+        });
+        Ok(())
+    }
+
+    pub(super) fn migration_control(
+        &mut self,
+        request: send::Control,
+    ) -> Result<send::ControlReply, String> {
+        let vm = self.vm.as_mut().ok_or("the VM is gone")?;
+        match request {
+            send::Control::Pause => {
+                if vm.state() == VmState::Running {
+                    vm.pause().map_err(|e| error_chain(&e))?;
+                    event_monitor::event("vm", "paused", None);
+                }
+                Ok(send::ControlReply::Paused)
+            }
+            send::Control::SaveState => {
+                let tree = vm.save_state().map_err(|e| error_chain(&e))?;
+                serde_json::to_vec(&tree)
+                    .map(send::ControlReply::State)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Returns whether the VMM should exit (the VM now lives on the destination).
+    pub(super) fn migration_done(&mut self, result: Result<(), String>) -> bool {
+        let Some(mut outgoing) = self.migration.take() else {
+            return false;
+        };
+        if let Some(w) = outgoing.worker.take() {
+            let _ = w.join();
+        }
+        self.last_migration = Some(outgoing.progress.clone());
+        match result {
+            Ok(()) => {
+                let p = &outgoing.progress;
+                let figures: std::collections::BTreeMap<String, String> = [
+                    ("downtime_us", p.downtime_us.load(Ordering::Relaxed)),
+                    ("total_ms", p.total_ms.load(Ordering::Relaxed)),
+                    ("iterations", p.iteration.load(Ordering::Relaxed)),
+                    ("bytes_sent", p.bytes_sent.load(Ordering::Relaxed)),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+                event_monitor::event("vm", "migration-finished", Some(&figures));
+                if outgoing.preserve_source {
+                    log::info!("migration finished; the source VM stays paused (preserve_source)");
+                    false
+                } else {
+                    log::info!("migration finished; the VM runs on the destination");
+                    self.stop_vm();
+                    true
+                }
+            }
+            Err(reason) => {
+                outgoing
+                    .progress
+                    .phase
+                    .store(send::PHASE_FAILED, Ordering::Release);
+                log::error!("migration failed: {reason}");
+                event_monitor::event(
+                    "vm",
+                    "migration-failed",
+                    Some(&[("error".to_string(), reason)].into_iter().collect()),
+                );
+                // The destination never got Complete: this VM is still the one that
+                // counts. Put it back the way it was.
+                if outgoing.was_running
+                    && let Some(vm) = self.vm.as_mut()
+                    && vm.state() == VmState::Paused
+                {
+                    match vm.resume() {
+                        Ok(()) => event_monitor::event("vm", "resumed", None),
+                        Err(e) => log::error!("resuming after the failed migration: {e}"),
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Receives a VM on `url`, blocking until it is complete.
+    pub(super) fn receive_migration(&mut self, url: &MigrationUrl) -> Result<(), MigrationError> {
+        if let Some(vm) = &self.vm
+            && vm.state() != VmState::Shutdown
+        {
+            return Err(MigrationError::VmExists(vm.state()));
+        }
+        match receive::receive(url, self.events.clone()) {
+            Ok(vm) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Err(e) => {
+                event_monitor::event("vm", "migration-receive-failed", None);
+                Err(MigrationError::Receive(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Snapshot and restore through the `file://` store, as the control loop runs them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::Vmm;
+use crate::api::VmState;
+use crate::config::{MemoryRestoreMode, RestoreParams};
+use crate::event_monitor;
+use crate::migration::store;
+use crate::vm::{self, Vm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("a VM already exists and is {0:?}")]
+    VmExists(VmState),
+    #[error("cannot use snapshot {0}")]
+    Snapshot(std::path::PathBuf, #[source] store::Error),
+    #[error("cannot build the VM")]
+    Vm(#[source] vm::Error),
+    #[error("cannot open the snapshot's memory files for on-demand restore")]
+    OpenMemory(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("there is no VM to snapshot")]
+    NoVm,
+    #[error("cannot snapshot a VM that is {0:?} (pause it first)")]
+    NotPaused(VmState),
+    #[error(
+        "guest memory is still being restored on demand ({resident} of {total} pages); \
+         retry when vm.info reports memory_restore.complete"
+    )]
+    RestoreInProgress { resident: u64, total: u64 },
+    #[error("cannot read the VM state")]
+    State(#[source] vm::Error),
+    #[error("cannot write the snapshot")]
+    Store(#[source] store::Error),
+}
+
+impl Vmm {
+    /// Writes a snapshot of the paused VM into `destination`.
+    pub(super) fn snapshot(&mut self, destination: &Path) -> Result<(), SnapshotError> {
+        let vm = self.vm.as_ref().ok_or(SnapshotError::NoVm)?;
+        if vm.state() != VmState::Paused {
+            return Err(SnapshotError::NotPaused(vm.state()));
+        }
+        if let Some(od) = vm.on_demand()
+            && !od.is_complete()
+        {
+            let p = od.progress();
+            return Err(SnapshotError::RestoreInProgress {
+                resident: p.resident_pages.load(Ordering::Acquire),
+                total: p.total_pages,
+            });
+        }
+        let start = Instant::now();
+        let state = vm.save_state().map_err(SnapshotError::State)?;
+        log::debug!("snapshot: state saved in {:?}", start.elapsed());
+        let stats = store::save(destination, vm.config(), &state, vm.memory())
+            .map_err(SnapshotError::Store)?;
+        log::info!(
+            "snapshot of {} data bytes written to {} in {:?}",
+            stats.memory_data_bytes,
+            destination.display(),
+            start.elapsed()
+        );
+        event_monitor::event("vm", "snapshotted", None);
+        Ok(())
+    }
+
+    /// Builds the VM from a snapshot. On any error no VM is left behind and the VMM
+    /// stays usable.
+    pub(super) fn restore(&mut self, params: &RestoreParams) -> Result<(), RestoreError> {
+        if let Some(vm) = &self.vm
+            && vm.state() != VmState::Shutdown
+        {
+            return Err(RestoreError::VmExists(vm.state()));
+        }
+        event_monitor::event("vm", "restoring", None);
+        let start = Instant::now();
+        let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
+        let snapshot = store::load(&params.source).map_err(snapshot_error)?;
+        let t_load = start.elapsed();
+        let mut vm =
+            Vm::new_for_restore(&snapshot.config, self.events.clone()).map_err(RestoreError::Vm)?;
+        let t_create = start.elapsed();
+        let bytes = match params.mode {
+            MemoryRestoreMode::Copy => snapshot.fill_memory(vm.memory()).map_err(snapshot_error)?,
+            MemoryRestoreMode::OnDemand => {
+                snapshot.check_layout(vm.memory()).map_err(snapshot_error)?;
+                let source = snapshot.memory_source().map_err(RestoreError::OpenMemory)?;
+                vm.enable_on_demand(Arc::new(source))
+                    .map_err(RestoreError::Vm)?;
+                0
+            }
+        };
+        let t_memory = start.elapsed();
+        vm.apply_state(snapshot.state).map_err(RestoreError::Vm)?;
+        vm.start(!params.resume).map_err(RestoreError::Vm)?;
+        log::debug!(
+            "restore: load {t_load:?}, create {:?}, memory {:?}, state+start {:?}",
+            t_create - t_load,
+            t_memory - t_create,
+            start.elapsed() - t_memory
+        );
+        log::info!(
+            "restored {bytes} data bytes from {} in {:?}",
+            params.source.display(),
+            start.elapsed()
+        );
+        self.vm = Some(vm);
+        event_monitor::event("vm", "restored", None);
+        Ok(())
+    }
+}
