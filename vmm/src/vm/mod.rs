@@ -89,6 +89,8 @@ pub enum Error {
     State(#[source] StateError),
     #[error("on-demand memory")]
     OnDemand(#[source] crate::uffd::Error),
+    #[error("cannot locate guest RAM in the VMM's address space")]
+    HostRegions(#[source] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -322,7 +324,7 @@ impl Vm {
         let regions = self
             .memory
             .host_regions()
-            .map_err(|e| Error::Memory(memory_manager::Error::CreateMemfd(e)))?
+            .map_err(Error::HostRegions)?
             .into_iter()
             .map(|(host, size)| Region { host, size })
             .collect();
