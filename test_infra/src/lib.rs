@@ -10,6 +10,7 @@
 //! - [`tempdir`]: [`TempDir`], removed on drop.
 //! - [`wait`]: the one polling helper with a deadline.
 
+pub mod daemon;
 pub mod guest;
 pub mod lines;
 pub mod migration;

@@ -446,7 +446,9 @@ fn layout_ram(size: u64) -> Vec<GuestRamMapping> {
     mappings
 }
 
-fn create_memfd(size: u64) -> Result<File> {
+/// A close-on-exec memfd of `size` bytes (all holes), the backing of shared guest RAM;
+/// the offload daemon creates its memfds with it too.
+pub fn create_memfd(size: u64) -> Result<File> {
     let name = c"ch-guest-ram";
     // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };

@@ -1,0 +1,248 @@
+//! The snapshot directory: file names, the manifest, the part of the Config payload the
+//! daemon interprets, and the sparse extent copy both directions share.
+//!
+//! ```text
+//! D/migration_config.json   Config payload, byte for byte
+//! D/state.json              State payload, byte for byte
+//! D/memory-<slot>           exactly `size` bytes; file offset 0 = the slot's gpa; sparse
+//! D/manifest.json           per-file length + CRC32, per-extent CRC32 of memory files
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+use vmm::migration::config::GuestRamMappingData;
+use vmm::sparse::Extent;
+
+pub const CONFIG_FILE: &str = "migration_config.json";
+pub const STATE_FILE: &str = "state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Largest config/state/manifest file read back from disk (matches the wire limit).
+pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
+
+/// Bytes per pread/pwrite while copying an extent: large enough that syscalls are not the
+/// cost, small enough to stay in cache.
+const COPY_CHUNK: u64 = 1 << 20;
+
+pub fn memory_file_name(slot: u32) -> String {
+    format!("memory-{slot}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Config payload is not valid JSON with memory_manager_data.guest_ram_mappings")]
+    ParseConfig(#[source] serde_json::Error),
+    #[error("guest_ram_mappings slot {slot}: file_offset {file_offset} + size {size} overflows")]
+    MappingOverflow {
+        slot: u32,
+        file_offset: u64,
+        size: u64,
+    },
+    #[error("guest_ram_mappings has slot {0} twice")]
+    DuplicateSlot(u32),
+}
+
+/// Only the key this daemon interprets; everything else in the payload is opaque, so the
+/// daemon works with any VM config shape (ours or Cloud Hypervisor's) and ignores the rest.
+#[derive(Deserialize)]
+struct ConfigView {
+    memory_manager_data: MemoryManagerView,
+}
+
+#[derive(Deserialize)]
+struct MemoryManagerView {
+    guest_ram_mappings: Vec<GuestRamMappingData>,
+}
+
+/// The guest RAM mappings of a Config payload, checked for overflow and duplicate slots.
+pub fn guest_ram_mappings(config: &[u8]) -> Result<Vec<GuestRamMappingData>, Error> {
+    let view: ConfigView = serde_json::from_slice(config).map_err(Error::ParseConfig)?;
+    let mappings = view.memory_manager_data.guest_ram_mappings;
+    let mut seen = std::collections::HashSet::new();
+    for m in &mappings {
+        if m.file_offset.checked_add(m.size).is_none() {
+            return Err(Error::MappingOverflow {
+                slot: m.slot,
+                file_offset: m.file_offset,
+                size: m.size,
+            });
+        }
+        if !seen.insert(m.slot) {
+            return Err(Error::DuplicateSlot(m.slot));
+        }
+    }
+    Ok(mappings)
+}
+
+/// `manifest.json`: lets restore refuse a damaged snapshot before any VM runs on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub version: u32,
+    pub config: FileSum,
+    pub state: FileSum,
+    pub memory: Vec<MemoryFileSum>,
+}
+
+/// Length and CRC32 of a whole small file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSum {
+    pub len: u64,
+    pub crc32: u32,
+}
+
+impl FileSum {
+    pub fn of(bytes: &[u8]) -> Self {
+        FileSum {
+            len: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+}
+
+/// One `memory-<slot>` file: its size and the CRC32 of each data extent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryFileSum {
+    pub slot: u32,
+    pub size: u64,
+    pub extents: Vec<ExtentSum>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtentSum {
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
+}
+
+impl ExtentSum {
+    pub fn extent(&self) -> Extent {
+        Extent {
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
+/// at `dst_base + offset` with pread/pwrite, and returns the CRC32 of each extent's
+/// bytes. Nothing outside the extents is read or written, so holes stay holes on both
+/// sides (a pwrite into a memfd allocates only the pages it writes).
+pub fn copy_extents(
+    src: &File,
+    src_base: u64,
+    dst: &File,
+    dst_base: u64,
+    extents: &[Extent],
+) -> io::Result<Vec<ExtentSum>> {
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut sums = Vec::with_capacity(extents.len());
+    for e in extents {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut done = 0u64;
+        while done < e.len {
+            let n = (e.len - done).min(COPY_CHUNK);
+            // n <= COPY_CHUNK, which is the buffer's length.
+            let chunk = &mut buf[..n as usize];
+            src.read_exact_at(chunk, src_base + e.offset + done)?;
+            hasher.update(chunk);
+            dst.write_all_at(chunk, dst_base + e.offset + done)?;
+            done += n;
+        }
+        sums.push(ExtentSum {
+            offset: e.offset,
+            len: e.len,
+            crc32: hasher.finalize(),
+        });
+    }
+    Ok(sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A trimmed Cloud Hypervisor v53 Config payload: keys this daemon knows nothing
+    /// about (vm_config, common_cpuid, other memory_manager_data fields) are ignored.
+    const CH_CONFIG: &str = r#"{
+        "vm_config": {"cpus": {"boot_vcpus": 2}, "memory": {"size": 268435456, "shared": true}},
+        "common_cpuid": [{"function": 0, "index": 0, "flags": 0, "eax": 1, "ebx": 2, "ecx": 3, "edx": 4}],
+        "memory_manager_data": {
+            "memory_ranges": {"data": [{"gpa": 0, "length": 268435456}]},
+            "guest_ram_mappings": [
+                {"slot": 0, "gpa": 0, "size": 2147483648, "zone_id": "mem0", "virtio_mem": false, "file_offset": 0},
+                {"slot": 1, "gpa": 4294967296, "size": 1073741824, "zone_id": "mem0", "virtio_mem": false, "file_offset": 2147483648}
+            ],
+            "start_of_device_area": 0, "boot_ram": 0, "current_ram": 0,
+            "arch_mem_regions": [], "hotplug_slots": [], "next_memory_slot": 2,
+            "selected_slot": 0, "next_hotplug_slot": 0
+        }
+    }"#;
+
+    #[test]
+    fn reads_only_guest_ram_mappings_of_a_ch_payload() {
+        let m = guest_ram_mappings(CH_CONFIG.as_bytes()).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[1].slot, m[1].gpa, m[1].size), (1, 4 << 30, 1 << 30));
+        assert_eq!(m[1].file_offset, 2 << 30);
+    }
+
+    #[test]
+    fn rejects_bad_mappings() {
+        let cfg =
+            |maps: &str| format!(r#"{{"memory_manager_data":{{"guest_ram_mappings":[{maps}]}}}}"#);
+        let one = r#"{"slot":3,"gpa":0,"size":4096,"file_offset":0}"#;
+        assert!(matches!(
+            guest_ram_mappings(cfg(&format!("{one},{one}")).as_bytes()),
+            Err(Error::DuplicateSlot(3))
+        ));
+        let overflow = r#"{"slot":0,"gpa":0,"size":18446744073709551615,"file_offset":1}"#;
+        assert!(matches!(
+            guest_ram_mappings(cfg(overflow).as_bytes()),
+            Err(Error::MappingOverflow { .. })
+        ));
+        assert!(matches!(
+            guest_ram_mappings(b"{\"vm_config\":{}}"),
+            Err(Error::ParseConfig(_))
+        ));
+    }
+
+    #[test]
+    fn copy_keeps_holes_and_sums_each_extent() {
+        let dir = std::env::temp_dir().join(format!("offload-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src_path = dir.join("src");
+        let dst_path = dir.join("dst");
+        let src = File::create(&src_path).unwrap();
+        src.set_len(64 << 20).unwrap();
+        src.write_all_at(&[7u8; 8192], 1 << 20).unwrap();
+        src.write_all_at(&[9u8; 4096], 40 << 20).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let extents = vmm::sparse::file_data_extents(&src, 0, 64 << 20).unwrap();
+        let dst = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&dst_path)
+            .unwrap();
+        dst.set_len(64 << 20).unwrap();
+        let sums = copy_extents(&src, 0, &dst, 0, &extents).unwrap();
+        assert_eq!(sums.len(), extents.len());
+        let data: u64 = sums.iter().map(|s| s.len).sum();
+        // Filesystems may round extents up to their block size, never to the whole file.
+        assert!((12288..(1 << 20)).contains(&data), "{sums:?}");
+        let mut b = [0u8; 1];
+        dst.read_exact_at(&mut b, (40 << 20) + 10).unwrap();
+        assert_eq!(b[0], 9);
+        assert!(dst.metadata().unwrap().blocks() * 512 < 4 << 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

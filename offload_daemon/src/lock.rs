@@ -1,0 +1,117 @@
+//! Owning a listening socket path: a lock file `<path>.lock` says which daemon owns it, so
+//! a second daemon is refused and a socket file left by a dead one can be removed safely.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open lock file {}", path.display())]
+    OpenLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "another daemon holds {} (is one already serving {}?)",
+        lock.display(),
+        socket.display()
+    )]
+    Busy { lock: PathBuf, socket: PathBuf },
+    #[error("cannot lock {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot remove the stale socket {}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A socket this process listens on, with its lock held. Dropping it removes the socket
+/// file (the lock file stays: removing it would let a third daemon lock a different
+/// inode while a second one still holds the old one).
+#[derive(Debug)]
+pub struct LockedListener {
+    pub listener: UnixListener,
+    path: PathBuf,
+    // Held for the flock; released when the File closes.
+    _lock: File,
+}
+
+impl LockedListener {
+    pub fn bind(path: &Path) -> Result<Self, Error> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| Error::OpenLock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        // flock: released by the kernel when the process dies, so a crash never leaves
+        // the path locked, only a stale socket file.
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Busy {
+                    lock: lock_path,
+                    socket: path.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(Error::Lock {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        // We hold the lock, so a socket file here belongs to a daemon that is gone.
+        match std::fs::remove_file(path) {
+            Ok(()) => log::info!("removed stale socket {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(LockedListener {
+            listener,
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for LockedListener {
+    fn drop(&mut self) {
+        // Still under the lock: nobody else can have bound this path meanwhile.
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            log::warn!("cannot remove socket {}: {e}", self.path.display());
+        }
+    }
+}

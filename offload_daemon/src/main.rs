@@ -1,0 +1,153 @@
+//! `offload_daemon`: takes a VM snapshot by acting as a migration destination
+//! (`snapshot`) and restores it by acting as a migration source (`restore`), so snapshots
+//! can be stored, encrypted or streamed without touching the VMM. Speaks the Cloud
+//! Hypervisor migration protocol (local mode, memory fds) through `vm-migration`.
+
+mod layout;
+mod lock;
+mod restore;
+mod snapshot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "offload_daemon", version, about)]
+struct Cli {
+    /// More log output (-v: debug); RUST_LOG=error|warn|info|debug|trace also works.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Receive one VM (send-migration destination_url=unix:<socket>,local=on) and store it.
+    Snapshot {
+        /// UNIX socket to listen on (a lock file <socket>.lock guards it).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Directory to create; must not exist or be empty.
+        #[arg(long)]
+        output_dir: PathBuf,
+    },
+    /// Send a stored VM to a VMM waiting in receive-migration receiver_url=unix:<socket>.
+    Restore {
+        /// The VMM's receive socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// A directory written by `snapshot`.
+        #[arg(long)]
+        input_dir: PathBuf,
+        /// Resume the VM once restored (Complete); default: leave it paused.
+        #[arg(long)]
+        resume: bool,
+        /// Serve memory on demand (not implemented yet).
+        #[arg(long)]
+        ondemand: bool,
+    },
+}
+
+/// Exit status for a feature that exists in the CLI but not yet in the daemon.
+const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logger::init(cli.verbose);
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Snapshot { socket, output_dir } => {
+            snapshot::run(&socket, &output_dir).map_err(Into::into)
+        }
+        Command::Restore { ondemand: true, .. } => {
+            eprintln!(
+                "offload_daemon: error: restore --ondemand is not implemented yet (the VMM \
+                 has no on-demand receive side); restore without it"
+            );
+            return ExitCode::from(EXIT_NOT_IMPLEMENTED);
+        }
+        Command::Restore {
+            socket,
+            input_dir,
+            resume,
+            ondemand: false,
+        } => restore::run(&socket, &input_dir, resume).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The edge prints the whole chain on one line: "error: A: B: C".
+            let mut msg = format!("offload_daemon: error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+mod logger {
+    use std::io::Write;
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    use log::{LevelFilter, Log, Metadata, Record};
+
+    struct StderrLogger {
+        start: Instant,
+        level: LevelFilter,
+    }
+
+    static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+
+    impl Log for StderrLogger {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.level() <= self.level
+        }
+
+        fn log(&self, record: &Record<'_>) {
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let t = self.start.elapsed();
+            // One write per line so lines from different threads don't interleave.
+            let line = format!(
+                "offload_daemon: {}.{:06}s: {}: {}\n",
+                t.as_secs(),
+                t.subsec_micros(),
+                record.level(),
+                record.args()
+            );
+            // Nowhere to report a failing stderr.
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+
+        fn flush(&self) {
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    /// Info by default (the spec's default), `-v` debug, or `RUST_LOG` if set.
+    pub fn init(verbose: u8) {
+        let from_env = std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| v.parse::<LevelFilter>().ok());
+        let level = from_env.unwrap_or(match verbose {
+            0 => LevelFilter::Info,
+            1 => LevelFilter::Debug,
+            _ => LevelFilter::Trace,
+        });
+        let logger = LOGGER.get_or_init(|| StderrLogger {
+            start: Instant::now(),
+            level,
+        });
+        if log::set_logger(logger).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! `offload_daemon restore` (eager): check a snapshot directory, load its memory into
+//! memfds, then play the migration sender to a VMM waiting in `receive-migration`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use vm_migration::RequestHeader;
+use vmm::migration::config::GuestRamMappingData;
+use vmm::sparse::Extent;
+
+use crate::layout::{
+    self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, MAX_JSON_FILE, Manifest, STATE_FILE,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{} is missing", .0.display())]
+    Missing(PathBuf),
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a valid manifest", path.display())]
+    BadManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("manifest version {0} is not supported (this daemon writes {MANIFEST_VERSION})")]
+    ManifestVersion(u32),
+    #[error(
+        "{file} does not match the manifest: {len} bytes, crc32 {crc32:08x}; expected {expected_len} bytes, crc32 {expected_crc32:08x}"
+    )]
+    FileChecksum {
+        file: &'static str,
+        len: u64,
+        crc32: u32,
+        expected_len: u64,
+        expected_crc32: u32,
+    },
+    #[error("{STATE_FILE} is not valid JSON (truncated?)")]
+    StateNotJson(#[source] serde_json::Error),
+    #[error(transparent)]
+    Config(#[from] layout::Error),
+    #[error("the manifest has no entry for guest RAM slot {0}")]
+    ManifestMissingSlot(u32),
+    #[error("the manifest says slot {slot} has {manifest} bytes, the config says {config}")]
+    ManifestSize {
+        slot: u32,
+        manifest: u64,
+        config: u64,
+    },
+    #[error("the manifest lists an extent at {offset}+{len} outside slot {slot}'s {size} bytes")]
+    ManifestExtent {
+        slot: u32,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{} has {len} bytes, expected exactly {expected} (truncated?)", path.display())]
+    MemorySize {
+        path: PathBuf,
+        len: u64,
+        expected: u64,
+    },
+    #[error(
+        "checksum mismatch in {} at bytes {offset}..{}: crc32 {got:08x}, manifest {expected:08x}",
+        path.display(),
+        offset + len
+    )]
+    ExtentChecksum {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        got: u32,
+        expected: u32,
+    },
+    #[error("cannot create the memfd for slot {slot}")]
+    Memfd {
+        slot: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot connect to the VMM's receive socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VMM rejected or failed the {step} command (see its log)")]
+    Rejected {
+        step: &'static str,
+        #[source]
+        source: vm_migration::Error,
+    },
+}
+
+/// What restore sends, all checked and loaded before connecting.
+struct Loaded {
+    config: Vec<u8>,
+    state: Vec<u8>,
+    memfds: Vec<(u32, File)>,
+}
+
+pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), Error> {
+    let started = Instant::now();
+    let loaded = load(input_dir)?;
+    log::info!(
+        "snapshot {} checked and loaded in {:.3} s",
+        input_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    send(socket, &loaded, resume)?;
+    log::info!(
+        "VM restored into {} ({}) in {:.3} s",
+        socket.display(),
+        if resume { "running" } else { "paused" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>, Error> {
+    let mut file = File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => Error::Missing(path.to_path_buf()),
+        _ => Error::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    vmm::sparse::read_capped(&mut file, MAX_JSON_FILE).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn check_file(file: &'static str, bytes: &[u8], expected: layout::FileSum) -> Result<(), Error> {
+    let got = layout::FileSum::of(bytes);
+    if got != expected {
+        return Err(Error::FileChecksum {
+            file,
+            len: got.len,
+            crc32: got.crc32,
+            expected_len: expected.len,
+            expected_crc32: expected.crc32,
+        });
+    }
+    Ok(())
+}
+
+fn load(dir: &Path) -> Result<Loaded, Error> {
+    let config = read_small(&dir.join(CONFIG_FILE))?;
+    let state = read_small(&dir.join(STATE_FILE))?;
+    let manifest = match read_small(&dir.join(MANIFEST_FILE)) {
+        Ok(bytes) => {
+            let path = dir.join(MANIFEST_FILE);
+            let m: Manifest = serde_json::from_slice(&bytes)
+                .map_err(|source| Error::BadManifest { path, source })?;
+            if m.version != MANIFEST_VERSION {
+                return Err(Error::ManifestVersion(m.version));
+            }
+            Some(m)
+        }
+        Err(Error::Missing(path)) => {
+            log::warn!(
+                "{} is missing: memory, config and state cannot be verified",
+                path.display()
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(m) = &manifest {
+        check_file(CONFIG_FILE, &config, m.config)?;
+        check_file(STATE_FILE, &state, m.state)?;
+    }
+    // Without a manifest this still catches most truncations; the VMM would reject the
+    // State anyway, but only after the memory was sent.
+    serde_json::from_slice::<serde::de::IgnoredAny>(&state).map_err(Error::StateNotJson)?;
+    let mappings = layout::guest_ram_mappings(&config)?;
+    let mut memfds = Vec::with_capacity(mappings.len());
+    for m in &mappings {
+        memfds.push((m.slot, load_slot(dir, m, manifest.as_ref())?));
+    }
+    Ok(Loaded {
+        config,
+        state,
+        memfds,
+    })
+}
+
+/// Fills a fresh memfd (`file_offset + size` bytes, mapped by the receiver at
+/// `file_offset`) from `memory-<slot>`, verifying each extent against the manifest.
+fn load_slot(
+    dir: &Path,
+    m: &GuestRamMappingData,
+    manifest: Option<&Manifest>,
+) -> Result<File, Error> {
+    let path = dir.join(layout::memory_file_name(m.slot));
+    let read_err = |source| Error::Read {
+        path: path.clone(),
+        source,
+    };
+    let file = File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::Missing(path.clone()),
+        _ => read_err(e),
+    })?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len != m.size {
+        return Err(Error::MemorySize {
+            path,
+            len,
+            expected: m.size,
+        });
+    }
+    let expected = match manifest {
+        Some(man) => {
+            let entry = man
+                .memory
+                .iter()
+                .find(|e| e.slot == m.slot)
+                .ok_or(Error::ManifestMissingSlot(m.slot))?;
+            if entry.size != m.size {
+                return Err(Error::ManifestSize {
+                    slot: m.slot,
+                    manifest: entry.size,
+                    config: m.size,
+                });
+            }
+            for e in &entry.extents {
+                if e.offset.checked_add(e.len).is_none_or(|end| end > m.size) {
+                    return Err(Error::ManifestExtent {
+                        slot: m.slot,
+                        offset: e.offset,
+                        len: e.len,
+                        size: m.size,
+                    });
+                }
+            }
+            Some(entry.extents.clone())
+        }
+        None => None,
+    };
+    // The manifest's extents are the data the snapshot had, even if the file was since
+    // copied densely; without one, the file's own data extents.
+    let extents: Vec<Extent> = match &expected {
+        Some(sums) => sums.iter().map(|s| s.extent()).collect(),
+        None => vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?,
+    };
+    // Overflow of file_offset + size was ruled out when the config was parsed.
+    let memfd = create_memfd(m.file_offset + m.size).map_err(|source| Error::Memfd {
+        slot: m.slot,
+        source,
+    })?;
+    let sums = layout::copy_extents(&file, 0, &memfd, m.file_offset, &extents).map_err(read_err)?;
+    if let Some(expected) = expected {
+        for (got, want) in sums.iter().zip(&expected) {
+            if got.crc32 != want.crc32 {
+                return Err(Error::ExtentChecksum {
+                    path,
+                    offset: want.offset,
+                    len: want.len,
+                    got: got.crc32,
+                    expected: want.crc32,
+                });
+            }
+        }
+    }
+    Ok(memfd)
+}
+
+fn create_memfd(size: u64) -> io::Result<File> {
+    vmm::memory_manager::create_memfd(size).map_err(io::Error::other)
+}
+
+fn send(socket: &Path, loaded: &Loaded, resume: bool) -> Result<(), Error> {
+    let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let rejected = |step| move |source| Error::Rejected { step, source };
+    let request = |step: &'static str, header: RequestHeader, payload: &[u8]| {
+        vm_migration::send_request(&mut &stream, &header, payload)
+            .and_then(|()| vm_migration::expect_ok(&mut &stream))
+            .map_err(rejected(step))
+    };
+    request("Start", RequestHeader::start(), &[])?;
+    for (slot, fd) in &loaded.memfds {
+        // send_memory_fd writes the header itself, then the slot id with the fd.
+        vm_migration::send_memory_fd(&stream, *slot, fd)
+            .and_then(|()| vm_migration::expect_ok(&mut &stream))
+            .map_err(rejected("MemoryFd"))?;
+    }
+    request(
+        "Config",
+        RequestHeader::config(loaded.config.len() as u64),
+        &loaded.config,
+    )?;
+    request(
+        "State",
+        RequestHeader::state(loaded.state.len() as u64),
+        &loaded.state,
+    )?;
+    if resume {
+        request("Complete", RequestHeader::complete(), &[])
+    } else {
+        request("CompletePaused", RequestHeader::complete_paused(), &[])
+    }
+}

@@ -1,0 +1,364 @@
+//! `offload_daemon snapshot`: act as a migration receiver (local mode, memory fds) and
+//! store what arrives in a directory that appears complete or not at all.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use vm_migration::{Limits, Request, Status};
+use vmm::migration::config::GuestRamMappingData;
+
+use crate::layout::{self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, STATE_FILE};
+use crate::lock::{self, LockedListener};
+
+/// More memory fds than any VM has slots; bounds what a peer can make us hold open.
+const MAX_MEMORY_FDS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("output directory {} exists and is not empty", .0.display())]
+    OutputNotEmpty(PathBuf),
+    #[error("cannot inspect output directory {}", path.display())]
+    InspectOutput {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Socket(#[from] lock::Error),
+    #[error("accepting the sender's connection failed")]
+    Accept(#[source] io::Error),
+    #[error("protocol error while receiving")]
+    Protocol(#[from] vm_migration::Error),
+    #[error("the sender sent {got} while the daemon expected {expected}")]
+    UnexpectedCommand {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error(
+        "the sender sent guest memory inline (Memory command); this daemon needs memory \
+         fds: use send-migration with local=on on a VM with shared=on memory"
+    )]
+    InlineMemory,
+    #[error("the sender sent more than {MAX_MEMORY_FDS} memory fds")]
+    TooManyFds,
+    #[error("the sender abandoned the migration")]
+    Abandoned,
+    #[error(transparent)]
+    Config(#[from] layout::Error),
+    #[error("no memory fd was received for guest RAM slot {0}")]
+    MissingFd(u32),
+    #[error("the memory fd of slot {slot} has {len} bytes, the mapping needs {needed}")]
+    FdTooSmall { slot: u32, len: u64, needed: u64 },
+    #[error("{step} {}", path.display())]
+    Write {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn write_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error + use<> {
+    let path = path.to_path_buf();
+    move |source| Error::Write { step, path, source }
+}
+
+/// Serves one snapshot on `socket` into `output_dir`.
+pub fn run(socket: &Path, output_dir: &Path) -> Result<(), Error> {
+    check_output_dir(output_dir)?;
+    let listener = LockedListener::bind(socket)?;
+    log::info!("waiting for the sender on {}", socket.display());
+    let (conn, _) = listener.listener.accept().map_err(Error::Accept)?;
+    // One connection only: a local-mode sender opens no other; later ones are refused
+    // by the socket going away with the listener.
+    drop(listener);
+    log::info!("sender connected");
+    serve(&conn, output_dir)
+}
+
+/// Refuses a non-empty output directory before anything is received, so the sender
+/// fails fast instead of after pausing its VM.
+fn check_output_dir(dir: &Path) -> Result<(), Error> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::OutputNotEmpty(dir.to_path_buf()));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::InspectOutput {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Established,
+    Started,
+    Configured,
+    StateReceived,
+}
+
+impl Phase {
+    fn expects(self) -> &'static str {
+        match self {
+            Phase::Established => "Start",
+            Phase::Started => "MemoryFd or Config",
+            Phase::Configured => "State",
+            Phase::StateReceived => "Complete or CompletePaused",
+        }
+    }
+}
+
+fn command_name(r: &Request) -> &'static str {
+    match r {
+        Request::Start { .. } => "Start",
+        Request::Config(_) => "Config",
+        Request::State(_) => "State",
+        Request::Memory(_) => "Memory",
+        Request::Complete => "Complete",
+        Request::CompletePaused => "CompletePaused",
+        Request::Abandon => "Abandon",
+        Request::MemoryFd => "MemoryFd",
+        Request::PageFault(_) => "PageFault",
+    }
+}
+
+/// What has arrived so far.
+#[derive(Default)]
+struct Received {
+    fds: HashMap<u32, File>,
+    config: Vec<u8>,
+    mappings: Vec<GuestRamMappingData>,
+    state: Vec<u8>,
+}
+
+/// The receiver state machine (protocol §2). Every failure the peer can still hear about
+/// is answered with `Error` before returning.
+fn serve(conn: &UnixStream, output_dir: &Path) -> Result<(), Error> {
+    let limits = Limits::default();
+    let mut phase = Phase::Established;
+    let mut rx = Received::default();
+    loop {
+        // Unbuffered reads straight from the socket: a read-ahead would eat MemoryFd fds.
+        let request = vm_migration::read_request(&mut &*conn, &limits).inspect_err(|e| {
+            if !matches!(
+                e,
+                vm_migration::Error::ConnectionClosed { .. }
+                    | vm_migration::Error::Truncated { .. }
+                    | vm_migration::Error::Io { .. }
+            ) {
+                reply_error(conn);
+            }
+        })?;
+        let name = command_name(&request);
+        log::debug!("received {name}");
+        let step = match (phase, request) {
+            (_, Request::Abandon) => {
+                reply(conn, Status::Ok)?;
+                return Err(Error::Abandoned);
+            }
+            (Phase::Established, Request::Start { version }) => {
+                vm_migration::check_version(version).map(|()| Phase::Started)
+            }
+            (Phase::Started, Request::MemoryFd) => {
+                let (slot, file) = vm_migration::recv_memory_fd_payload(conn)?;
+                if rx.fds.len() >= MAX_MEMORY_FDS && !rx.fds.contains_key(&slot) {
+                    reply_error(conn);
+                    return Err(Error::TooManyFds);
+                }
+                log::info!("memory fd for slot {slot}");
+                if rx.fds.insert(slot, file).is_some() {
+                    log::warn!("slot {slot} received twice; keeping the last fd");
+                }
+                Ok(Phase::Started)
+            }
+            (Phase::Started, Request::Config(json)) => match layout::guest_ram_mappings(&json) {
+                Ok(m) => {
+                    rx.mappings = m;
+                    rx.config = json;
+                    Ok(Phase::Configured)
+                }
+                Err(e) => {
+                    reply_error(conn);
+                    return Err(e.into());
+                }
+            },
+            (Phase::Configured, Request::Memory(_)) => {
+                log::error!(
+                    "Memory command received: this daemon stores memory fds only \
+                     (send-migration ...,local=on with shared=on memory)"
+                );
+                reply_error(conn);
+                return Err(Error::InlineMemory);
+            }
+            (Phase::Configured, Request::State(json)) => {
+                rx.state = json;
+                Ok(Phase::StateReceived)
+            }
+            (Phase::StateReceived, Request::Complete | Request::CompletePaused) => {
+                return match write_snapshot(output_dir, &rx) {
+                    Ok(()) => reply(conn, Status::Ok),
+                    Err(e) => {
+                        reply_error(conn);
+                        Err(e)
+                    }
+                };
+            }
+            (phase, _) => {
+                reply_error(conn);
+                return Err(Error::UnexpectedCommand {
+                    got: name,
+                    expected: phase.expects(),
+                });
+            }
+        };
+        match step {
+            Ok(next) => {
+                reply(conn, Status::Ok)?;
+                phase = next;
+            }
+            Err(e) => {
+                reply_error(conn);
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+fn reply(conn: &UnixStream, status: Status) -> Result<(), Error> {
+    Ok(vm_migration::send_response(&mut &*conn, status, &[])?)
+}
+
+/// Best effort: the error being reported matters more than a failure to report it.
+fn reply_error(conn: &UnixStream) {
+    if let Err(e) = vm_migration::send_response(&mut &*conn, Status::Error, &[]) {
+        log::warn!("could not send the Error response: {e}");
+    }
+}
+
+/// Removes the temp dir unless the snapshot was committed.
+struct TempDirGuard {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Err(e) = std::fs::remove_dir_all(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            log::warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let file = File::create_new(path).map_err(write_err("creating", path))?;
+    std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0)
+        .map_err(write_err("writing", path))?;
+    file.sync_all().map_err(write_err("fsyncing", path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), Error> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err("fsyncing directory", path))
+}
+
+/// Writes the directory as a hidden sibling, fsyncs everything, then renames it into
+/// place: a crash at any point leaves either no `output_dir` or a complete one.
+fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
+    let started = Instant::now();
+    // Check before writing anything: a missing fd would make a snapshot of zeros.
+    for m in &rx.mappings {
+        let fd = rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?;
+        let len = fd
+            .metadata()
+            .map_err(write_err("inspecting memory fd for", output_dir))?
+            .len();
+        // Overflow was ruled out when the Config was parsed.
+        let needed = m.file_offset + m.size;
+        if len < needed {
+            return Err(Error::FdTooSmall {
+                slot: m.slot,
+                len,
+                needed,
+            });
+        }
+    }
+
+    let parent = match output_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = output_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::create_dir(&tmp).map_err(write_err("creating", &tmp))?;
+    let mut guard = TempDirGuard {
+        path: tmp.clone(),
+        committed: false,
+    };
+
+    write_file_synced(&tmp.join(CONFIG_FILE), &rx.config)?;
+    write_file_synced(&tmp.join(STATE_FILE), &rx.state)?;
+    let mut memory = Vec::with_capacity(rx.mappings.len());
+    let mut data_bytes = 0u64;
+    let mut ram_bytes = 0u64;
+    for m in &rx.mappings {
+        let fd = rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?;
+        let path = tmp.join(layout::memory_file_name(m.slot));
+        let file = File::create_new(&path).map_err(write_err("creating", &path))?;
+        file.set_len(m.size).map_err(write_err("sizing", &path))?;
+        let extents = vmm::sparse::file_data_extents(fd, m.file_offset, m.size).map_err(
+            write_err("finding data extents of the memory fd for", &path),
+        )?;
+        let extents = layout::copy_extents(fd, m.file_offset, &file, 0, &extents)
+            .map_err(write_err("copying guest memory to", &path))?;
+        file.sync_all().map_err(write_err("fsyncing", &path))?;
+        data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
+        ram_bytes += m.size;
+        memory.push(layout::MemoryFileSum {
+            slot: m.slot,
+            size: m.size,
+            extents,
+        });
+    }
+    let manifest = layout::Manifest {
+        version: MANIFEST_VERSION,
+        config: layout::FileSum::of(&rx.config),
+        state: layout::FileSum::of(&rx.state),
+        memory,
+    };
+    let manifest_path = tmp.join(MANIFEST_FILE);
+    let manifest_json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| write_err("serializing", &manifest_path)(io::Error::other(e)))?;
+    write_file_synced(&manifest_path, &manifest_json)?;
+    sync_dir(&tmp)?;
+    // rename(2) replaces an empty directory and fails on a non-empty one, so a directory
+    // created meanwhile is never clobbered.
+    std::fs::rename(&tmp, output_dir).map_err(write_err("renaming the temp dir to", output_dir))?;
+    guard.committed = true;
+    sync_dir(&parent)?;
+    let secs = started.elapsed().as_secs_f64();
+    log::info!(
+        "snapshot written to {}: {} MiB of data in {} MiB of RAM, {:.3} s ({:.0} MiB/s)",
+        output_dir.display(),
+        data_bytes >> 20,
+        ram_bytes >> 20,
+        secs,
+        (data_bytes as f64 / f64::from(1 << 20)) / secs.max(1e-9)
+    );
+    Ok(())
+}

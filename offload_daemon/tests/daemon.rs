@@ -1,0 +1,571 @@
+//! The offload daemon against the real VMM and test guest (2 vCPUs, shared memory): a
+//! snapshot taken through `send-migration ...,local=on` and restored through
+//! `receive-migration` carries on with the same nonce and a clean verifier; damaged
+//! snapshots are refused before the daemon connects; the socket lock and the output
+//! directory check refuse what they should.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use test_infra::daemon::DaemonProcess;
+use test_infra::{Binaries, TempDir, Tick, VmmBuilder, VmmProcess};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+const TICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Snapshot or restore of a 256 MiB guest with ~16 MiB touched: well under a second here.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+const MEMORY: &str = "size=256M,shared=on";
+const RAM_BYTES: u64 = 256 << 20;
+
+fn daemon_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_offload_daemon"))
+}
+
+fn bins() -> Binaries {
+    Binaries::locate().unwrap()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run_daemon(args: &[&str]) -> Output {
+    std::process::Command::new(daemon_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Starts `offload_daemon snapshot` and waits until it listens.
+fn snapshot_daemon(dir: &TempDir, sock: &Path, out: &Path, log: &str) -> DaemonProcess {
+    let mut d = DaemonProcess::spawn(
+        daemon_bin(),
+        ["snapshot", "--socket", s(sock), "--output-dir", s(out)],
+        &dir.join(log),
+    )
+    .unwrap();
+    let url = format!("unix:{}", sock.display());
+    let listening = test_infra::migration::wait_listening(&url, Duration::from_secs(10)).unwrap();
+    assert!(
+        listening,
+        "the daemon never listened: {:?}\n{}",
+        d.try_status(),
+        d.output()
+    );
+    d
+}
+
+/// A ticking 2-vCPU guest whose serial log is `dir/serial.log` (the restored VM appends
+/// to the same path).
+fn boot_source(dir: &TempDir, name: &str) -> (VmmProcess, usize) {
+    let mut vmm = VmmBuilder::new(bins())
+        .tmp_prefix(name)
+        .test_guest()
+        .cmdline("mem=16M tick=100")
+        .cpus(2)
+        .memory(MEMORY)
+        .serial_file(dir.join("serial.log"))
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    let (boot_idx, boot) = vmm.wait_boot(BOOT_TIMEOUT).unwrap();
+    assert_eq!(boot.cpus, 2, "{boot:?}");
+    let (ready_idx, _) = vmm.wait_ready(boot_idx + 1, BOOT_TIMEOUT).unwrap();
+    let (pos, _) = vmm.wait_ticks(2, ready_idx + 1, TICK_TIMEOUT).unwrap();
+    (vmm, pos)
+}
+
+fn last_tick(serial: &Path) -> Tick {
+    std::fs::read_to_string(serial)
+        .unwrap()
+        .lines()
+        .filter_map(|l| Tick::parse(l).ok())
+        .next_back()
+        .expect("no tick line yet")
+}
+
+/// Boots a guest, snapshots it through the daemon into `dir/snap`, checks the daemon and
+/// the source VMM exited cleanly. Returns the last tick before the snapshot.
+fn take_snapshot(dir: &TempDir, name: &str) -> (Tick, PathBuf) {
+    let (mut src, _) = boot_source(dir, name);
+    let sock = dir.join("snap.sock");
+    let snap = dir.join("snap");
+    let mut daemon = snapshot_daemon(dir, &sock, &snap, "snapshot-daemon.log");
+    let before = last_tick(&dir.join("serial.log"));
+    let started = Instant::now();
+    let out = src
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{},local=on", sock.display()),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "send-migration: {}", show(&out));
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    eprintln!(
+        "snapshot through the daemon: {:?}\n{}",
+        started.elapsed(),
+        daemon.output()
+    );
+    let exit = src.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(exit.success(), "the source VMM exited with {exit}");
+    assert!(!sock.exists(), "the daemon left its socket behind");
+    (before, snap)
+}
+
+fn empty_vmm(name: &str) -> VmmProcess {
+    let mut vmm = VmmBuilder::new(bins()).tmp_prefix(name).spawn().unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm
+}
+
+/// `vm.receive-migration` in a thread (the call blocks until the VM arrived).
+fn receive_in_background(dest: &VmmProcess, url: &str) -> JoinHandle<(u16, String)> {
+    let socket = dest.api_socket().unwrap().to_path_buf();
+    let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+    let handle = std::thread::spawn(move || {
+        let resp = test_infra::api_client::api_command(
+            &socket,
+            "PUT",
+            "vm.receive-migration",
+            Some(&body),
+            Some(MIGRATION_TIMEOUT),
+        )
+        .unwrap();
+        (resp.status, resp.body)
+    });
+    let listening = test_infra::migration::wait_listening(url, Duration::from_secs(10)).unwrap();
+    assert!(listening, "the receiver never listened on {url}");
+    handle
+}
+
+fn check_snapshot_dir(snap: &Path) {
+    for name in ["migration_config.json", "state.json", "manifest.json"] {
+        assert!(
+            snap.join(name).is_file(),
+            "{name} missing in {}",
+            snap.display()
+        );
+    }
+    let mem = std::fs::metadata(snap.join("memory-0")).unwrap();
+    assert_eq!(mem.len(), RAM_BYTES);
+    let allocated = mem.blocks() * 512;
+    // The guest touches ~16 MiB of its 256: the file must be sparse.
+    assert!(
+        allocated < RAM_BYTES / 4,
+        "memory-0 is not sparse: {allocated} bytes allocated"
+    );
+    eprintln!("memory-0: {} MiB allocated of 256", allocated >> 20);
+    // No temp dir left next to the snapshot.
+    let parent = snap.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn snapshot_then_eager_restore_carries_on() {
+    let dir = TempDir::new("offload-eager").unwrap();
+    let (before, snap) = take_snapshot(&dir, "offload-eager-src");
+    check_snapshot_dir(&snap);
+
+    let mut dest = empty_vmm("offload-eager-dest");
+    let url = format!("unix:{}", dir.join("restore.sock").display());
+    let receiver = receive_in_background(&dest, &url);
+    let started = Instant::now();
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&dir.join("restore.sock")),
+        "--input-dir",
+        s(&snap),
+        "--resume",
+    ]);
+    assert!(out.status.success(), "restore: {}", show(&out));
+    eprintln!("eager restore through the daemon: {:?}", started.elapsed());
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 204, "receive-migration: {body}");
+    assert_eq!(dest.vm_state().unwrap(), "Running");
+
+    dest.follow_serial(dir.join("serial.log"));
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    let (_, after) = dest.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+    assert_eq!(
+        after[0].nonce, before.nonce,
+        "the guest rebooted: {after:?}"
+    );
+    assert!(after[0].n > before.n, "{before:?} -> {after:?}");
+    for t in &after {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+    let last = after[after.len() - 1].clone();
+    dest.kill().unwrap();
+
+    // The same snapshot again, without its manifest (as from another daemon) and without
+    // --resume: restored with a warning, paused until told otherwise.
+    std::fs::remove_file(snap.join("manifest.json")).unwrap();
+    let mut dest = empty_vmm("offload-eager-dest2");
+    let url = format!("unix:{}", dir.join("restore2.sock").display());
+    let receiver = receive_in_background(&dest, &url);
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&dir.join("restore2.sock")),
+        "--input-dir",
+        s(&snap),
+    ]);
+    assert!(out.status.success(), "restore: {}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("manifest.json is missing"),
+        "{}",
+        show(&out)
+    );
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 204, "receive-migration: {body}");
+    assert_eq!(dest.vm_state().unwrap(), "Paused");
+    dest.follow_serial(dir.join("serial.log"));
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    dest.api_ok("PUT", "vm.resume", None).unwrap();
+    let (_, again) = dest.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+    // Restored from the same point: same guest, counters from the snapshot on.
+    assert_eq!(again[0].nonce, before.nonce, "{again:?}");
+    assert!(
+        again[0].n > before.n && again[0].n <= last.n + 1,
+        "{again:?} vs {last:?}"
+    );
+}
+
+/// Copies a snapshot dir keeping holes, so each damage case starts from a good one.
+fn copy_snapshot(from: &Path, to: &Path) {
+    let out = std::process::Command::new("cp")
+        .args(["-r", "--sparse=always", s(from), s(to)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cp: {}", show(&out));
+}
+
+/// Runs restore against a plain listener standing in for the VMM, expects it to fail
+/// with `needle` in its message, and checks it never connected.
+fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
+    let sock = dir.join(format!("fake-{needle}.sock").replace(' ', "_"));
+    let listener = UnixListener::bind(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&sock),
+        "--input-dir",
+        s(snap),
+        "--resume",
+    ]);
+    assert!(
+        !out.status.success(),
+        "restore accepted a damaged snapshot: {}",
+        show(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(needle),
+        "expected {needle:?}: {}",
+        show(&out)
+    );
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("restore connected before refusing: {other:?}"),
+    }
+}
+
+#[test]
+fn damaged_snapshots_are_refused_before_connecting() {
+    let dir = TempDir::new("offload-damaged").unwrap();
+    let (_, snap) = take_snapshot(&dir, "offload-damaged-src");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+    let extent = &manifest["memory"][0]["extents"][0];
+    let offset = extent["offset"].as_u64().unwrap() + extent["len"].as_u64().unwrap() / 2;
+
+    // One flipped byte inside a data extent of memory-0.
+    let flipped = dir.join("flipped");
+    copy_snapshot(&snap, &flipped);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(flipped.join("memory-0"))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).unwrap();
+        b[0] ^= 0x40;
+        f.write_all_at(&b, offset).unwrap();
+    }
+    expect_refused(&dir, &flipped, "checksum mismatch in");
+
+    // state.json cut in half.
+    let cut = dir.join("cut-state");
+    copy_snapshot(&snap, &cut);
+    let len = std::fs::metadata(cut.join("state.json")).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(cut.join("state.json"))
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    expect_refused(&dir, &cut, "state.json does not match the manifest");
+
+    // A truncated memory file.
+    let short = dir.join("short-memory");
+    copy_snapshot(&snap, &short);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(short.join("memory-0"))
+        .unwrap()
+        .set_len(RAM_BYTES / 2)
+        .unwrap();
+    expect_refused(&dir, &short, "truncated?");
+
+    // No state.json at all.
+    let missing = dir.join("no-state");
+    copy_snapshot(&snap, &missing);
+    std::fs::remove_file(missing.join("state.json")).unwrap();
+    expect_refused(&dir, &missing, "state.json is missing");
+}
+
+#[test]
+fn socket_lock_and_output_dir_are_enforced() {
+    let dir = TempDir::new("offload-lock").unwrap();
+    let sock = dir.join("d.sock");
+    let mut first = snapshot_daemon(&dir, &sock, &dir.join("out1"), "first.log");
+
+    // A second daemon on the same socket is refused, and leaves the first one alone.
+    let out = run_daemon(&[
+        "snapshot",
+        "--socket",
+        s(&sock),
+        "--output-dir",
+        s(&dir.join("out2")),
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another daemon holds"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        sock.exists(),
+        "the refused daemon removed the first one's socket"
+    );
+    assert_eq!(first.try_status().unwrap(), None, "{}", first.output());
+
+    // A killed daemon leaves its socket file; the next one removes it and listens.
+    first.kill().unwrap();
+    assert!(sock.exists());
+    let mut third = snapshot_daemon(&dir, &sock, &dir.join("out3"), "third.log");
+    // The stale file made the socket "exist" at once: wait for the daemon to say it listens.
+    let listening = test_infra::wait::poll_until(test_infra::wait::deadline(TICK_TIMEOUT), || {
+        Ok::<_, ()>(
+            third
+                .output()
+                .contains("waiting for the sender")
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    assert!(listening.is_some(), "{}", third.output());
+    assert!(
+        third.output().contains("removed stale socket"),
+        "{}",
+        third.output()
+    );
+    third.kill().unwrap();
+
+    // A non-empty output directory is refused before listening.
+    let full = dir.join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("something"), b"x").unwrap();
+    let out = run_daemon(&[
+        "snapshot",
+        "--socket",
+        s(&dir.join("e.sock")),
+        "--output-dir",
+        s(&full),
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists and is not empty"),
+        "{}",
+        show(&out)
+    );
+    assert!(!dir.join("e.sock").exists());
+
+    // --ondemand is not there yet and says so.
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&sock),
+        "--input-dir",
+        s(&full),
+        "--ondemand",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not implemented yet"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// Waits until the source reports its migration failed, then checks it still ticks.
+fn expect_source_survives(src: &mut VmmProcess) {
+    let deadline = test_infra::wait::deadline(MIGRATION_TIMEOUT);
+    let failed = test_infra::wait::poll_until(deadline, || {
+        let info = src.vm_info()?;
+        Ok::<_, test_infra::Error>((info["migration"]["phase"] == "failed").then_some(info))
+    })
+    .unwrap();
+    let info = failed.expect("the source never reported the migration as failed");
+    assert_eq!(info["state"], "Running", "{info}");
+    src.serial().refresh().unwrap();
+    let from = src.serial().len();
+    src.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+}
+
+/// Without local=on the VMM sends memory inline, which this daemon cannot store: it
+/// answers Error, says why, leaves no snapshot, and the source VM keeps running.
+#[test]
+fn inline_memory_is_refused_and_source_keeps_running() {
+    let dir = TempDir::new("offload-inline").unwrap();
+    let (mut src, _) = boot_source(&dir, "offload-inline-src");
+    let sock = dir.join("snap.sock");
+    let snap = dir.join("snap");
+    let mut daemon = snapshot_daemon(&dir, &sock, &snap, "daemon.log");
+    let out = src
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{}", sock.display()),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "send-migration: {}", show(&out));
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    assert!(daemon.output().contains("local=on"), "{}", daemon.output());
+    assert!(!snap.exists());
+    expect_source_survives(&mut src);
+}
+
+/// The daemon dies (SIGKILL) while the VMM waits for its answer to Start: the source VM
+/// keeps running and no snapshot directory, complete or not, is left.
+#[test]
+fn daemon_killed_mid_snapshot_leaves_source_running_and_no_snapshot() {
+    let dir = TempDir::new("offload-killed").unwrap();
+    let (mut src, _) = boot_source(&dir, "offload-killed-src");
+    let sock = dir.join("snap.sock");
+    let snap = dir.join("snap");
+    let mut daemon = snapshot_daemon(&dir, &sock, &snap, "daemon.log");
+    // Stopped, the daemon cannot answer: the sender is stuck mid-protocol when it dies.
+    let pid = i32::try_from(daemon.pid()).unwrap();
+    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let out = src
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{},local=on", sock.display()),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "send-migration: {}", show(&out));
+    let info = src.vm_info().unwrap();
+    assert_ne!(info["migration"]["phase"], "failed", "{info}");
+    daemon.kill().unwrap();
+    expect_source_survives(&mut src);
+    assert!(!snap.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A hand-written sender: a bad protocol version, an out-of-order command and Abandon
+/// each end the daemon with an error and no snapshot; answered on the wire as the
+/// protocol says (Error, Error, Ok).
+#[test]
+fn protocol_violations_and_abandon_leave_no_snapshot() {
+    use std::os::unix::net::UnixStream;
+    use vm_migration::{RequestHeader, Status};
+
+    let dir = TempDir::new("offload-proto").unwrap();
+    let cases: [(&str, &[RequestHeader], Status, &str); 3] = [
+        (
+            "bad-version",
+            &[RequestHeader::start_with_version(7)],
+            Status::Error,
+            "version",
+        ),
+        (
+            "state-first",
+            &[RequestHeader::start(), RequestHeader::state(2)],
+            Status::Error,
+            "the sender sent State while the daemon expected MemoryFd or Config",
+        ),
+        (
+            "abandon",
+            &[RequestHeader::start(), RequestHeader::abandon()],
+            Status::Ok,
+            "abandoned",
+        ),
+    ];
+    for (name, requests, last_status, needle) in cases {
+        let sock = dir.join(format!("{name}.sock"));
+        let out = dir.join(name);
+        let mut daemon = snapshot_daemon(&dir, &sock, &out, &format!("{name}.log"));
+        let mut conn = UnixStream::connect(&sock).unwrap();
+        let (last, first) = requests.split_last().unwrap();
+        for h in first {
+            vm_migration::send_request(&mut conn, h, &[]).unwrap();
+            vm_migration::expect_ok(&mut conn).unwrap();
+        }
+        let payload = vec![b' '; usize::try_from(last.length()).unwrap()];
+        vm_migration::send_request(&mut conn, last, &payload).unwrap();
+        let answer = vm_migration::read_response(&mut conn).unwrap();
+        assert_eq!(answer.status, last_status, "{name}");
+        let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{name}: {status:?}\n{}",
+            daemon.output()
+        );
+        assert!(
+            daemon.output().contains(needle),
+            "{name}: {}",
+            daemon.output()
+        );
+        assert!(!out.exists(), "{name}");
+    }
+}
