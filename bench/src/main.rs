@@ -6,6 +6,7 @@
 //! in a new module and add it to [`scenarios`].
 
 mod migration;
+mod offload;
 mod report;
 mod scenarios;
 mod snapshot;
@@ -127,6 +128,12 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
             }));
         }
     }
+    for (ram_gib, touched_mib) in [(1, 256), (1, 768), (4, 3072)] {
+        all.push(Box::new(offload::Offload {
+            ram_mib: ram_gib << 10,
+            touched_mib,
+        }));
+    }
     all
 }
 
@@ -153,6 +160,8 @@ fn build_vmm() -> anyhow::Result<()> {
             &profile,
             "-p",
             "cloud-hypervisor",
+            "-p",
+            "offload_daemon",
             "--bins",
         ])
         .status()

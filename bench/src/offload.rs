@@ -1,0 +1,178 @@
+//! The offload daemon: a guest of `ram_mib` that wrote `touched_mib` is snapshotted by
+//! `offload_daemon snapshot` (the VMM sends with local=on), then restored eagerly by
+//! `offload_daemon restore --resume` into a fresh VMM waiting in receive-migration. The
+//! restored guest must tick on with the same nonce.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use test_infra::daemon::DaemonProcess;
+use test_infra::{TempDir, VmmBuilder};
+
+use crate::{Ctx, Sample, Scenario};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct Offload {
+    pub ram_mib: u64,
+    pub touched_mib: u64,
+}
+
+fn daemon_path(ctx: &Ctx) -> anyhow::Result<PathBuf> {
+    let dir = ctx
+        .bins
+        .cloud_hypervisor
+        .parent()
+        .context("binary directory")?;
+    let path = dir.join("offload_daemon");
+    ensure!(
+        path.is_file(),
+        "{} is missing (cargo build --release -p offload_daemon)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+impl Scenario for Offload {
+    fn name(&self) -> String {
+        format!(
+            "offload/{}M_ram/{}M_touched",
+            self.ram_mib, self.touched_mib
+        )
+    }
+
+    fn cpus(&self) -> u8 {
+        2
+    }
+
+    fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
+        let daemon = daemon_path(ctx)?;
+        let dir = TempDir::new("bench-offload")?;
+        let serial = dir.join("serial.log");
+        let mut src = VmmBuilder::new(ctx.bins.clone())
+            .tmp_prefix("bench-offload-src")
+            .kernel(&ctx.kernel)
+            .cmdline(format!("mem={}M mode=fill tick=200", self.touched_mib))
+            .cpus(2)
+            .memory(format!("size={}M,shared=on", self.ram_mib))
+            .serial_file(&serial)
+            .spawn()?;
+        src.wait_api_ready(STEP_TIMEOUT)?;
+        let (boot_idx, _) = src.wait_boot(STEP_TIMEOUT)?;
+        let (ready_idx, _) = src.wait_ready(boot_idx + 1, STEP_TIMEOUT)?;
+        let (_, ticks) = src.wait_ticks(1, ready_idx + 1, STEP_TIMEOUT)?;
+        let nonce = ticks[0].nonce;
+
+        // Snapshot: the VMM sends to the daemon, which writes the directory.
+        let snap = dir.join("snap");
+        let sock = dir.join("snap.sock");
+        let mut snapshotter = DaemonProcess::spawn(
+            &daemon,
+            [
+                "snapshot".as_ref(),
+                "--socket".as_ref(),
+                sock.as_os_str(),
+                "--output-dir".as_ref(),
+                snap.as_os_str(),
+            ],
+            &dir.join("snapshot.log"),
+        )?;
+        ensure!(
+            test_infra::migration::wait_listening(
+                &format!("unix:{}", sock.display()),
+                Duration::from_secs(10)
+            )?,
+            "the snapshot daemon never listened"
+        );
+        let start = Instant::now();
+        src.api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(
+                r#"{{"destination_url":"unix:{}","local":true}}"#,
+                sock.display()
+            )),
+        )?;
+        let status = snapshotter
+            .wait_exit(STEP_TIMEOUT)?
+            .context("snapshot daemon did not exit")?;
+        let snapshot_time = start.elapsed();
+        ensure!(
+            status.success(),
+            "snapshot daemon: {}",
+            snapshotter.output()
+        );
+        src.expect_exit(STEP_TIMEOUT)?;
+        let data: u64 = std::fs::read_dir(&snap)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("memory-"))
+            .map(|e| {
+                e.metadata()
+                    .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            })
+            .sum::<std::io::Result<u64>>()?;
+
+        // Eager restore into a fresh VMM waiting in receive-migration.
+        let mut dest = VmmBuilder::new(ctx.bins.clone())
+            .tmp_prefix("bench-offload-dst")
+            .spawn()?;
+        dest.wait_api_ready(STEP_TIMEOUT)?;
+        let rsock = dir.join("restore.sock");
+        let url = format!("unix:{}", rsock.display());
+        let socket = dest.api_socket().context("api socket")?.to_path_buf();
+        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+        let receiver = std::thread::spawn(move || {
+            test_infra::api_client::api_command(
+                &socket,
+                "PUT",
+                "vm.receive-migration",
+                Some(&body),
+                Some(STEP_TIMEOUT),
+            )
+        });
+        ensure!(
+            test_infra::migration::wait_listening(&url, Duration::from_secs(10))?,
+            "the receiver never listened"
+        );
+        let start = Instant::now();
+        let mut restorer = DaemonProcess::spawn(
+            &daemon,
+            [
+                "restore".as_ref(),
+                "--socket".as_ref(),
+                rsock.as_os_str(),
+                "--input-dir".as_ref(),
+                snap.as_os_str(),
+                "--resume".as_ref(),
+            ],
+            &dir.join("restore.log"),
+        )?;
+        let status = restorer
+            .wait_exit(STEP_TIMEOUT)?
+            .context("restore daemon did not exit")?;
+        let restore_time = start.elapsed();
+        ensure!(status.success(), "restore daemon: {}", restorer.output());
+        let received = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
+        ensure!(received.status == 204, "receive: {}", received.body);
+        dest.follow_serial(&serial);
+        dest.serial().refresh()?;
+        let from = dest.serial().len();
+        let (_, after) = dest.wait_ticks(2, from, STEP_TIMEOUT)?;
+        ensure!(after[0].nonce == nonce, "restored guest has another nonce");
+
+        Ok(vec![
+            Sample::new("data_on_disk", data as f64 / (1 << 20) as f64, "MiB"),
+            Sample::ms("daemon_snapshot", snapshot_time),
+            Sample::new("snapshot_rate", mib_per_s(data, snapshot_time), "MiB/s"),
+            Sample::ms("daemon_eager_restore", restore_time),
+            Sample::new("restore_rate", mib_per_s(data, restore_time), "MiB/s"),
+        ])
+    }
+}
