@@ -257,7 +257,15 @@ fn load_slot(
         slot: m.slot,
         source,
     })?;
-    let sums = layout::copy_extents(&file, 0, &memfd, m.file_offset, &extents).map_err(read_err)?;
+    let sums = layout::copy_extents(
+        &file,
+        0,
+        &memfd,
+        m.file_offset,
+        &extents,
+        layout::copy_threads(),
+    )
+    .map_err(read_err)?;
     if let Some(expected) = expected {
         for (got, want) in sums.iter().zip(&expected) {
             if got.crc32 != want.crc32 {

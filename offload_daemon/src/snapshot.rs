@@ -319,13 +319,20 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
     for m in &rx.mappings {
         let fd = rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?;
         let path = tmp.join(layout::memory_file_name(m.slot));
-        let file = File::create_new(&path).map_err(write_err("creating", &path))?;
+        let file = vmm::sparse::create_direct(&path).map_err(write_err("creating", &path))?;
         file.set_len(m.size).map_err(write_err("sizing", &path))?;
         let extents = vmm::sparse::file_data_extents(fd, m.file_offset, m.size).map_err(
             write_err("finding data extents of the memory fd for", &path),
         )?;
-        let extents = layout::copy_extents(fd, m.file_offset, &file, 0, &extents)
-            .map_err(write_err("copying guest memory to", &path))?;
+        let extents = layout::copy_extents(
+            fd,
+            m.file_offset,
+            &file,
+            0,
+            &extents,
+            layout::copy_threads(),
+        )
+        .map_err(write_err("copying guest memory to", &path))?;
         file.sync_all().map_err(write_err("fsyncing", &path))?;
         data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
         ram_bytes += m.size;

@@ -211,21 +211,9 @@ fn write_contents(
     })
 }
 
-/// A memory file written with O_DIRECT: guest RAM goes to the disk without a second copy
-/// in the page cache (which here is also slower than the disk itself). Every write is
-/// whole, page-aligned pages straight from guest RAM, which O_DIRECT requires.
-/// Filesystems without O_DIRECT (tmpfs) get a buffered file.
+/// A memory file written with O_DIRECT from guest RAM (page-aligned, whole pages).
 fn create_direct_file(path: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => create_file(path),
-        other => other.map_err(io("cannot create", path)),
-    }
+    sparse::create_direct(path).map_err(io("cannot create", path))
 }
 
 fn create_file(path: &Path) -> Result<File> {
