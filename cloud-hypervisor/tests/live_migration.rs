@@ -351,3 +351,30 @@ fn migration_that_cannot_converge_is_cancelled() {
     assert!(log.contains("timeout_strategy=cancel"), "{log}");
     slow.join().unwrap();
 }
+
+/// A sender that passes more memory fds than any VM has RAM slots is refused (each
+/// could pin a hidden extra fd), and the receiving VMM stays usable.
+#[test]
+fn receiver_caps_memory_fds() {
+    let dir = TempDir::new("mig-many-fds").unwrap();
+    let dest = empty_vmm("mig-many-fds");
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &url);
+    let mut conn = std::os::unix::net::UnixStream::connect(dir.join("mig.sock")).unwrap();
+    vm_migration::send_request(&mut conn, &vm_migration::RequestHeader::start(), &[]).unwrap();
+    vm_migration::expect_ok(&mut conn).unwrap();
+    let file = std::fs::File::create(dir.join("backing")).unwrap();
+    let mut refused_at = None;
+    for slot in 0..100u32 {
+        vm_migration::send_memory_fd(&conn, slot, &file).unwrap();
+        if vm_migration::expect_ok(&mut conn).is_err() {
+            refused_at = Some(slot);
+            break;
+        }
+    }
+    assert_eq!(refused_at, Some(64), "the 65th memory fd should be refused");
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("more than 64 memory fds"), "{body}");
+    dest.api_ok("GET", "vmm.ping", None).unwrap();
+}

@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("memory fds can only be passed over a UNIX socket")]
     MemoryFdOverTcp,
+    #[error("the sender passed more than {MAX_MEMORY_FDS} memory fds")]
+    TooManyMemoryFds,
     #[error("the Config payload is not a valid VmMigrationConfig")]
     BadConfig(#[source] serde_json::Error),
     #[error("the State payload is not a valid state tree")]
@@ -71,6 +73,9 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// More memory fds than any VM of ours has RAM slots.
+const MAX_MEMORY_FDS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -347,6 +352,12 @@ impl Receiver {
                 Ok(None)
             }
             (Phase::Started, Request::MemoryFd) => {
+                // A guest has a handful of RAM slots. The cap also bounds what a hostile
+                // peer can pin: an fd attached beyond the first to one message stays
+                // open in this process (vmm-sys-util receives only the first).
+                if self.fds.len() >= MAX_MEMORY_FDS {
+                    return Err(Error::TooManyMemoryFds);
+                }
                 let unix = main.as_unix().ok_or(Error::MemoryFdOverTcp)?;
                 let (slot, file) = recv_memory_fd_payload(unix).map_err(Error::Protocol)?;
                 self.fds.insert(slot, file);
