@@ -5,6 +5,7 @@
 
 mod layout;
 mod lock;
+mod ondemand;
 mod restore;
 mod snapshot;
 
@@ -45,14 +46,12 @@ enum Command {
         /// Resume the VM once restored (Complete); default: leave it paused.
         #[arg(long)]
         resume: bool,
-        /// Serve memory on demand (not implemented yet).
+        /// Let the VM run at once: hand over empty memfds and fill them on request over a
+        /// fault connection (the VMM must receive with postcopy=on), and in the background.
         #[arg(long)]
         ondemand: bool,
     },
 }
-
-/// Exit status for a feature that exists in the CLI but not yet in the daemon.
-const EXIT_NOT_IMPLEMENTED: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,13 +60,12 @@ fn main() -> ExitCode {
         Command::Snapshot { socket, output_dir } => {
             snapshot::run(&socket, &output_dir).map_err(Into::into)
         }
-        Command::Restore { ondemand: true, .. } => {
-            eprintln!(
-                "offload_daemon: error: restore --ondemand is not implemented yet (the VMM \
-                 has no on-demand receive side); restore without it"
-            );
-            return ExitCode::from(EXIT_NOT_IMPLEMENTED);
-        }
+        Command::Restore {
+            socket,
+            input_dir,
+            resume,
+            ondemand: true,
+        } => ondemand::run(&socket, &input_dir, resume).map_err(Into::into),
         Command::Restore {
             socket,
             input_dir,

@@ -153,7 +153,28 @@ fn check_file(file: &'static str, bytes: &[u8], expected: layout::FileSum) -> Re
     Ok(())
 }
 
+/// A snapshot directory's config, state, manifest and mappings, checked.
+pub(crate) struct Meta {
+    pub config: Vec<u8>,
+    pub state: Vec<u8>,
+    pub manifest: Option<Manifest>,
+    pub mappings: Vec<GuestRamMappingData>,
+}
+
 fn load(dir: &Path) -> Result<Loaded, Error> {
+    let meta = load_meta(dir)?;
+    let mut memfds = Vec::with_capacity(meta.mappings.len());
+    for m in &meta.mappings {
+        memfds.push((m.slot, load_slot(dir, m, meta.manifest.as_ref())?));
+    }
+    Ok(Loaded {
+        config: meta.config,
+        state: meta.state,
+        memfds,
+    })
+}
+
+pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
     let config = read_small(&dir.join(CONFIG_FILE))?;
     let state = read_small(&dir.join(STATE_FILE))?;
     let manifest = match read_small(&dir.join(MANIFEST_FILE)) {
@@ -183,15 +204,21 @@ fn load(dir: &Path) -> Result<Loaded, Error> {
     // State anyway, but only after the memory was sent.
     serde_json::from_slice::<serde::de::IgnoredAny>(&state).map_err(Error::StateNotJson)?;
     let mappings = layout::guest_ram_mappings(&config)?;
-    let mut memfds = Vec::with_capacity(mappings.len());
-    for m in &mappings {
-        memfds.push((m.slot, load_slot(dir, m, manifest.as_ref())?));
-    }
-    Ok(Loaded {
+    Ok(Meta {
         config,
         state,
-        memfds,
+        manifest,
+        mappings,
     })
+}
+
+/// One slot's memory file, checked against the config and the manifest: the open file,
+/// its data extents, and the manifest's sums for them (if there is a manifest).
+pub(crate) struct SlotSource {
+    pub path: PathBuf,
+    pub file: File,
+    pub extents: Vec<Extent>,
+    pub expected: Option<Vec<layout::ExtentSum>>,
 }
 
 /// Fills a fresh memfd (`file_offset + size` bytes, mapped by the receiver at
@@ -201,6 +228,58 @@ fn load_slot(
     m: &GuestRamMappingData,
     manifest: Option<&Manifest>,
 ) -> Result<File, Error> {
+    let src = slot_source(dir, m, manifest)?;
+    let read_err = |source| Error::Read {
+        path: src.path.clone(),
+        source,
+    };
+    let memfd = empty_memfd(m)?;
+    let sums = layout::copy_extents(
+        &src.file,
+        0,
+        &memfd,
+        m.file_offset,
+        &src.extents,
+        layout::copy_threads(),
+    )
+    .map_err(read_err)?;
+    check_sums(&src, &sums)?;
+    Ok(memfd)
+}
+
+/// A memfd for slot `m`, `file_offset + size` bytes, all holes.
+pub(crate) fn empty_memfd(m: &GuestRamMappingData) -> Result<File, Error> {
+    // Overflow of file_offset + size was ruled out when the config was parsed.
+    create_memfd(m.file_offset + m.size).map_err(|source| Error::Memfd {
+        slot: m.slot,
+        source,
+    })
+}
+
+/// Compares the sums of copied extents with the manifest's.
+pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result<(), Error> {
+    if let Some(expected) = &src.expected {
+        for (got, want) in sums.iter().zip(expected) {
+            if got.crc32 != want.crc32 {
+                return Err(Error::ExtentChecksum {
+                    path: src.path.clone(),
+                    offset: want.offset,
+                    len: want.len,
+                    got: got.crc32,
+                    expected: want.crc32,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens and checks slot `m`'s memory file (size, manifest entry, extent bounds).
+pub(crate) fn slot_source(
+    dir: &Path,
+    m: &GuestRamMappingData,
+    manifest: Option<&Manifest>,
+) -> Result<SlotSource, Error> {
     let path = dir.join(layout::memory_file_name(m.slot));
     let read_err = |source| Error::Read {
         path: path.clone(),
@@ -252,34 +331,12 @@ fn load_slot(
         Some(sums) => sums.iter().map(|s| s.extent()).collect(),
         None => vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?,
     };
-    // Overflow of file_offset + size was ruled out when the config was parsed.
-    let memfd = create_memfd(m.file_offset + m.size).map_err(|source| Error::Memfd {
-        slot: m.slot,
-        source,
-    })?;
-    let sums = layout::copy_extents(
-        &file,
-        0,
-        &memfd,
-        m.file_offset,
-        &extents,
-        layout::copy_threads(),
-    )
-    .map_err(read_err)?;
-    if let Some(expected) = expected {
-        for (got, want) in sums.iter().zip(&expected) {
-            if got.crc32 != want.crc32 {
-                return Err(Error::ExtentChecksum {
-                    path,
-                    offset: want.offset,
-                    len: want.len,
-                    got: got.crc32,
-                    expected: want.crc32,
-                });
-            }
-        }
-    }
-    Ok(memfd)
+    Ok(SlotSource {
+        path,
+        file,
+        extents,
+        expected,
+    })
 }
 
 fn create_memfd(size: u64) -> io::Result<File> {
@@ -287,36 +344,66 @@ fn create_memfd(size: u64) -> io::Result<File> {
 }
 
 fn send(socket: &Path, loaded: &Loaded, resume: bool) -> Result<(), Error> {
+    let stream = send_prefix(socket, &loaded.memfds, &loaded.config)?;
+    send_suffix(&stream, &loaded.state, resume)
+}
+
+fn request(
+    stream: &UnixStream,
+    step: &'static str,
+    header: RequestHeader,
+    payload: &[u8],
+) -> Result<(), Error> {
+    vm_migration::send_request(&mut &*stream, &header, payload)
+        .and_then(|()| vm_migration::expect_ok(&mut &*stream))
+        .map_err(|source| Error::Rejected { step, source })
+}
+
+/// Connects and sends Start, one MemoryFd per slot and Config.
+pub(crate) fn send_prefix(
+    socket: &Path,
+    memfds: &[(u32, File)],
+    config: &[u8],
+) -> Result<UnixStream, Error> {
     let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
         path: socket.to_path_buf(),
         source,
     })?;
-    let rejected = |step| move |source| Error::Rejected { step, source };
-    let request = |step: &'static str, header: RequestHeader, payload: &[u8]| {
-        vm_migration::send_request(&mut &stream, &header, payload)
-            .and_then(|()| vm_migration::expect_ok(&mut &stream))
-            .map_err(rejected(step))
-    };
-    request("Start", RequestHeader::start(), &[])?;
-    for (slot, fd) in &loaded.memfds {
+    request(&stream, "Start", RequestHeader::start(), &[])?;
+    for (slot, fd) in memfds {
         // send_memory_fd writes the header itself, then the slot id with the fd.
         vm_migration::send_memory_fd(&stream, *slot, fd)
             .and_then(|()| vm_migration::expect_ok(&mut &stream))
-            .map_err(rejected("MemoryFd"))?;
+            .map_err(|source| Error::Rejected {
+                step: "MemoryFd",
+                source,
+            })?;
     }
     request(
+        &stream,
         "Config",
-        RequestHeader::config(loaded.config.len() as u64),
-        &loaded.config,
+        RequestHeader::config(config.len() as u64),
+        config,
     )?;
+    Ok(stream)
+}
+
+/// Sends State, then Complete (resume) or CompletePaused.
+pub(crate) fn send_suffix(stream: &UnixStream, state: &[u8], resume: bool) -> Result<(), Error> {
     request(
+        stream,
         "State",
-        RequestHeader::state(loaded.state.len() as u64),
-        &loaded.state,
+        RequestHeader::state(state.len() as u64),
+        state,
     )?;
     if resume {
-        request("Complete", RequestHeader::complete(), &[])
+        request(stream, "Complete", RequestHeader::complete(), &[])
     } else {
-        request("CompletePaused", RequestHeader::complete_paused(), &[])
+        request(
+            stream,
+            "CompletePaused",
+            RequestHeader::complete_paused(),
+            &[],
+        )
     }
 }

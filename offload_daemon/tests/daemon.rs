@@ -71,10 +71,14 @@ fn snapshot_daemon(dir: &TempDir, sock: &Path, out: &Path, log: &str) -> DaemonP
 /// A ticking 2-vCPU guest whose serial log is `dir/serial.log` (the restored VM appends
 /// to the same path).
 fn boot_source(dir: &TempDir, name: &str) -> (VmmProcess, usize) {
+    boot_source_with(dir, name, "mem=16M tick=100")
+}
+
+fn boot_source_with(dir: &TempDir, name: &str, cmdline: &str) -> (VmmProcess, usize) {
     let mut vmm = VmmBuilder::new(bins())
         .tmp_prefix(name)
         .test_guest()
-        .cmdline("mem=16M tick=100")
+        .cmdline(cmdline)
         .cpus(2)
         .memory(MEMORY)
         .serial_file(dir.join("serial.log"))
@@ -100,7 +104,11 @@ fn last_tick(serial: &Path) -> Tick {
 /// Boots a guest, snapshots it through the daemon into `dir/snap`, checks the daemon and
 /// the source VMM exited cleanly. Returns the last tick before the snapshot.
 fn take_snapshot(dir: &TempDir, name: &str) -> (Tick, PathBuf) {
-    let (mut src, _) = boot_source(dir, name);
+    take_snapshot_with(dir, name, "mem=16M tick=100")
+}
+
+fn take_snapshot_with(dir: &TempDir, name: &str, cmdline: &str) -> (Tick, PathBuf) {
+    let (mut src, _) = boot_source_with(dir, name, cmdline);
     let sock = dir.join("snap.sock");
     let snap = dir.join("snap");
     let mut daemon = snapshot_daemon(dir, &sock, &snap, "snapshot-daemon.log");
@@ -138,8 +146,16 @@ fn empty_vmm(name: &str) -> VmmProcess {
 
 /// `vm.receive-migration` in a thread (the call blocks until the VM arrived).
 fn receive_in_background(dest: &VmmProcess, url: &str) -> JoinHandle<(u16, String)> {
+    receive_in_background_with(dest, url, false)
+}
+
+fn receive_in_background_with(
+    dest: &VmmProcess,
+    url: &str,
+    postcopy: bool,
+) -> JoinHandle<(u16, String)> {
     let socket = dest.api_socket().unwrap().to_path_buf();
-    let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+    let body = format!(r#"{{"receiver_url":"{url}","postcopy":{postcopy}}}"#);
     let handle = std::thread::spawn(move || {
         let resp = test_infra::api_client::api_command(
             &socket,
@@ -419,22 +435,6 @@ fn socket_lock_and_output_dir_are_enforced() {
         show(&out)
     );
     assert!(!dir.join("e.sock").exists());
-
-    // --ondemand is not there yet and says so.
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&sock),
-        "--input-dir",
-        s(&full),
-        "--ondemand",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not implemented yet"),
-        "{}",
-        show(&out)
-    );
 }
 
 /// Waits until the source reports its migration failed, then checks it still ticks.
@@ -568,4 +568,167 @@ fn protocol_violations_and_abandon_leave_no_snapshot() {
         );
         assert!(!out.exists(), "{name}");
     }
+}
+
+// ---- on demand -------------------------------------------------------------------------
+
+/// Restores `snap` with `--ondemand` into a VMM receiving with postcopy=on; returns the
+/// VMM (running) and the daemon (serving).
+fn ondemand_restore(dir: &TempDir, snap: &Path, name: &str) -> (VmmProcess, DaemonProcess) {
+    let dest = empty_vmm(name);
+    let sock = dir.join(format!("{name}.sock"));
+    let url = format!("unix:{}", sock.display());
+    let receiver = receive_in_background_with(&dest, &url, true);
+    let daemon = DaemonProcess::spawn(
+        daemon_bin(),
+        [
+            "restore",
+            "--socket",
+            s(&sock),
+            "--input-dir",
+            s(snap),
+            "--resume",
+            "--ondemand",
+        ],
+        &dir.join(format!("{name}-daemon.log")),
+    )
+    .unwrap();
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(
+        status,
+        204,
+        "receive-migration: {body}\n{}",
+        daemon.output()
+    );
+    (dest, daemon)
+}
+
+fn wait_restore_complete(vmm: &VmmProcess) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let done = test_infra::wait::poll_until(Instant::now() + MIGRATION_TIMEOUT, || {
+        let info = vmm.vm_info()?;
+        last = info["memory_restore"].clone();
+        Ok::<_, test_infra::Error>((last["complete"] == true).then(|| last.clone()))
+    })
+    .unwrap();
+    done.unwrap_or_else(|| panic!("on-demand restore not complete: {last}"))
+}
+
+/// The VM runs before its memory is there: a guest that wrote 96 MiB of its 256 MiB
+/// carries on (same nonce, errors=0 while pages arrive and after), the daemon exits 0
+/// once the VMM has every page, and the VMM holds only what the snapshot holds.
+fn scenario_ondemand(name: &str, extra: &str) {
+    let dir = TempDir::new(name).unwrap();
+    let cmdline = format!("mem=96M tick=100 {extra}");
+    let (before, snap) = take_snapshot_with(&dir, &format!("{name}-src"), &cmdline);
+    let (mut dest, mut daemon) = ondemand_restore(&dir, &snap, &format!("{name}-dest"));
+    assert_eq!(dest.vm_state().unwrap(), "Running");
+    dest.follow_serial(dir.join("serial.log"));
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    let (_, after) = dest.wait_ticks(2, from, TICK_TIMEOUT).unwrap();
+    assert_eq!(
+        after[0].nonce, before.nonce,
+        "the guest rebooted: {after:?}"
+    );
+    assert!(after[0].n > before.n, "{before:?} -> {after:?}");
+    let progress = wait_restore_complete(&dest);
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    let from = dest.serial().len();
+    let (_, later) = dest.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+    for t in later.iter().chain(&after) {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+    // Never-touched guest pages stay holes in the shared memfd: the VMM's resident
+    // memory is about what the guest wrote, not the VM's 256 MiB.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dest.pid())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        rss_kb < (96 + 64) * 1024,
+        "VMM RSS {rss_kb} kB for a guest that wrote 96 MiB: {progress}"
+    );
+}
+
+#[test]
+fn ondemand_restore_carries_on() {
+    scenario_ondemand("od", "");
+}
+
+/// Right after the restore the guest rewrites its whole region on both vCPUs as fast as
+/// it can: every fault must resolve to the snapshot's page, never an older or zero one.
+#[test]
+fn ondemand_restore_fault_storm() {
+    scenario_ondemand("od-storm", "rate=0");
+}
+
+/// The daemon dies while the VM still needs pages: the VMM stops the VM with the reason
+/// and exits non-zero instead of letting the guest run on missing memory.
+#[test]
+fn daemon_killed_during_ondemand_stops_the_vm() {
+    let dir = TempDir::new("od-kill").unwrap();
+    // A larger guest, so its memory is far from complete when the daemon dies.
+    let (_, snap) = take_snapshot_with(&dir, "od-kill-src", "mem=192M tick=100 rate=0");
+    let (mut dest, mut daemon) = ondemand_restore(&dir, &snap, "od-kill-dest");
+    daemon.kill().unwrap();
+    let exit = dest.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(!exit.success(), "the VMM should fail: {exit}");
+    let stderr = dest.stderr();
+    assert!(
+        stderr.contains("guest memory could not be restored"),
+        "the VMM should say why: {stderr}"
+    );
+}
+
+/// A precopy receiver paired with an on-demand daemon refuses (it would otherwise run
+/// the guest on empty memfds), and so does an on-demand receiver with an eager daemon.
+#[test]
+fn mismatched_modes_are_refused() {
+    let dir = TempDir::new("od-mismatch").unwrap();
+    let (_, snap) = take_snapshot(&dir, "od-mismatch-src");
+
+    let dest = empty_vmm("od-mismatch-precopy");
+    let sock = dir.join("precopy.sock");
+    let url = format!("unix:{}", sock.display());
+    let receiver = receive_in_background_with(&dest, &url, false);
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&sock),
+        "--input-dir",
+        s(&snap),
+        "--resume",
+        "--ondemand",
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("postcopy=on"), "{body}");
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+
+    let dest = empty_vmm("od-mismatch-postcopy");
+    let sock = dir.join("postcopy.sock");
+    let url = format!("unix:{}", sock.display());
+    let receiver = receive_in_background_with(&dest, &url, true);
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&sock),
+        "--input-dir",
+        s(&snap),
+        "--resume",
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("no fault connection"), "{body}");
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
 }

@@ -576,7 +576,7 @@ mod tests {
                     ApiRequest::VmSnapshot { .. } => Err(ApiError::Conflict("busy".into())),
                     ApiRequest::VmRestore(_)
                     | ApiRequest::VmSendMigration(_)
-                    | ApiRequest::VmReceiveMigration(_) => Ok(ApiResponse::Empty),
+                    | ApiRequest::VmReceiveMigration { .. } => Ok(ApiResponse::Empty),
                 };
                 let _ = reply.send(result);
             }

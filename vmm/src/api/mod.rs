@@ -27,8 +27,12 @@ pub enum ApiRequest {
     VmRestore(RestoreParams),
     /// Start sending the VM to another VMM (returns once the worker runs).
     VmSendMigration(Box<crate::migration::send::SendParams>),
-    /// Receive a VM (returns when it has arrived).
-    VmReceiveMigration(crate::migration::MigrationUrl),
+    /// Receive a VM (returns when it has arrived); `postcopy`: its memory arrives on
+    /// demand from the sender.
+    VmReceiveMigration {
+        url: crate::migration::MigrationUrl,
+        postcopy: bool,
+    },
 }
 
 impl ApiRequest {
@@ -40,7 +44,7 @@ impl ApiRequest {
             self,
             ApiRequest::VmSnapshot { .. }
                 | ApiRequest::VmRestore(_)
-                | ApiRequest::VmReceiveMigration(_)
+                | ApiRequest::VmReceiveMigration { .. }
         )
     }
 }

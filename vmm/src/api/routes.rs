@@ -104,7 +104,10 @@ fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
     let url = config
         .url()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(ApiRequest::VmReceiveMigration(url))
+    Ok(ApiRequest::VmReceiveMigration {
+        url,
+        postcopy: config.postcopy(),
+    })
 }
 
 fn vm_snapshot(body: &[u8]) -> Result<ApiRequest, ApiError> {

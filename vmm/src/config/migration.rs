@@ -200,10 +200,12 @@ impl ReceiveMigrationConfig {
         if self.tls_dir.is_some() {
             return Err(ParamsError::Tls);
         }
-        if self.postcopy || self.memory_mode == MemoryMode::Postcopy {
-            return Err(ParamsError::Postcopy);
-        }
         Ok(self.receiver_url.parse()?)
+    }
+
+    /// Memory on demand from the sender (`postcopy: true` or `memory_mode: Postcopy`).
+    pub fn postcopy(&self) -> bool {
+        self.postcopy || self.memory_mode == MemoryMode::Postcopy
     }
 }
 
@@ -343,11 +345,12 @@ mod tests {
         assert!(parse_send_migration("destination_url=unix:/s,speed=fast").is_err());
         let r = parse_receive_migration("receiver_url=unix:/tmp/r.sock").unwrap();
         assert_eq!(r.url().unwrap(), MigrationUrl::Unix("/tmp/r.sock".into()));
+        let r = parse_receive_migration("receiver_url=unix:/x,memory_mode=postcopy").unwrap();
+        assert!(r.postcopy());
         assert!(
-            parse_receive_migration("receiver_url=unix:/x,memory_mode=postcopy")
+            parse_receive_migration("receiver_url=unix:/x,postcopy=on")
                 .unwrap()
-                .url()
-                .is_err()
+                .postcopy()
         );
     }
 }

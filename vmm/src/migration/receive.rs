@@ -70,12 +70,26 @@ pub enum Error {
     Abandoned,
     #[error("the sender closed the connection before the migration completed")]
     Disconnected,
+    #[error(
+        "no fault connection arrived within {FAULT_CONNECTION_WAIT:?}: the sender does not \
+         serve memory on demand (receive without postcopy, or restore the daemon with --ondemand)"
+    )]
+    NoFaultConnection,
+    #[error(
+        "the sender opened a fault connection: it serves memory on demand and sent none; \
+         receive with postcopy=on (memory_mode=postcopy)"
+    )]
+    UnexpectedFaultConnection,
+    #[error("on-demand memory")]
+    PeerMemory(#[source] vm::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// More memory fds than any VM of ours has RAM slots.
 const MAX_MEMORY_FDS: usize = 64;
+/// How long a postcopy receiver waits at State for the sender's fault connection.
+const FAULT_CONNECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -118,6 +132,8 @@ struct MemoryConnections {
     acceptor: Option<JoinHandle<()>>,
     errors: Arc<Mutex<Vec<String>>>,
     workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Fault connections (role 2) the sender opened, in arrival order.
+    faults: std::sync::mpsc::Receiver<Stream>,
 }
 
 impl MemoryConnections {
@@ -126,9 +142,10 @@ impl MemoryConnections {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let workers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
         let (s, e, w) = (stop.clone(), errors.clone(), workers.clone());
+        let (fault_tx, faults) = std::sync::mpsc::channel();
         let acceptor = std::thread::Builder::new()
             .name("migration-accept".into())
-            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem))
+            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem, &fault_tx))
             .ok();
         MemoryConnections {
             stop,
@@ -136,15 +153,15 @@ impl MemoryConnections {
             acceptor,
             errors,
             workers,
+            faults,
         }
     }
 
     /// Stops accepting, waits for every memory connection to finish, and reports the
-    /// first error any of them hit.
-    fn finish(mut self) -> Result<()> {
+    /// first error any of them hit. Returns the first fault connection, if any came.
+    fn finish(mut self) -> Result<Option<Stream>> {
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept with a connection of our own; it sees `stop` and ends.
-        let _ = Stream::connect(&self.url);
+        wake_acceptor(&self.url);
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
@@ -154,7 +171,7 @@ impl MemoryConnections {
         }
         match lock(&self.errors).first() {
             Some(e) => Err(Error::MemoryConnection(e.clone())),
-            None => Ok(()),
+            None => Ok(self.faults.try_recv().ok()),
         }
     }
 }
@@ -163,11 +180,21 @@ impl Drop for MemoryConnections {
     fn drop(&mut self) {
         if self.acceptor.is_some() {
             self.stop.store(true, Ordering::Release);
-            let _ = Stream::connect(&self.url);
+            wake_acceptor(&self.url);
             if let Some(a) = self.acceptor.take() {
                 let _ = a.join();
             }
         }
+    }
+}
+
+/// Unblocks the acceptor's accept() with a connection of our own. It sends role 0, which
+/// the acceptor rejects at once; connections queued before it are handled first (the
+/// backlog is in order), so a fault connection the sender opened before State is never
+/// lost to the stop.
+fn wake_acceptor(url: &MigrationUrl) {
+    if let Ok(mut s) = Stream::connect(url) {
+        let _ = std::io::Write::write_all(&mut s, &[0, 0]);
     }
 }
 
@@ -181,8 +208,9 @@ fn accept_loop(
     errors: &Arc<Mutex<Vec<String>>>,
     workers: &Mutex<Vec<JoinHandle<()>>>,
     mem: &GuestMemoryMmap,
+    faults: &std::sync::mpsc::Sender<Stream>,
 ) {
-    while !stop.load(Ordering::Acquire) {
+    loop {
         let mut stream = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
@@ -190,9 +218,6 @@ fn accept_loop(
                 return;
             }
         };
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
         // A peer that connects and says nothing must not hold up the migration.
         let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
         let role = read_role(&mut stream);
@@ -212,7 +237,15 @@ fn accept_loop(
                     Err(e) => lock(errors).push(format!("spawning a memory worker: {e}")),
                 }
             }
-            Ok(other) => log::warn!("ignoring a migration connection with role {other:?}"),
+            Ok(ConnectionRole::Fault) => {
+                let _ = faults.send(stream);
+            }
+            // Once stopping, a connection without a role is our own wake-up: everything
+            // queued before it has been handled.
+            Err(e) if stop.load(Ordering::Acquire) => {
+                log::debug!("acceptor stopping ({e})");
+                return;
+            }
             Err(e) => log::warn!("dropping a migration connection: {e}"),
         }
     }
@@ -270,7 +303,9 @@ impl Drop for UnlinkOnDrop {
 }
 
 /// Receives a VM on `url`. Returns it running (Complete) or paused (CompletePaused).
-pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>) -> Result<Vm> {
+/// `postcopy`: guest memory arrives on demand from the sender over a fault connection
+/// (an offload daemon restoring `--ondemand`), into the memfds it passed.
+pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> Result<Vm> {
     let listener = Listener::bind(url).map_err(|source| Error::Listen {
         url: url.clone(),
         source,
@@ -292,6 +327,7 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>) -> Result<Vm> {
         listener,
         url: url.clone(),
         events,
+        postcopy,
     };
     let limits = Limits::default();
     loop {
@@ -335,6 +371,7 @@ struct Receiver {
     listener: Arc<Listener>,
     url: MigrationUrl,
     events: Sender<VmmEvent>,
+    postcopy: bool,
 }
 
 impl Receiver {
@@ -374,11 +411,27 @@ impl Receiver {
                 Ok(None)
             }
             (Phase::Configured, Request::State(bytes)) => {
+                let mut fault = None;
                 if let Some(c) = self.connections.take() {
-                    c.finish()?;
+                    // The sender opens its fault connection before State; give a slow
+                    // one a bounded while before the acceptor stops.
+                    if self.postcopy {
+                        fault = c.faults.recv_timeout(FAULT_CONNECTION_WAIT).ok();
+                    }
+                    if let Some(late) = c.finish()? {
+                        fault = fault.or(Some(late));
+                    }
+                }
+                let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
+                match (self.postcopy, fault) {
+                    (true, Some(stream)) => {
+                        vm.enable_peer_memory(stream).map_err(Error::PeerMemory)?;
+                    }
+                    (true, None) => return Err(Error::NoFaultConnection),
+                    (false, Some(_)) => return Err(Error::UnexpectedFaultConnection),
+                    (false, None) => {}
                 }
                 let tree: StateTree = serde_json::from_slice(&bytes).map_err(Error::BadState)?;
-                let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
                 vm.apply_state(tree).map_err(Error::Vm)?;
                 self.phase = Phase::StateReceived;
                 Ok(None)

@@ -4,12 +4,36 @@
 
 pub mod file;
 pub mod handler;
+pub mod peer;
 
 use std::io;
 
 use crate::sparse::Extent;
 
 pub use handler::{OnDemandMemory, Progress};
+pub use peer::{PeerFilledMemory, SharedRegion};
+
+/// Guest RAM being filled on demand, from a snapshot file or by a migration peer.
+pub enum OnDemand {
+    File(OnDemandMemory),
+    Peer(PeerFilledMemory),
+}
+
+impl OnDemand {
+    pub fn progress(&self) -> std::sync::Arc<Progress> {
+        match self {
+            OnDemand::File(m) => m.progress(),
+            OnDemand::Peer(m) => m.progress(),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        match self {
+            OnDemand::File(m) => m.is_complete(),
+            OnDemand::Peer(m) => m.is_complete(),
+        }
+    }
+}
 
 /// Where the contents of guest RAM come from during an on-demand restore. Mappings are
 /// numbered as in `MemoryManager::mappings()`; offsets are relative to a mapping's start.

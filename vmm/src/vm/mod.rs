@@ -26,7 +26,7 @@ use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, Serial
 use crate::memory_manager::{self, MemoryManager};
 use crate::state::{StateError, StateTree};
 use crate::uffd::handler::Region;
-use crate::uffd::{OnDemandMemory, UffdMemorySource};
+use crate::uffd::{OnDemand, OnDemandMemory, PeerFilledMemory, SharedRegion, UffdMemorySource};
 use crate::vmm::VmmEvent;
 use kvm_state::KvmVm;
 
@@ -89,6 +89,8 @@ pub enum Error {
     State(#[source] StateError),
     #[error("on-demand memory")]
     OnDemand(#[source] crate::uffd::Error),
+    #[error("memory on demand from a peer needs the peer's memory fds (MemoryFd)")]
+    PeerMemoryNeedsFds,
     #[error("cannot locate guest RAM in the VMM's address space")]
     HostRegions(#[source] std::io::Error),
 }
@@ -115,7 +117,7 @@ pub struct Vm {
     serial: Option<Arc<Mutex<SerialDevice>>>,
     /// Serves guest RAM faults during an on-demand restore; dropped after the vCPUs
     /// (Drop stops them first) and before the memory it fills.
-    on_demand: Option<OnDemandMemory>,
+    on_demand: Option<OnDemand>,
     // Field order is drop order: vCPU threads stop in Drop before the VM fd and the
     // memory they use go away.
     /// Shared with a migration worker, which reads the dirty log off the control loop.
@@ -330,12 +332,41 @@ impl Vm {
             .collect();
         let on_demand = OnDemandMemory::start(regions, source, self.context.events.clone())
             .map_err(Error::OnDemand)?;
-        self.on_demand = Some(on_demand);
+        self.on_demand = Some(OnDemand::File(on_demand));
+        Ok(())
+    }
+
+    /// Makes guest RAM, built on memfds a migration peer handed over, fill itself by
+    /// asking that peer over `fault_connection`. Only before the vCPUs start.
+    pub fn enable_peer_memory(
+        &mut self,
+        fault_connection: crate::migration::transport::Stream,
+    ) -> Result<()> {
+        self.expect_state("restore memory on demand into", &[VmState::Created])?;
+        let files = self.memory.backing_files();
+        if files.is_empty() {
+            return Err(Error::PeerMemoryNeedsFds);
+        }
+        let hosts = self.memory.host_regions().map_err(Error::HostRegions)?;
+        let mut regions = Vec::with_capacity(hosts.len());
+        for ((m, (host, size)), file) in self.memory.mappings().iter().zip(hosts).zip(files) {
+            regions.push(SharedRegion {
+                host,
+                gpa: m.gpa,
+                size,
+                memfd: file.try_clone().map_err(Error::HostRegions)?,
+                file_offset: m.file_offset,
+            });
+        }
+        let memory =
+            PeerFilledMemory::start(regions, fault_connection, self.context.events.clone())
+                .map_err(Error::OnDemand)?;
+        self.on_demand = Some(OnDemand::Peer(memory));
         Ok(())
     }
 
     /// Progress of an on-demand restore, if one was started.
-    pub fn on_demand(&self) -> Option<&OnDemandMemory> {
+    pub fn on_demand(&self) -> Option<&OnDemand> {
         self.on_demand.as_ref()
     }
 

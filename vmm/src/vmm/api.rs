@@ -97,8 +97,9 @@ impl Vmm {
                 self.send_migration(*params).map_err(migration_api_error)?;
                 Ok(ApiResponse::Empty)
             }
-            ApiRequest::VmReceiveMigration(url) => {
-                self.receive_migration(&url).map_err(migration_api_error)?;
+            ApiRequest::VmReceiveMigration { url, postcopy } => {
+                self.receive_migration(&url, postcopy)
+                    .map_err(migration_api_error)?;
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmRestore(params) => {

@@ -210,13 +210,17 @@ impl Vmm {
     }
 
     /// Receives a VM on `url`, blocking until it is complete.
-    pub(super) fn receive_migration(&mut self, url: &MigrationUrl) -> Result<(), MigrationError> {
+    pub(super) fn receive_migration(
+        &mut self,
+        url: &MigrationUrl,
+        postcopy: bool,
+    ) -> Result<(), MigrationError> {
         if let Some(vm) = &self.vm
             && vm.state() != VmState::Shutdown
         {
             return Err(MigrationError::VmExists(vm.state()));
         }
-        match receive::receive(url, self.events.clone()) {
+        match receive::receive(url, self.events.clone(), postcopy) {
             Ok(vm) => {
                 self.vm = Some(vm);
                 Ok(())

@@ -1,0 +1,276 @@
+//! `offload_daemon restore --ondemand`: the VM runs before its memory is there. The daemon
+//! hands the VMM **empty** memfds, opens the fault connection (role 2), sends State and
+//! Complete, and then:
+//!
+//! * serves each PageFault by writing the requested range's data into the memfd with
+//!   pwrite (which holds each page's lock for the whole copy, so the VMM never maps a
+//!   half-written page) and answering length 0. Only data extents are written; a single
+//!   page that is a hole in the snapshot gets an explicit zero page, because the VMM maps
+//!   it with UFFDIO_CONTINUE, which needs the page to exist;
+//! * meanwhile fills every data extent in the background, checking each against the
+//!   manifest, so most requests find their pages already written.
+//!
+//! The VMM closes the fault connection once every page it needs is mapped; the daemon
+//! then exits 0.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Instant;
+
+use vm_migration::page_fault::{read_fault_request, send_page_written_to_memfd};
+use vm_migration::{ConnectionRole, FaultRequest, MAX_PAGE_FAULT_LENGTH, write_role};
+use vmm::migration::config::GuestRamMappingData as GuestRamMapping;
+use vmm::sparse::PAGE_SIZE;
+
+use crate::layout;
+use crate::restore::{self, Error, SlotSource};
+
+struct Slot {
+    mapping: GuestRamMapping,
+    src: SlotSource,
+    memfd: std::fs::File,
+    /// Per page: UNTOUCHED, WRITING or DONE. A page is written into the memfd once; after
+    /// that it belongs to the guest, which may already have changed it, so neither the
+    /// background fill nor a later request may write it again.
+    pages: Vec<AtomicU8>,
+}
+
+const UNTOUCHED: u8 = 0;
+const WRITING: u8 = 1;
+const DONE: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Restore(#[from] Error),
+    #[error("cannot open the fault connection to {}", .0.display())]
+    FaultConnection(std::path::PathBuf, #[source] std::io::Error),
+    #[error("fault connection")]
+    Protocol(#[source] vm_migration::Error),
+    #[error("the VMM asked for {len} bytes at {gpa:#x}, outside every guest RAM slot")]
+    OutsideRam { gpa: u64, len: u64 },
+    #[error("serving {len} bytes at {gpa:#x}")]
+    Copy {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("background fill: {0}")]
+    Fill(String),
+}
+
+pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeError> {
+    let started = Instant::now();
+    let meta = restore::load_meta(input_dir)?;
+    let mut slots = Vec::with_capacity(meta.mappings.len());
+    for m in &meta.mappings {
+        slots.push(Slot {
+            mapping: *m,
+            src: restore::slot_source(input_dir, m, meta.manifest.as_ref())?,
+            memfd: restore::empty_memfd(m)?,
+            pages: (0..m.size.div_ceil(PAGE_SIZE))
+                .map(|_| AtomicU8::new(UNTOUCHED))
+                .collect(),
+        });
+    }
+    let memfds: Vec<(u32, std::fs::File)> = slots
+        .iter()
+        .map(|s| Ok((s.mapping.slot, s.memfd.try_clone()?)))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| ServeError::Restore(Error::Memfd { slot: 0, source: e }))?;
+    let main = restore::send_prefix(socket, &memfds, &meta.config)?;
+    let mut fault = UnixStream::connect(socket)
+        .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
+    write_role(&mut fault, ConnectionRole::Fault).map_err(ServeError::Protocol)?;
+
+    // The fill shuts the connection down through its own handle if the data is bad.
+    let fault_handle = fault
+        .try_clone()
+        .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
+    let failed = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let filler = s.spawn(|| background_fill(&slots, &failed, &fault_handle));
+        let served = restore::send_suffix(&main, &meta.state, resume)
+            .map_err(ServeError::from)
+            .and_then(|()| {
+                log::info!(
+                    "VM resumed on demand in {:.3} s; serving its memory",
+                    started.elapsed().as_secs_f64()
+                );
+                serve(&slots, &mut fault)
+            });
+        // Whatever happened, the fill must not outlive the connection it reports on.
+        failed.store(
+            served.is_err() || failed.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        let filled = filler
+            .join()
+            .unwrap_or_else(|_| Err(ServeError::Fill("the fill thread panicked".into())));
+        served.and(filled)
+    });
+    log::info!(
+        "on-demand restore finished in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+/// Answers PageFault requests until the VMM closes the connection.
+fn serve(slots: &[Slot], fault: &mut UnixStream) -> Result<(), ServeError> {
+    loop {
+        match read_fault_request(fault, MAX_PAGE_FAULT_LENGTH) {
+            Ok(Some(FaultRequest::PageFault(range))) => {
+                write_range(slots, range.gpa, range.length)?;
+                send_page_written_to_memfd(fault).map_err(ServeError::Protocol)?;
+            }
+            Ok(Some(FaultRequest::Abandon)) => {
+                let _ = vm_migration::send_response(fault, vm_migration::Status::Ok, &[]);
+                return Ok(());
+            }
+            // The VMM closes the connection once every page it needs is mapped.
+            Ok(None) => return Ok(()),
+            Err(e) if e.is_closed_between_messages() => return Ok(()),
+            Err(e) => return Err(ServeError::Protocol(e)),
+        }
+    }
+}
+
+/// Makes sure every page of `[gpa, gpa+len)` that holds snapshot data is in the memfd
+/// before answering: pages nobody wrote yet are written now, pages the background fill is
+/// writing are waited for, pages already written are left alone (the guest may have
+/// changed them since). A lone page that is a hole gets a zero page so the VMM can map it.
+fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
+    let slot = slots
+        .iter()
+        .find(|s| {
+            gpa >= s.mapping.gpa
+                && gpa
+                    .checked_add(len)
+                    .is_some_and(|end| end <= s.mapping.gpa + s.mapping.size)
+        })
+        .ok_or(ServeError::OutsideRam { gpa, len })?;
+    let start = gpa - slot.mapping.gpa;
+    let end = start + len;
+    let copy_err = |source| ServeError::Copy { gpa, len, source };
+    let mut any_data = false;
+    for e in &slot.src.extents {
+        let a = e.offset.max(start);
+        let b = e.end().min(end);
+        if a >= b {
+            continue;
+        }
+        any_data = true;
+        let mut buf = vec![0u8; (b - a) as usize];
+        slot.src.file.read_exact_at(&mut buf, a).map_err(copy_err)?;
+        write_unclaimed(slot, a, &buf).map_err(copy_err)?;
+        wait_done(slot, a, b - a);
+    }
+    if !any_data && len <= PAGE_SIZE {
+        let page = (start / PAGE_SIZE) as usize;
+        if claim(slot, page) {
+            let zeros = [0u8; PAGE_SIZE as usize];
+            slot.memfd
+                .write_all_at(&zeros[..len as usize], slot.mapping.file_offset + start)
+                .map_err(copy_err)?;
+            slot.pages[page].store(DONE, Ordering::Release);
+        }
+        wait_done(slot, start, len);
+    }
+    Ok(())
+}
+
+fn claim(slot: &Slot, page: usize) -> bool {
+    slot.pages[page]
+        .compare_exchange(UNTOUCHED, WRITING, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// Writes the pages of `data` (at `offset` in the slot) that nobody claimed yet, in runs.
+fn write_unclaimed(slot: &Slot, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let first = (offset / PAGE_SIZE) as usize;
+    let count = (data.len() as u64).div_ceil(PAGE_SIZE) as usize;
+    let mut i = 0;
+    while i < count {
+        if !claim(slot, first + i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < count && claim(slot, first + j) {
+            j += 1;
+        }
+        let lo = i * PAGE_SIZE as usize;
+        let hi = (j * PAGE_SIZE as usize).min(data.len());
+        let result = slot
+            .memfd
+            .write_all_at(&data[lo..hi], slot.mapping.file_offset + offset + lo as u64);
+        for p in &slot.pages[first + i..first + j] {
+            // Even on error: a page left WRITING would make its waiters spin forever.
+            p.store(DONE, Ordering::Release);
+        }
+        result?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Waits until every page of `[offset, offset+len)` that someone is writing is done.
+fn wait_done(slot: &Slot, offset: u64, len: u64) {
+    let first = (offset / PAGE_SIZE) as usize;
+    let last = (offset + len).div_ceil(PAGE_SIZE) as usize;
+    for p in &slot.pages[first..last] {
+        while p.load(Ordering::Acquire) == WRITING {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Reads every data extent, checks it against the manifest's sums, and writes the pages
+/// nobody claimed yet into the memfd. A mismatch ends the restore: the fault connection
+/// is shut, and the VMM stops the VM rather than run on bad memory.
+fn background_fill(
+    slots: &[Slot],
+    failed: &AtomicBool,
+    fault: &UnixStream,
+) -> Result<(), ServeError> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for slot in slots {
+        let mut sums = Vec::with_capacity(slot.src.extents.len());
+        for e in &slot.src.extents {
+            let mut hasher = crc32fast::Hasher::new();
+            let mut pos = e.offset;
+            while pos < e.end() {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let n = CHUNK.min(e.end() - pos);
+                let chunk = &mut buf[..n as usize];
+                let copy_err = |source| ServeError::Copy {
+                    gpa: slot.mapping.gpa + pos,
+                    len: n,
+                    source,
+                };
+                slot.src.file.read_exact_at(chunk, pos).map_err(copy_err)?;
+                hasher.update(chunk);
+                write_unclaimed(slot, pos, chunk).map_err(copy_err)?;
+                pos += n;
+            }
+            sums.push(layout::ExtentSum {
+                offset: e.offset,
+                len: e.len,
+                crc32: hasher.finalize(),
+            });
+        }
+        if let Err(e) = restore::check_sums(&slot.src, &sums) {
+            failed.store(true, Ordering::Relaxed);
+            let _ = fault.shutdown(std::net::Shutdown::Both);
+            return Err(ServeError::Restore(e));
+        }
+    }
+    Ok(())
+}

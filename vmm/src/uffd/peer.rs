@@ -1,0 +1,299 @@
+//! Guest RAM that a peer fills itself: the VM was built on memfds the peer handed over
+//! (an offload daemon restoring `--ondemand`), which start out empty. The peer writes page
+//! contents into the shared memfd when asked with PageFault and answers with length 0;
+//! this side then maps the pages with UFFDIO_CONTINUE. RAM is registered for MISSING and
+//! MINOR faults together: MINOR alone never reports a page that is not in the page cache
+//! (the guest would silently get a zero page), and a page already in the page cache may
+//! still be mid-write, so no page is mapped before the peer has answered for it.
+//!
+//! One thread owns the fault connection (the protocol allows one request in flight): a
+//! guest fault always goes first; otherwise it asks for the next 2 MiB of RAM, and maps
+//! exactly the pages the peer wrote (SEEK_DATA on the memfd), so never-written pages stay
+//! unallocated holes. When every chunk has been asked for, RAM is unregistered and the
+//! connection closed, which tells the peer it is done.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
+use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
+use vm_migration::{MemoryRange, PageDelivery};
+
+use super::Error;
+use super::handler::Progress;
+use crate::migration::transport::Stream;
+use crate::sparse::{self, PAGE_SIZE};
+use crate::vmm::VmmEvent;
+
+/// Bytes asked for per background request.
+const CHUNK: u64 = 2 << 20;
+
+/// One guest RAM mapping backed by a peer's memfd.
+#[derive(Debug)]
+pub struct SharedRegion {
+    pub host: u64,
+    pub gpa: u64,
+    pub size: u64,
+    pub memfd: File,
+    pub file_offset: u64,
+}
+
+pub struct PeerFilledMemory {
+    stopping: Arc<AtomicBool>,
+    /// A second handle on the fault connection: shutting it down unblocks the thread if
+    /// it waits on a silent peer.
+    stream: Option<Stream>,
+    thread: Option<JoinHandle<()>>,
+    progress: Arc<Progress>,
+}
+
+struct Filler {
+    uffd: Uffd,
+    regions: Vec<SharedRegion>,
+    stream: Stream,
+    progress: Arc<Progress>,
+    stopping: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FillError {
+    #[error("asking the peer for {len} bytes at {gpa:#x}")]
+    Ask {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: vm_migration::Error,
+    },
+    #[error("mapping the page at {addr:#x}: {error}")]
+    Continue { addr: u64, error: String },
+    #[error("finding the pages the peer wrote")]
+    Extents(#[source] std::io::Error),
+    #[error("reading userfaultfd events: {0}")]
+    Events(String),
+    #[error("fault at {0:#x} outside guest RAM")]
+    OutsideRam(u64),
+}
+
+impl PeerFilledMemory {
+    /// Registers every region for MISSING and MINOR faults and starts serving them over
+    /// `stream` (the fault connection). Must run before any vCPU touches guest RAM.
+    pub fn start(
+        regions: Vec<SharedRegion>,
+        stream: Stream,
+        events: Sender<VmmEvent>,
+    ) -> Result<Self, Error> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(Error::Create)?;
+        for r in &regions {
+            uffd.register_with_mode(
+                r.host as *mut libc::c_void,
+                r.size as usize,
+                RegisterMode::MISSING | RegisterMode::MINOR,
+            )
+            .map_err(|source| Error::Register {
+                host: r.host,
+                size: r.size,
+                source,
+            })?;
+        }
+        let progress = Arc::new(Progress {
+            total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
+            started: Mutex::new(Some(Instant::now())),
+            ..Default::default()
+        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let handle = stream.try_clone().map_err(Error::EventFd)?;
+        let filler = Filler {
+            uffd,
+            regions,
+            stream,
+            progress: progress.clone(),
+            stopping: stopping.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("uffd-peer".into())
+            .spawn(move || {
+                if let Err(e) = filler.run() {
+                    let error = crate::vmm::error_chain(&e);
+                    log::error!("on-demand memory from the peer: {error}");
+                    let _ = events.send(VmmEvent::MemoryFailed { error });
+                }
+            })
+            .map_err(|e| Error::Spawn("uffd peer", e))?;
+        Ok(PeerFilledMemory {
+            stopping,
+            stream: Some(handle),
+            thread: Some(thread),
+            progress,
+        })
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.progress.complete.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for PeerFilledMemory {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(s) = self.stream.take() {
+            s.shutdown();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Filler {
+    fn run(mut self) -> Result<(), FillError> {
+        let mut events = EventBuffer::new(64);
+        let mut cursor = (0usize, 0u64); // region, offset of the next chunk to ask for
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            // Guest faults first, always.
+            let faults: Vec<u64> = match self.uffd.read_events(&mut events) {
+                Ok(iter) => iter
+                    .filter_map(|e| match e {
+                        Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(e) => return Err(FillError::Events(e.to_string())),
+            };
+            for addr in faults {
+                self.serve_fault(addr)?;
+            }
+            match self.regions.get(cursor.0) {
+                Some(r) => {
+                    let len = CHUNK.min(r.size - cursor.1);
+                    self.fill_chunk(cursor.0, cursor.1, len)?;
+                    cursor.1 += len;
+                    if cursor.1 >= self.regions[cursor.0].size {
+                        cursor = (cursor.0 + 1, 0);
+                    }
+                }
+                None => break,
+            }
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// Everything the peer holds is mapped: unregistering lets untouched holes behave
+    /// as ordinary shared memory, and closing the connection tells the peer to stop.
+    fn finish(&mut self) {
+        for r in &self.regions {
+            if let Err(e) = self
+                .uffd
+                .unregister(r.host as *mut libc::c_void, r.size as usize)
+            {
+                log::warn!("unregistering guest RAM from userfaultfd: {e}");
+            }
+        }
+        self.stream.shutdown();
+        let elapsed = self
+            .progress
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(0, |s| s.elapsed().as_millis() as u64);
+        self.progress
+            .completed_after_ms
+            .store(elapsed, Ordering::Release);
+        self.progress.complete.store(true, Ordering::Release);
+        log::info!(
+            "on-demand restore from the peer complete in {elapsed} ms, {} faults",
+            self.progress.faults.load(Ordering::Relaxed)
+        );
+        crate::event_monitor::event("vm", "restore-memory-complete", None);
+    }
+
+    fn ask(&mut self, gpa: u64, len: u64) -> Result<(), FillError> {
+        let err = |source| FillError::Ask { gpa, len, source };
+        send_page_fault(&mut self.stream, MemoryRange::new(gpa, len)).map_err(err)?;
+        read_page_fault_response(&mut self.stream, PageDelivery::SharedMemfd, &mut []).map_err(err)
+    }
+
+    fn serve_fault(&mut self, addr: u64) -> Result<(), FillError> {
+        let start = Instant::now();
+        let page = addr & !(PAGE_SIZE - 1);
+        let index = self
+            .regions
+            .iter()
+            .position(|r| page >= r.host && page < r.host + r.size)
+            .ok_or(FillError::OutsideRam(addr))?;
+        let offset = page - self.regions[index].host;
+        let gpa = self.regions[index].gpa + offset;
+        self.ask(gpa, PAGE_SIZE)?;
+        self.map(page, PAGE_SIZE)?;
+        self.progress.faults.fetch_add(1, Ordering::Relaxed);
+        let ns = start.elapsed().as_nanos() as u64;
+        self.progress.fault_ns.fetch_add(ns, Ordering::Relaxed);
+        self.progress.fault_latency.record(ns);
+        Ok(())
+    }
+
+    /// Asks for `len` bytes at `offset` of region `index` and maps what the peer wrote.
+    fn fill_chunk(&mut self, index: usize, offset: u64, len: u64) -> Result<(), FillError> {
+        let (gpa, host, file_offset) = {
+            let r = &self.regions[index];
+            (r.gpa + offset, r.host + offset, r.file_offset + offset)
+        };
+        self.ask(gpa, len)?;
+        let extents = sparse::file_data_extents(&self.regions[index].memfd, file_offset, len)
+            .map_err(FillError::Extents)?;
+        for e in extents {
+            self.map(host + e.offset, e.len)?;
+        }
+        Ok(())
+    }
+
+    /// UFFDIO_CONTINUE over `[addr, addr+len)`, skipping pages already mapped.
+    fn map(&mut self, addr: u64, len: u64) -> Result<(), FillError> {
+        let mut pos = 0;
+        while pos < len {
+            match self.uffd.r#continue(
+                (addr + pos) as *mut libc::c_void,
+                (len - pos) as usize,
+                true,
+            ) {
+                Ok(0) => pos += PAGE_SIZE,
+                Ok(n) => {
+                    self.progress
+                        .resident_pages
+                        .fetch_add(n / PAGE_SIZE, Ordering::Relaxed);
+                    pos += n;
+                }
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                    let _ = self
+                        .uffd
+                        .wake((addr + pos) as *mut libc::c_void, PAGE_SIZE as usize);
+                    pos += PAGE_SIZE;
+                }
+                Err(e) => {
+                    return Err(FillError::Continue {
+                        addr: addr + pos,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
