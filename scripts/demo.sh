@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set the machine up, build the VMM and the test guest, boot the guest,
-# show its progress lines, snapshot it, stop that VMM, restore the snapshot on demand
-# (userfaultfd) in a new VMM, and show the guest carrying on with the same nonce.
+# The main job: set the machine up, build the VMM, the offload daemon and the test guest,
+# boot the guest, show its progress lines, snapshot it through the offload daemon (the
+# source VMM exits), restore it on demand through the daemon into a new VMM (the guest
+# runs before its memory is back), and show the guest carrying on with the same nonce.
 #
 #   DEMO_SECONDS=5 DEMO_CPUS=2 scripts/demo.sh
 set -euo pipefail
@@ -12,8 +13,8 @@ DEMO_CPUS=${DEMO_CPUS:-2}
 
 scripts/setup.sh
 
-echo "==> building cloud-hypervisor and ch-remote (release)"
-cargo build --release -p cloud-hypervisor --bins
+echo "==> building cloud-hypervisor, ch-remote and offload_daemon (release)"
+cargo build --release -p cloud-hypervisor -p offload_daemon --bins
 echo "==> building the test guest"
 # build-guest.sh prints the ELF path on its last line of stdout.
 GUEST=$(scripts/build-guest.sh | tail -n 1)
@@ -24,11 +25,14 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/ch-demo.XXXXXX")
 SERIAL=$WORK/serial.log
 SOCK=$WORK/api.sock
 VMM_PID=
+DAEMON_PID=
 cleanup() {
-    # Only our own VMM, by pid, if it is still there.
-    if [[ -n $VMM_PID ]] && kill -0 "$VMM_PID" 2>/dev/null; then
-        kill -KILL "$VMM_PID" 2>/dev/null || true
-    fi
+    # Only our own processes, by pid, if they are still there.
+    for pid in $VMM_PID $DAEMON_PID; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -38,7 +42,7 @@ echo "==> booting the test guest: $DEMO_CPUS vCPUs, ticks every 500 ms"
     --kernel "$GUEST" \
     --cmdline "mem=32M tick=500" \
     --cpus "boot=$DEMO_CPUS" \
-    --memory size=512M \
+    --memory size=512M,shared=on \
     --serial "file=$SERIAL" \
     --console off \
     --api-socket "$SOCK" \
@@ -66,26 +70,38 @@ wait_line "$SERIAL" "TG tick" "$VMM_PID"
 echo "==> guest serial output for $DEMO_SECONDS s:"
 timeout "$DEMO_SECONDS" tail -n +1 -f "$SERIAL" || true
 
-echo "==> pause and snapshot to $WORK/snapshot"
-"$BIN/ch-remote" --api-socket "$SOCK" pause
-"$BIN/ch-remote" --api-socket "$SOCK" snapshot "file://$WORK/snapshot"
-du -sh --apparent-size "$WORK/snapshot" | sed 's/^/   apparent size: /'
-du -sh "$WORK/snapshot" | sed 's/^/   on disk:       /'
-echo "==> ch-remote shutdown-vmm (the original VM is gone now)"
-"$BIN/ch-remote" --api-socket "$SOCK" shutdown-vmm
+echo "==> snapshot through the offload daemon into $WORK/snapshot"
+"$BIN/offload_daemon" snapshot --socket "$WORK/snap.sock" --output-dir "$WORK/snapshot" \
+    2>"$WORK/daemon.snapshot.log" &
+DAEMON_PID=$!
+for _ in $(seq 1 100); do [[ -S $WORK/snap.sock ]] && break; sleep 0.05; done
+"$BIN/ch-remote" --api-socket "$SOCK" send-migration \
+    "destination_url=unix:$WORK/snap.sock,local=on"
+wait "$DAEMON_PID"
+DAEMON_PID=
 rc=0
 wait "$VMM_PID" || rc=$?
 VMM_PID=
-[[ $rc -eq 0 ]] || { echo "the VMM exited with $rc" >&2; exit "$rc"; }
+[[ $rc -eq 0 ]] || { echo "the source VMM exited with $rc" >&2; exit "$rc"; }
+echo "   the source VMM has exited; the VM lives only in the snapshot now:"
+ls -ls "$WORK/snapshot" | sed 's/^/   /'
+du -sh "$WORK/snapshot" | sed 's/^/   on disk: /'
 mv "$SERIAL" "$WORK/serial.before.log"
 
-echo "==> restoring on demand in a new VMM"
-"$BIN/cloud-hypervisor" \
-    --api-socket "$SOCK" \
-    --restore "source_url=file://$WORK/snapshot,memory_restore_mode=ondemand,resume=on" \
+echo "==> restoring on demand through the daemon into a new VMM"
+"$BIN/cloud-hypervisor" --api-socket "$SOCK" \
     --event-monitor "path=$WORK/events.restored.json" \
     2>"$WORK/stderr.restored.log" &
 VMM_PID=$!
+for _ in $(seq 1 100); do [[ -S $SOCK ]] && break; sleep 0.05; done
+"$BIN/ch-remote" --api-socket "$SOCK" receive-migration \
+    "receiver_url=unix:$WORK/restore.sock,postcopy=on" &
+RECEIVE_PID=$!
+for _ in $(seq 1 100); do [[ -S $WORK/restore.sock ]] && break; sleep 0.05; done
+"$BIN/offload_daemon" restore --socket "$WORK/restore.sock" --input-dir "$WORK/snapshot" \
+    --resume --ondemand 2>"$WORK/daemon.restore.log" &
+DAEMON_PID=$!
+wait "$RECEIVE_PID"
 wait_line "$SERIAL" "TG tick" "$VMM_PID"
 echo "==> restored guest serial output for $DEMO_SECONDS s (same nonce, counters go on):"
 timeout "$DEMO_SECONDS" tail -n +1 -f "$SERIAL" || true
@@ -100,6 +116,10 @@ if [[ $(nonce "$before") != "$(nonce "$after")" ]]; then
 fi
 
 echo "==> ch-remote info (memory_restore shows the on-demand restore)"
+if [[ -n $DAEMON_PID ]]; then
+    wait "$DAEMON_PID" && echo "   the restore daemon exited 0: every page is in"
+    DAEMON_PID=
+fi
 "$BIN/ch-remote" --api-socket "$SOCK" info | grep -A12 '"memory_restore"' || true
 echo "==> ch-remote shutdown-vmm"
 "$BIN/ch-remote" --api-socket "$SOCK" shutdown-vmm
