@@ -34,6 +34,17 @@ fn daemon_path(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Peak resident set of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM")?;
+    Ok(kb / 1024.0)
+}
+
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
@@ -167,7 +178,89 @@ impl Scenario for Offload {
         let (_, after) = dest.wait_ticks(2, from, STEP_TIMEOUT)?;
         ensure!(after[0].nonce == nonce, "restored guest has another nonce");
 
+        dest.kill()?;
+        drop(dest);
+
+        // On-demand restore: the VM resumes before its memory is back.
+        std::fs::rename(&serial, dir.join("serial.eager.log"))?;
+        let mut od = VmmBuilder::new(ctx.bins.clone())
+            .tmp_prefix("bench-offload-od")
+            .spawn()?;
+        od.wait_api_ready(STEP_TIMEOUT)?;
+        let osock = dir.join("ondemand.sock");
+        let url = format!("unix:{}", osock.display());
+        let socket = od.api_socket().context("api socket")?.to_path_buf();
+        let body = format!(r#"{{"receiver_url":"{url}","postcopy":true}}"#);
+        let receiver = std::thread::spawn(move || {
+            test_infra::api_client::api_command(
+                &socket,
+                "PUT",
+                "vm.receive-migration",
+                Some(&body),
+                Some(STEP_TIMEOUT),
+            )
+        });
+        ensure!(
+            test_infra::migration::wait_listening(&url, Duration::from_secs(10))?,
+            "the receiver never listened"
+        );
+        let start = Instant::now();
+        let mut server = DaemonProcess::spawn(
+            &daemon,
+            [
+                "restore".as_ref(),
+                "--socket".as_ref(),
+                osock.as_os_str(),
+                "--input-dir".as_ref(),
+                snap.as_os_str(),
+                "--resume".as_ref(),
+                "--ondemand".as_ref(),
+            ],
+            &dir.join("ondemand.log"),
+        )?;
+        let received = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
+        let resume_time = start.elapsed();
+        ensure!(received.status == 204, "receive: {}", received.body);
+        let mut daemon_rss = 0.0f64;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let progress = loop {
+            if let Ok(rss) = peak_rss_mib(server.pid()) {
+                daemon_rss = daemon_rss.max(rss);
+            }
+            let p = od.vm_info()?["memory_restore"].clone();
+            if p["complete"] == true {
+                break p;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "on-demand restore not complete: {p}"
+            );
+            // Progress is only visible through the API; poll it.
+            test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
+                Ok::<Option<()>, std::io::Error>(None)
+            })?;
+        };
+        let status = server
+            .wait_exit(STEP_TIMEOUT)?
+            .context("daemon did not exit")?;
+        ensure!(status.success(), "on-demand daemon: {}", server.output());
+        od.follow_serial(&serial);
+        let (_, after) = od.wait_ticks(2, 0, STEP_TIMEOUT)?;
+        ensure!(after[0].nonce == nonce, "restored guest has another nonce");
+        let resident = Duration::from_millis(progress["completed_after_ms"].as_u64().unwrap_or(0));
+        let num = |k: &str| progress[k].as_u64().unwrap_or(0) as f64;
+
         Ok(vec![
+            Sample::ms("ondemand_resume", resume_time),
+            Sample::ms("ondemand_fully_resident", resident),
+            Sample::new("ondemand_fill_rate", mib_per_s(data, resident), "MiB/s"),
+            Sample::new("ondemand_faults", num("faults"), "count"),
+            Sample::new("ondemand_fault_p50", num("fault_p50_us"), "us"),
+            Sample::new("ondemand_fault_p99", num("fault_p99_us"), "us"),
+            Sample::new("ondemand_vmm_peak_rss", peak_rss_mib(od.pid())?, "MiB"),
+            Sample::new("ondemand_daemon_peak_rss", daemon_rss, "MiB"),
             Sample::new("data_on_disk", data as f64 / (1 << 20) as f64, "MiB"),
             Sample::ms("daemon_snapshot", snapshot_time),
             Sample::new("snapshot_rate", mib_per_s(data, snapshot_time), "MiB/s"),
