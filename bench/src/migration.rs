@@ -91,24 +91,12 @@ impl Scenario for Migrate {
                 format!(r#","connections":{connections}"#),
             ),
         };
-        let socket = dest
-            .api_socket()
-            .context("destination socket")?
-            .to_path_buf();
-        let receive_body = format!(r#"{{"receiver_url":"{url}"}}"#);
-        let receiver = std::thread::spawn(move || {
-            test_infra::api_client::api_command(
-                &socket,
-                "PUT",
-                "vm.receive-migration",
-                Some(&receive_body),
-                Some(STEP_TIMEOUT),
-            )
-        });
-        ensure!(
-            test_infra::migration::wait_listening(&url, Duration::from_secs(10))?,
-            "the receiver never listened on {url}"
-        );
+        let receiver = test_infra::migration::receive_in_background(
+            dest.api_socket().context("destination socket")?,
+            &url,
+            false,
+            STEP_TIMEOUT,
+        )?;
         let start = Instant::now();
         // The issue's downtime target, asked for explicitly (the default is 300 ms).
         src.api_ok(

@@ -36,13 +36,7 @@ fn daemon_path(ctx: &Ctx) -> anyhow::Result<PathBuf> {
 
 /// Peak resident set of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM")?;
-    Ok(kb / 1024.0)
+    Ok(test_infra::procfs::peak_rss_kib(pid)? as f64 / 1024.0)
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
@@ -135,21 +129,12 @@ impl Scenario for Offload {
         dest.wait_api_ready(STEP_TIMEOUT)?;
         let rsock = dir.join("restore.sock");
         let url = format!("unix:{}", rsock.display());
-        let socket = dest.api_socket().context("api socket")?.to_path_buf();
-        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
-        let receiver = std::thread::spawn(move || {
-            test_infra::api_client::api_command(
-                &socket,
-                "PUT",
-                "vm.receive-migration",
-                Some(&body),
-                Some(STEP_TIMEOUT),
-            )
-        });
-        ensure!(
-            test_infra::migration::wait_listening(&url, Duration::from_secs(10))?,
-            "the receiver never listened"
-        );
+        let receiver = test_infra::migration::receive_in_background(
+            dest.api_socket().context("api socket")?,
+            &url,
+            false,
+            STEP_TIMEOUT,
+        )?;
         let start = Instant::now();
         let mut restorer = DaemonProcess::spawn(
             &daemon,
@@ -189,21 +174,12 @@ impl Scenario for Offload {
         od.wait_api_ready(STEP_TIMEOUT)?;
         let osock = dir.join("ondemand.sock");
         let url = format!("unix:{}", osock.display());
-        let socket = od.api_socket().context("api socket")?.to_path_buf();
-        let body = format!(r#"{{"receiver_url":"{url}","postcopy":true}}"#);
-        let receiver = std::thread::spawn(move || {
-            test_infra::api_client::api_command(
-                &socket,
-                "PUT",
-                "vm.receive-migration",
-                Some(&body),
-                Some(STEP_TIMEOUT),
-            )
-        });
-        ensure!(
-            test_infra::migration::wait_listening(&url, Duration::from_secs(10))?,
-            "the receiver never listened"
-        );
+        let receiver = test_infra::migration::receive_in_background(
+            od.api_socket().context("api socket")?,
+            &url,
+            true,
+            STEP_TIMEOUT,
+        )?;
         let start = Instant::now();
         let mut server = DaemonProcess::spawn(
             &daemon,

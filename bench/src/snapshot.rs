@@ -43,13 +43,7 @@ fn data_bytes(snap: &Path) -> anyhow::Result<u64> {
 
 /// Peak resident set of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM")?;
-    Ok(kb / 1024.0)
+    Ok(test_infra::procfs::peak_rss_kib(pid)? as f64 / 1024.0)
 }
 
 impl SnapshotRestore {

@@ -44,30 +44,19 @@ fn empty_vmm(name: &str) -> VmmProcess {
 }
 
 /// Starts `vm.receive-migration` on `dest` in a thread (the call blocks until the VM has
-/// arrived); returns the handle yielding the HTTP status and body.
+/// arrived); returns once it listens. The handle yields the HTTP status and body.
 fn receive_in_background(dest: &VmmProcess, url: &str) -> std::thread::JoinHandle<(u16, String)> {
-    let socket = dest.api_socket().unwrap().to_path_buf();
-    let body = format!(r#"{{"receiver_url":"{url}"}}"#);
-    let handle = std::thread::spawn(move || {
-        let resp = test_infra::api_client::api_command(
-            &socket,
-            "PUT",
-            "vm.receive-migration",
-            Some(&body),
-            Some(MIGRATION_TIMEOUT),
-        )
-        .unwrap();
+    let receiving = test_infra::migration::receive_in_background(
+        dest.api_socket().unwrap(),
+        url,
+        false,
+        MIGRATION_TIMEOUT,
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let resp = receiving.join().unwrap().unwrap();
         (resp.status, resp.body)
-    });
-    // The control loop is busy receiving, so the API cannot say when it listens: watch
-    // for its socket or port instead.
-    wait_listening(url);
-    handle
-}
-
-fn wait_listening(url: &str) {
-    let listening = test_infra::migration::wait_listening(url, Duration::from_secs(10)).unwrap();
-    assert!(listening, "the receiver never listened on {url}");
+    })
 }
 
 fn free_port() -> u16 {

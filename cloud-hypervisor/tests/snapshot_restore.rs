@@ -212,13 +212,7 @@ fn wait_restore_complete(vmm: &mut VmmProcess) -> serde_json::Value {
 }
 
 fn rss_bytes(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
+    test_infra::procfs::rss_kib(pid).unwrap() * 1024
 }
 
 /// `cloud-hypervisor --restore` at start, paused until `resume`.

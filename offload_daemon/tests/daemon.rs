@@ -154,22 +154,17 @@ fn receive_in_background_with(
     url: &str,
     postcopy: bool,
 ) -> JoinHandle<(u16, String)> {
-    let socket = dest.api_socket().unwrap().to_path_buf();
-    let body = format!(r#"{{"receiver_url":"{url}","postcopy":{postcopy}}}"#);
-    let handle = std::thread::spawn(move || {
-        let resp = test_infra::api_client::api_command(
-            &socket,
-            "PUT",
-            "vm.receive-migration",
-            Some(&body),
-            Some(MIGRATION_TIMEOUT),
-        )
-        .unwrap();
+    let receiving = test_infra::migration::receive_in_background(
+        dest.api_socket().unwrap(),
+        url,
+        postcopy,
+        MIGRATION_TIMEOUT,
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let resp = receiving.join().unwrap().unwrap();
         (resp.status, resp.body)
-    });
-    let listening = test_infra::migration::wait_listening(url, Duration::from_secs(10)).unwrap();
-    assert!(listening, "the receiver never listened on {url}");
-    handle
+    })
 }
 
 fn check_snapshot_dir(snap: &Path) {
@@ -646,12 +641,7 @@ fn scenario_ondemand(name: &str, extra: &str) {
     }
     // Never-touched guest pages stay holes in the shared memfd: the VMM's resident
     // memory is about what the guest wrote, not the VM's 256 MiB.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", dest.pid())).unwrap();
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let rss_kb = test_infra::procfs::rss_kib(dest.pid()).unwrap();
     assert!(
         rss_kb < (96 + 64) * 1024,
         "VMM RSS {rss_kb} kB for a guest that wrote 96 MiB: {progress}"

@@ -15,6 +15,7 @@ pub mod guest;
 pub mod lines;
 pub mod migration;
 pub mod process;
+pub mod procfs;
 pub mod serial;
 pub mod tempdir;
 pub mod wait;

@@ -42,3 +42,31 @@ pub fn wait_listening(url: &str, timeout: Duration) -> std::io::Result<bool> {
     )?;
     Ok(found.is_some())
 }
+
+/// Runs `vm.receive-migration` for `url` on the VMM behind `api_socket` in a thread (the
+/// call blocks until the VM has arrived) and returns once the receiver listens. The
+/// thread yields the HTTP answer.
+pub fn receive_in_background(
+    api_socket: &Path,
+    url: &str,
+    postcopy: bool,
+    timeout: Duration,
+) -> std::io::Result<std::thread::JoinHandle<Result<api_client::Response, api_client::Error>>> {
+    let socket = api_socket.to_path_buf();
+    let body = format!(r#"{{"receiver_url":"{url}","postcopy":{postcopy}}}"#);
+    let handle = std::thread::spawn(move || {
+        api_client::api_command(
+            &socket,
+            "PUT",
+            "vm.receive-migration",
+            Some(&body),
+            Some(timeout),
+        )
+    });
+    if !wait_listening(url, Duration::from_secs(10))? {
+        return Err(std::io::Error::other(format!(
+            "the receiver never listened on {url}"
+        )));
+    }
+    Ok(handle)
+}

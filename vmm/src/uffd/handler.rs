@@ -59,6 +59,26 @@ impl Default for LatencyHistogram {
     }
 }
 
+impl Progress {
+    /// Records that the restore is complete, logs it and emits the event.
+    pub(super) fn mark_complete(&self, source: &str) {
+        let elapsed = self
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(0, |s| s.elapsed().as_millis() as u64);
+        self.completed_after_ms.store(elapsed, Ordering::Release);
+        self.complete.store(true, Ordering::Release);
+        log::info!(
+            "on-demand restore {source} complete: {} pages resident after {elapsed} ms, {} faults",
+            self.resident_pages.load(Ordering::Relaxed),
+            self.faults.load(Ordering::Relaxed)
+        );
+        crate::event_monitor::event("vm", "restore-memory-complete", None);
+    }
+}
+
 impl LatencyHistogram {
     pub fn record(&self, ns: u64) {
         let i = ((ns / BUCKET_NS) as usize).min(BUCKETS - 1);
@@ -540,30 +560,16 @@ impl Shared {
         }
         // Every data page is in. Unregistering wakes any fault still pending on a hole
         // and lets later hole faults be ordinary zero-fill faults.
-        for r in &self.regions {
-            if let Err(e) = self
-                .uffd
-                .unregister(r.host as *mut libc::c_void, r.size as usize)
-            {
-                log::warn!("unregistering guest RAM from userfaultfd: {e}");
-            }
+        unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
+        self.progress.mark_complete("from the snapshot");
+    }
+}
+
+/// Takes guest RAM out of userfaultfd's hands once every page that matters is in.
+pub(super) fn unregister_all(uffd: &Uffd, regions: impl Iterator<Item = (u64, u64)>) {
+    for (host, size) in regions {
+        if let Err(e) = uffd.unregister(host as *mut libc::c_void, size as usize) {
+            log::warn!("unregistering guest RAM from userfaultfd: {e}");
         }
-        let elapsed = self
-            .progress
-            .started
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .map_or(0, |s| s.elapsed().as_millis() as u64);
-        self.progress
-            .completed_after_ms
-            .store(elapsed, Ordering::Release);
-        self.progress.complete.store(true, Ordering::Release);
-        log::info!(
-            "on-demand restore complete: {} pages in {elapsed} ms, {} faults",
-            self.progress.total_pages,
-            self.progress.faults.load(Ordering::Relaxed)
-        );
-        crate::event_monitor::event("vm", "restore-memory-complete", None);
     }
 }

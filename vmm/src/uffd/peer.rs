@@ -197,31 +197,9 @@ impl Filler {
     /// Everything the peer holds is mapped: unregistering lets untouched holes behave
     /// as ordinary shared memory, and closing the connection tells the peer to stop.
     fn finish(&mut self) {
-        for r in &self.regions {
-            if let Err(e) = self
-                .uffd
-                .unregister(r.host as *mut libc::c_void, r.size as usize)
-            {
-                log::warn!("unregistering guest RAM from userfaultfd: {e}");
-            }
-        }
+        super::handler::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
         self.stream.shutdown();
-        let elapsed = self
-            .progress
-            .started
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .map_or(0, |s| s.elapsed().as_millis() as u64);
-        self.progress
-            .completed_after_ms
-            .store(elapsed, Ordering::Release);
-        self.progress.complete.store(true, Ordering::Release);
-        log::info!(
-            "on-demand restore from the peer complete in {elapsed} ms, {} faults",
-            self.progress.faults.load(Ordering::Relaxed)
-        );
-        crate::event_monitor::event("vm", "restore-memory-complete", None);
+        self.progress.mark_complete("from the peer");
     }
 
     fn ask(&mut self, gpa: u64, len: u64) -> Result<(), FillError> {
