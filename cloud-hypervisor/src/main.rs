@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     // clap prints its own message and exits 2 on a usage error, 0 for --help/--version.
     let cli = Cli::parse();
-    logger::init(cli.verbose, start);
+    vmm::logger::init("cloud-hypervisor", log_level(cli.verbose), start);
 
     let startup = match parse_options(&cli) {
         Ok(startup) => startup,
@@ -166,62 +166,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// A minimal stderr logger, so the binary needs no logging crate beyond `log`.
-mod logger {
-    use std::io::Write;
-    use std::sync::OnceLock;
-    use std::time::Instant;
-
-    use log::{Level, LevelFilter, Log, Metadata, Record};
-
-    struct StderrLogger {
-        start: Instant,
-        level: LevelFilter,
-    }
-
-    static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
-
-    impl Log for StderrLogger {
-        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-            metadata.level() <= self.level
-        }
-
-        fn log(&self, record: &Record<'_>) {
-            if !self.enabled(record.metadata()) {
-                return;
-            }
-            let elapsed = self.start.elapsed();
-            // One write per line so lines from different threads don't interleave.
-            let line = format!(
-                "cloud-hypervisor: {}.{:06}s: {}:{} -- {}\n",
-                elapsed.as_secs(),
-                elapsed.subsec_micros(),
-                record.level(),
-                record.target(),
-                record.args()
-            );
-            // Nowhere to report a failing stderr.
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-        }
-
-        fn flush(&self) {
-            let _ = std::io::stderr().flush();
-        }
-    }
-
-    pub fn init(verbosity: u8, start: Instant) {
-        let level = match verbosity {
-            0 => Level::Warn,
-            1 => Level::Info,
-            2 => Level::Debug,
-            _ => Level::Trace,
-        }
-        .to_level_filter();
-        let logger = LOGGER.get_or_init(|| StderrLogger { start, level });
-        // Fails only if a logger is already set, which cannot happen in this binary.
-        if log::set_logger(logger).is_ok() {
-            log::set_max_level(level);
-        }
+/// -v info, -vv debug, -vvv trace; warnings by default.
+fn log_level(verbosity: u8) -> log::LevelFilter {
+    match verbosity {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
     }
 }
 

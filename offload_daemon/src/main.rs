@@ -55,7 +55,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logger::init(cli.verbose);
+    vmm::logger::init(
+        "offload_daemon",
+        log_level(cli.verbose),
+        std::time::Instant::now(),
+    );
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Snapshot { socket, output_dir } => {
             snapshot::run(&socket, &output_dir).map_err(Into::into)
@@ -89,63 +93,14 @@ fn main() -> ExitCode {
     }
 }
 
-mod logger {
-    use std::io::Write;
-    use std::sync::OnceLock;
-    use std::time::Instant;
-
-    use log::{LevelFilter, Log, Metadata, Record};
-
-    struct StderrLogger {
-        start: Instant,
-        level: LevelFilter,
-    }
-
-    static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
-
-    impl Log for StderrLogger {
-        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-            metadata.level() <= self.level
-        }
-
-        fn log(&self, record: &Record<'_>) {
-            if !self.enabled(record.metadata()) {
-                return;
-            }
-            let t = self.start.elapsed();
-            // One write per line so lines from different threads don't interleave.
-            let line = format!(
-                "offload_daemon: {}.{:06}s: {}: {}\n",
-                t.as_secs(),
-                t.subsec_micros(),
-                record.level(),
-                record.args()
-            );
-            // Nowhere to report a failing stderr.
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-        }
-
-        fn flush(&self) {
-            let _ = std::io::stderr().flush();
-        }
-    }
-
-    /// Info by default (the spec's default), `-v` debug, or `RUST_LOG` if set.
-    pub fn init(verbose: u8) {
-        let from_env = std::env::var("RUST_LOG")
-            .ok()
-            .and_then(|v| v.parse::<LevelFilter>().ok());
-        let level = from_env.unwrap_or(match verbose {
-            0 => LevelFilter::Info,
-            1 => LevelFilter::Debug,
-            _ => LevelFilter::Trace,
-        });
-        let logger = LOGGER.get_or_init(|| StderrLogger {
-            start: Instant::now(),
-            level,
-        });
-        if log::set_logger(logger).is_ok() {
-            log::set_max_level(level);
-        }
-    }
+/// Info by default (the spec's default), `-v` debug, or `RUST_LOG` if set.
+fn log_level(verbose: u8) -> log::LevelFilter {
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<log::LevelFilter>().ok());
+    from_env.unwrap_or(match verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    })
 }
