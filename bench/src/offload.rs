@@ -10,6 +10,7 @@ use anyhow::{Context, ensure};
 use test_infra::daemon::DaemonProcess;
 use test_infra::{TempDir, VmmBuilder};
 
+use crate::snapshot::peak_rss_mib;
 use crate::{Ctx, Sample, Scenario};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -32,11 +33,6 @@ fn daemon_path(ctx: &Ctx) -> anyhow::Result<PathBuf> {
         path.display()
     );
     Ok(path)
-}
-
-/// Peak resident set of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    Ok(test_infra::procfs::peak_rss_kib(pid)? as f64 / 1024.0)
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
@@ -200,24 +196,12 @@ impl Scenario for Offload {
         let resume_time = start.elapsed();
         ensure!(received.status == 204, "receive: {}", received.body);
         let mut daemon_rss = 0.0f64;
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let progress = loop {
-            if let Ok(rss) = peak_rss_mib(server.pid()) {
+        let daemon_pid = server.pid();
+        let progress = crate::snapshot::wait_memory_restored(&od, STEP_TIMEOUT, || {
+            if let Ok(rss) = peak_rss_mib(daemon_pid) {
                 daemon_rss = daemon_rss.max(rss);
             }
-            let p = od.vm_info()?["memory_restore"].clone();
-            if p["complete"] == true {
-                break p;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "on-demand restore not complete: {p}"
-            );
-            // Progress is only visible through the API; poll it.
-            test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
-                Ok::<Option<()>, std::io::Error>(None)
-            })?;
-        };
+        })?;
         let status = server
             .wait_exit(STEP_TIMEOUT)?
             .context("daemon did not exit")?;

@@ -41,8 +41,32 @@ fn data_bytes(snap: &Path) -> anyhow::Result<u64> {
         .sum())
 }
 
+/// Polls vm.info until its on-demand restore is complete (progress is only visible
+/// through the API) and returns the final `memory_restore`; `each` runs on every poll.
+pub fn wait_memory_restored(
+    vmm: &test_infra::VmmProcess,
+    timeout: Duration,
+    mut each: impl FnMut(),
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        each();
+        let p = vmm.vm_info()?["memory_restore"].clone();
+        if p["complete"] == true {
+            return Ok(p);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "on-demand restore not complete: {p}"
+        );
+        test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
+            Ok::<Option<()>, std::io::Error>(None)
+        })?;
+    }
+}
+
 /// Peak resident set of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(test_infra::procfs::peak_rss_kib(pid)? as f64 / 1024.0)
 }
 
@@ -97,22 +121,7 @@ impl SnapshotRestore {
                 "MiB/s",
             ));
         } else {
-            let deadline = Instant::now() + FILL_TIMEOUT;
-            let progress = loop {
-                let info = vmm.vm_info()?;
-                let p = info["memory_restore"].clone();
-                if p["complete"] == true {
-                    break p;
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "on-demand restore not complete: {p}"
-                );
-                // Progress is only visible through the API; poll it.
-                test_infra::wait::poll_until(Instant::now() + Duration::from_millis(5), || {
-                    Ok::<Option<()>, std::io::Error>(None)
-                })?;
-            };
+            let progress = wait_memory_restored(&vmm, FILL_TIMEOUT, || {})?;
             let resident =
                 Duration::from_millis(progress["completed_after_ms"].as_u64().unwrap_or(0));
             let num = |k: &str| progress[k].as_u64().unwrap_or(0) as f64;

@@ -186,25 +186,10 @@ impl OnDemandMemory {
         source: Arc<dyn UffdMemorySource>,
         events: Sender<VmmEvent>,
     ) -> Result<Self, Error> {
-        // Faults come from KVM inside the kernel, so not user-mode only.
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(Error::Create)?;
-        for r in &regions {
-            uffd.register_with_mode(
-                r.host as *mut libc::c_void,
-                r.size as usize,
-                RegisterMode::MISSING,
-            )
-            .map_err(|source| Error::Register {
-                host: r.host,
-                size: r.size,
-                source,
-            })?;
-        }
+        let uffd = registered_uffd(
+            regions.iter().map(|r| (r.host, r.size)),
+            RegisterMode::MISSING,
+        )?;
         let total_pages = (0..regions.len())
             .map(|i| crate::sparse::total_len(source.extents(i)) / PAGE_SIZE)
             .sum();
@@ -563,6 +548,25 @@ impl Shared {
         unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
         self.progress.mark_complete("from the snapshot");
     }
+}
+
+/// A userfaultfd with every `(host, size)` range registered in `mode`. Faults come from
+/// KVM inside the kernel, so it is not user-mode only.
+pub(super) fn registered_uffd(
+    regions: impl Iterator<Item = (u64, u64)>,
+    mode: RegisterMode,
+) -> Result<Uffd, Error> {
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map_err(Error::Create)?;
+    for (host, size) in regions {
+        uffd.register_with_mode(host as *mut libc::c_void, size as usize, mode)
+            .map_err(|source| Error::Register { host, size, source })?;
+    }
+    Ok(uffd)
 }
 
 /// Takes guest RAM out of userfaultfd's hands once every page that matters is in.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd};
 use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
@@ -86,24 +86,11 @@ impl PeerFilledMemory {
         stream: Stream,
         events: Sender<VmmEvent>,
     ) -> Result<Self, Error> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(Error::Create)?;
-        for r in &regions {
-            uffd.register_with_mode(
-                r.host as *mut libc::c_void,
-                r.size as usize,
-                RegisterMode::MISSING | RegisterMode::MINOR,
-            )
-            .map_err(|source| Error::Register {
-                host: r.host,
-                size: r.size,
-                source,
-            })?;
-        }
+        // MISSING and MINOR together: see the module docs.
+        let uffd = super::handler::registered_uffd(
+            regions.iter().map(|r| (r.host, r.size)),
+            RegisterMode::MISSING | RegisterMode::MINOR,
+        )?;
         let progress = Arc::new(Progress {
             total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
             started: Mutex::new(Some(Instant::now())),
