@@ -35,7 +35,7 @@ pub enum Error {
     Protocol(#[from] vm_migration::Error),
     #[error("the sender sent {got} while the daemon expected {expected}")]
     UnexpectedCommand {
-        got: &'static str,
+        got: vm_migration::Command,
         expected: &'static str,
     },
     #[error(
@@ -117,20 +117,6 @@ impl Phase {
     }
 }
 
-fn command_name(r: &Request) -> &'static str {
-    match r {
-        Request::Start { .. } => "Start",
-        Request::Config(_) => "Config",
-        Request::State(_) => "State",
-        Request::Memory(_) => "Memory",
-        Request::Complete => "Complete",
-        Request::CompletePaused => "CompletePaused",
-        Request::Abandon => "Abandon",
-        Request::MemoryFd => "MemoryFd",
-        Request::PageFault(_) => "PageFault",
-    }
-}
-
 /// What has arrived so far.
 #[derive(Default)]
 struct Received {
@@ -158,7 +144,7 @@ fn serve(conn: &UnixStream, output_dir: &Path) -> Result<(), Error> {
                 reply_error(conn);
             }
         })?;
-        let name = command_name(&request);
+        let name = request.command();
         log::debug!("received {name}");
         let step = match (phase, request) {
             (_, Request::Abandon) => {

@@ -62,6 +62,23 @@ pub enum Request {
     PageFault(crate::memory::MemoryRange),
 }
 
+impl Request {
+    /// The command this request came as.
+    pub fn command(&self) -> Command {
+        match self {
+            Request::Start { .. } => Command::Start,
+            Request::Config(_) => Command::Config,
+            Request::State(_) => Command::State,
+            Request::Memory(_) => Command::Memory,
+            Request::Complete => Command::Complete,
+            Request::CompletePaused => Command::CompletePaused,
+            Request::Abandon => Command::Abandon,
+            Request::MemoryFd => Command::MemoryFd,
+            Request::PageFault(_) => Command::PageFault,
+        }
+    }
+}
+
 /// Reads one request: the header, then the payload as its command defines it.
 ///
 /// Errors: unknown command, the `Invalid` command, a payload length that the command does

@@ -40,7 +40,7 @@ pub enum Error {
     Protocol(#[source] vm_migration::Error),
     #[error("the sender sent {got} while the receiver expected {expected}")]
     UnexpectedCommand {
-        got: &'static str,
+        got: vm_migration::Command,
         expected: &'static str,
     },
     #[error("memory fds can only be passed over a UNIX socket")]
@@ -262,7 +262,7 @@ fn memory_worker(stream: &mut Stream, mem: &GuestMemoryMmap) -> Result<()> {
         };
         let Request::Memory(table) = request else {
             return Err(Error::UnexpectedCommand {
-                got: request_name(&request),
+                got: request.command(),
                 expected: "Memory on a memory connection",
             });
         };
@@ -274,20 +274,6 @@ fn memory_worker(stream: &mut Stream, mem: &GuestMemoryMmap) -> Result<()> {
         };
         send_response(stream, status, &[]).map_err(Error::Protocol)?;
         result?;
-    }
-}
-
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Start { .. } => "Start",
-        Request::Config(_) => "Config",
-        Request::State(_) => "State",
-        Request::Memory(_) => "Memory",
-        Request::Complete => "Complete",
-        Request::CompletePaused => "CompletePaused",
-        Request::Abandon => "Abandon",
-        Request::MemoryFd => "MemoryFd",
-        Request::PageFault(_) => "PageFault",
     }
 }
 
@@ -353,7 +339,7 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> 
         }
         if let Some(resume) = result? {
             let mut vm = receiver.vm.take().ok_or(Error::UnexpectedCommand {
-                got: "Complete",
+                got: vm_migration::Command::Complete,
                 expected: "State first",
             })?;
             vm.start(!resume).map_err(Error::Vm)?;
@@ -378,7 +364,7 @@ impl Receiver {
     /// Handles one request. `Ok(Some(resume))` once Complete/CompletePaused arrived.
     fn handle(&mut self, request: Request, main: &mut Stream) -> Result<Option<bool>> {
         let unexpected = |got: &Request, expected| Error::UnexpectedCommand {
-            got: request_name(got),
+            got: got.command(),
             expected,
         };
         match (self.phase, request) {
