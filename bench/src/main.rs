@@ -116,7 +116,22 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
             touched_mib: 256,
             rate: Some(64),
             transport,
+            postcopy: false,
         }));
+    }
+    // Post-copy beside pre-copy on the same guests.
+    for (ram_mib, touched_mib) in [(1024, 768), (4096, 3072)] {
+        for transport in [Transport::Tcp { connections: 1 }, Transport::Unix] {
+            for postcopy in [false, true] {
+                all.push(Box::new(Migrate {
+                    ram_mib,
+                    touched_mib,
+                    rate: Some(64),
+                    transport,
+                    postcopy,
+                }));
+            }
+        }
     }
     for transport in [Transport::Tcp { connections: 4 }, Transport::Local] {
         for rate in [None, Some(64), Some(256)] {
@@ -125,6 +140,7 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
                 touched_mib: 1024,
                 rate,
                 transport,
+                postcopy: false,
             }));
         }
     }

@@ -1,6 +1,11 @@
 //! Live migration between two VMM processes: a guest of `ram_mib` that keeps rewriting
 //! `touched_mib` at `rate` MiB/s migrates over UNIX, TCP (1 or 4 connections) or locally
-//! (memfds handed over). The destination must go on ticking cleanly with the nonce.
+//! (memfds handed over), pre-copy or post-copy. The destination must go on ticking
+//! cleanly with the nonce.
+//!
+//! Post-copy adds what happens after the switch: time until every page is on the
+//! destination, fault latency, and how well the guest keeps going meanwhile (its tick
+//! rate and its page-write rate during the transfer, against the same guest before).
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,45 @@ pub struct Migrate {
     /// Guest dirty rate in MiB/s; `None` = the guest only reads (mode=fill).
     pub rate: Option<u64>,
     pub transport: Transport,
+    pub postcopy: bool,
+}
+
+/// Guest tick period in the benchmark: short, so the tick rate during a post-copy
+/// transfer of a second or less is still measured over several ticks.
+const TICK_MS: u64 = 50;
+
+/// Tick lines in the serial log so far: how many, and the last one.
+fn tick_count(serial: &std::path::Path) -> anyhow::Result<(u64, Option<test_infra::Tick>)> {
+    let text = std::fs::read_to_string(serial)?;
+    let mut n = 0;
+    let mut last = None;
+    for t in text.lines().filter_map(|l| test_infra::Tick::parse(l).ok()) {
+        n += 1;
+        last = Some(t);
+    }
+    Ok((n, last))
+}
+
+/// Ticks per second and page writes per second over a wall-clock window.
+struct Pace {
+    ticks_per_s: f64,
+    writes_per_s: f64,
+}
+
+fn pace(
+    start: (u64, Option<test_infra::Tick>),
+    end: (u64, Option<test_infra::Tick>),
+    took: Duration,
+) -> Pace {
+    let secs = took.as_secs_f64().max(1e-3);
+    let writes = match (start.1, end.1) {
+        (Some(a), Some(b)) => b.generation.saturating_sub(a.generation) as f64,
+        _ => 0.0,
+    };
+    Pace {
+        ticks_per_s: end.0.saturating_sub(start.0) as f64 / secs,
+        writes_per_s: writes / secs,
+    }
 }
 
 impl Scenario for Migrate {
@@ -37,8 +81,9 @@ impl Scenario for Migrate {
         let rate = self
             .rate
             .map_or("read-only".to_string(), |r| format!("dirty{r}M/s"));
+        let mode = if self.postcopy { "postcopy" } else { "precopy" };
         format!(
-            "migrate/{t}/{}M_ram/{}M_touched/{rate}",
+            "migrate/{mode}/{t}/{}M_ram/{}M_touched/{rate}",
             self.ram_mib, self.touched_mib
         )
     }
@@ -58,7 +103,7 @@ impl Scenario for Migrate {
         let mut src = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-mig-src")
             .kernel(&ctx.kernel)
-            .cmdline(format!("mem={}M {mode} tick=100", self.touched_mib))
+            .cmdline(format!("mem={}M {mode} tick={TICK_MS}", self.touched_mib))
             .cpus(2)
             .memory(format!(
                 "size={}M,shared={}",
@@ -72,6 +117,15 @@ impl Scenario for Migrate {
         let (ready_idx, _) = src.wait_ready(boot_idx + 1, STEP_TIMEOUT)?;
         let (_, ticks) = src.wait_ticks(2, ready_idx + 1, STEP_TIMEOUT)?;
         let nonce = ticks[0].nonce;
+        // The guest's own pace before the migration, to compare the transfer against.
+        let normal = if self.postcopy {
+            let a = (tick_count(&serial)?, Instant::now());
+            std::thread::sleep(Duration::from_secs(1));
+            let b = tick_count(&serial)?;
+            Some(pace(a.0, b, a.1.elapsed()))
+        } else {
+            None
+        };
 
         let mut dest = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-mig-dst")
@@ -91,10 +145,15 @@ impl Scenario for Migrate {
                 format!(r#","connections":{connections}"#),
             ),
         };
+        let options = if self.postcopy {
+            format!(r#"{options},"postcopy":true"#)
+        } else {
+            options
+        };
         let receiver = test_infra::migration::receive_in_background(
             dest.api_socket().context("destination socket")?,
             &url,
-            false,
+            self.postcopy,
             STEP_TIMEOUT,
         )?;
         let start = Instant::now();
@@ -116,6 +175,24 @@ impl Scenario for Migrate {
             received.status,
             received.body
         );
+        // Post-copy: the destination runs now and pulls memory until every page is in.
+        let mut transfer = None;
+        if self.postcopy {
+            let at_switch = (tick_count(&serial)?, Instant::now());
+            let restore = loop {
+                let r = dest.vm_info()?["memory_restore"].clone();
+                if r["complete"] == true {
+                    break r;
+                }
+                ensure!(
+                    at_switch.1.elapsed() < STEP_TIMEOUT,
+                    "memory never completed: {r}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let during = pace(at_switch.0, tick_count(&serial)?, at_switch.1.elapsed());
+            transfer = Some((restore, during));
+        }
         let exit = src.expect_exit(STEP_TIMEOUT)?;
         ensure!(exit.success(), "source exited with {exit}");
         let finished = src
@@ -147,6 +224,42 @@ impl Scenario for Migrate {
             Sample::new("iterations", prop("iterations"), "count"),
             Sample::new("sent", bytes / (1 << 20) as f64, "MiB"),
         ];
+        if let (Some((restore, during)), Some(normal)) = (&transfer, &normal) {
+            let num = |k: &str| restore[k].as_f64().unwrap_or(0.0);
+            samples.push(Sample::new(
+                "fully_resident",
+                num("completed_after_ms"),
+                "ms",
+            ));
+            samples.push(Sample::new("faults", num("faults"), "count"));
+            samples.push(Sample::new("fault_p50", num("fault_p50_us"), "us"));
+            samples.push(Sample::new("fault_p99", num("fault_p99_us"), "us"));
+            samples.push(Sample::new(
+                "pulled",
+                num("bytes_fetched") / (1 << 20) as f64,
+                "MiB",
+            ));
+            if num("completed_after_ms") > 0.0 {
+                samples.push(Sample::new(
+                    "pull_rate",
+                    num("bytes_fetched") / (1 << 20) as f64 / (num("completed_after_ms") / 1e3),
+                    "MiB/s",
+                ));
+            }
+            let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
+            samples.push(Sample::new(
+                "tick_rate_during_transfer",
+                pct(during.ticks_per_s, normal.ticks_per_s),
+                "%",
+            ));
+            if self.rate.is_some() {
+                samples.push(Sample::new(
+                    "write_rate_during_transfer",
+                    pct(during.writes_per_s, normal.writes_per_s),
+                    "%",
+                ));
+            }
+        }
         if total_ms > 0.0 && bytes > 0.0 {
             samples.push(Sample::new(
                 "throughput",

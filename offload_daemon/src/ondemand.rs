@@ -127,7 +127,7 @@ fn serve(slots: &[Slot], fault: &mut UnixStream) -> Result<(), ServeError> {
                 write_range(slots, range.gpa, range.length)?;
                 send_page_written_to_memfd(fault).map_err(ServeError::Protocol)?;
             }
-            Ok(Some(FaultRequest::Abandon)) => {
+            Ok(Some(FaultRequest::Abandon | FaultRequest::Complete)) => {
                 let _ = vm_migration::send_response(fault, vm_migration::Status::Ok, &[]);
                 return Ok(());
             }

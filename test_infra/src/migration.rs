@@ -15,14 +15,15 @@ pub fn free_tcp_port() -> std::io::Result<u16> {
 
 /// Waits until a receiver listens on `url` (`unix:<path>` or `tcp:<host>:<port>`). It
 /// cannot be asked: its control loop is busy receiving, and a probe connection would
-/// become its main connection. So this watches the socket file, or the kernel's table of
-/// listening TCP sockets.
+/// become its main connection. So this watches the kernel's tables of listening sockets
+/// (the socket file alone is not enough: bind creates it before listen, and a connect in
+/// between is refused).
 pub fn wait_listening(url: &str, timeout: Duration) -> std::io::Result<bool> {
     let found = poll_until(
         Instant::now() + timeout,
         || -> std::io::Result<Option<()>> {
             Ok(match url.strip_prefix("unix:") {
-                Some(path) => Path::new(path).exists().then_some(()),
+                Some(path) => unix_listening(Path::new(path))?.then_some(()),
                 None => {
                     let port: u16 = url
                         .rsplit(':')
@@ -41,6 +42,20 @@ pub fn wait_listening(url: &str, timeout: Duration) -> std::io::Result<bool> {
         },
     )?;
     Ok(found.is_some())
+}
+
+/// Whether a UNIX stream socket bound to `path` is listening (`/proc/net/unix`: the
+/// flags column has `__SO_ACCEPTCON`, 0x10000, once listen() ran).
+fn unix_listening(path: &Path) -> std::io::Result<bool> {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let table = std::fs::read_to_string("/proc/net/unix")?;
+    let wanted = path.to_string_lossy();
+    Ok(table.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == wanted
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|f| f & SO_ACCEPTCON != 0)
+    }))
 }
 
 /// Runs `vm.receive-migration` for `url` on the VMM behind `api_socket` in a thread (the

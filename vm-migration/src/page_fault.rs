@@ -40,6 +40,12 @@ pub enum FaultRequest {
     PageFault(MemoryRange),
     /// The destination gives up: answer `Ok` and stop serving.
     Abandon,
+    /// Our extension: every page is in place on the destination, which takes over the
+    /// VM for good. Answer `Ok`; the source may now discard its copy. Sent only to a
+    /// source that announced it in its state (a Cloud Hypervisor source would fail on
+    /// it), so a source that expects it can tell a finished transfer from a destination
+    /// that died (both end in EOF otherwise).
+    Complete,
 }
 
 /// Destination side: sends one `PageFault` request.
@@ -114,8 +120,9 @@ pub fn read_fault_request<R: Read>(r: &mut R, max_len: u64) -> Result<Option<Fau
             r, &header, max_len,
         )?))),
         Command::Abandon if header.length() == 0 => Ok(Some(FaultRequest::Abandon)),
-        Command::Abandon => Err(Error::PayloadLength {
-            command: Command::Abandon,
+        Command::Complete if header.length() == 0 => Ok(Some(FaultRequest::Complete)),
+        command @ (Command::Abandon | Command::Complete) => Err(Error::PayloadLength {
+            command,
             got: header.length(),
             expected: 0,
         }),
@@ -124,6 +131,18 @@ pub fn read_fault_request<R: Read>(r: &mut R, max_len: u64) -> Result<Option<Fau
             expected: "PageFault or Abandon on a fault connection",
         }),
     }
+}
+
+/// Destination side: tells a source that asked for it that every page is in place
+/// ([`FaultRequest::Complete`]) and waits for its `Ok`.
+pub fn send_fault_complete<S: Read + Write>(s: &mut S) -> Result<()> {
+    write_message(
+        s,
+        &RequestHeader::complete().to_bytes(),
+        &[],
+        "writing Complete on the fault connection",
+    )?;
+    crate::framing::expect_ok(s)
 }
 
 /// Source side, shared memfd: the page has been written into the memfd; answers
@@ -333,6 +352,26 @@ mod tests {
         assert!(matches!(e, Error::ConnectionClosed { .. }));
     }
 
+    struct Duplex<'a> {
+        input: &'a mut Cursor<Vec<u8>>,
+        output: &'a mut Vec<u8>,
+    }
+
+    impl Read for Duplex<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Duplex<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn abandon_and_clean_end() {
         let mut wire = RequestHeader::abandon().to_bytes().to_vec();
@@ -342,6 +381,29 @@ mod tests {
             Some(FaultRequest::Abandon)
         );
         assert_eq!(read_fault_request(&mut r, 4096).unwrap(), None);
+        let mut both = Vec::new();
+        let mut done = Cursor::new(Vec::new());
+        done.get_mut()
+            .extend_from_slice(&ResponseHeader::ok().to_bytes());
+        let mut duplex = Duplex {
+            input: &mut done,
+            output: &mut both,
+        };
+        send_fault_complete(&mut duplex).unwrap();
+        assert_eq!(both, RequestHeader::complete().to_bytes());
+        assert_eq!(
+            read_fault_request(&mut Cursor::new(both), 4096).unwrap(),
+            Some(FaultRequest::Complete)
+        );
+        let mut long_complete = RequestHeader::complete().to_bytes();
+        long_complete[8] = 1;
+        assert!(matches!(
+            read_fault_request(&mut Cursor::new(long_complete.to_vec()), 4096),
+            Err(Error::PayloadLength {
+                command: Command::Complete,
+                ..
+            })
+        ));
         wire[8] = 1;
         assert!(matches!(
             read_fault_request(&mut Cursor::new(wire), 4096),

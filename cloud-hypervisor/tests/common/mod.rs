@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test file uses a different subset.
 
+pub mod migration;
+
 use std::time::Duration;
 
 use test_infra::{Binaries, Tick, VmmBuilder, VmmProcess};

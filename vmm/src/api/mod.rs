@@ -82,7 +82,8 @@ pub struct VmInfoResponse {
 /// An outgoing migration's progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationProgress {
-    /// setup, iterating, paused, completed or failed.
+    /// setup, iterating, paused, postcopy (the destination runs and pulls memory),
+    /// completed or failed.
     pub phase: String,
     pub iteration: u64,
     pub bytes_sent: u64,
@@ -92,6 +93,8 @@ pub struct MigrationProgress {
     pub estimated_downtime_ms: u64,
     /// How long the VM was paused (final iteration, state, Complete).
     pub downtime_ms: u64,
+    /// Post-copy: PageFault requests the destination made of this VM.
+    pub postcopy_requests: u64,
 }
 
 /// How far an on-demand restore has filled guest RAM.
@@ -111,6 +114,9 @@ pub struct MemoryRestoreProgress {
     pub complete: bool,
     /// Milliseconds from the start of the restore until every page was in (0 until then).
     pub completed_after_ms: u64,
+    /// Bytes read from the source: the snapshot files, or pulled from a post-copy
+    /// migration source.
+    pub bytes_fetched: u64,
 }
 
 /// A successful answer; `Empty` becomes HTTP 204.

@@ -9,7 +9,7 @@ use super::options::{Key, Options, OptionsError, Toggle, value};
 use crate::migration::MigrationUrl;
 use crate::migration::send::{SendParams, TimeoutStrategy};
 
-/// Pre-copy (the only mode so far) or post-copy.
+/// Pre-copy (memory before the switch) or post-copy (after it, pulled by the destination).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum MemoryMode {
     #[default]
@@ -41,8 +41,13 @@ pub enum ParamsError {
     PreserveNeedsLocal,
     #[error("tls_dir is not supported by this VMM")]
     Tls,
-    #[error("post-copy migration is not supported yet; use memory_mode=precopy")]
-    Postcopy,
+    #[error("postcopy=on cannot be combined with local=on (local mode copies no memory)")]
+    PostcopyWithLocal,
+    #[error(
+        "postcopy=on cannot be combined with connections > 1 (post-copy opens its own fault \
+         connections)"
+    )]
+    PostcopyWithConnections,
 }
 
 fn parse_case_insensitive<T: Copy>(
@@ -142,9 +147,7 @@ impl SendMigrationConfig {
         if self.tls_dir.is_some() {
             return Err(ParamsError::Tls);
         }
-        if self.postcopy || self.memory_mode == MemoryMode::Postcopy {
-            return Err(ParamsError::Postcopy);
-        }
+        let postcopy = self.postcopy || self.memory_mode == MemoryMode::Postcopy;
         if self.downtime_ms == 0 {
             return Err(ParamsError::Zero {
                 field: "downtime_ms",
@@ -170,6 +173,12 @@ impl SendMigrationConfig {
         if self.preserve_source && !self.local {
             return Err(ParamsError::PreserveNeedsLocal);
         }
+        if postcopy && self.local {
+            return Err(ParamsError::PostcopyWithLocal);
+        }
+        if postcopy && connections > 1 {
+            return Err(ParamsError::PostcopyWithConnections);
+        }
         Ok(SendParams {
             url,
             local: self.local,
@@ -178,6 +187,7 @@ impl SendMigrationConfig {
             timeout: Duration::from_secs(self.timeout_s),
             timeout_strategy: parse_strategy(&self.timeout_strategy)?,
             preserve_source: self.preserve_source,
+            postcopy,
         })
     }
 }
@@ -317,8 +327,12 @@ mod tests {
                 "cancel or ignore",
             ),
             (
-                r#"{"destination_url":"tcp:h:1","memory_mode":"Postcopy"}"#,
-                "post-copy",
+                r#"{"destination_url":"unix:/s","memory_mode":"Postcopy","local":true}"#,
+                "local=on",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","postcopy":true,"connections":2}"#,
+                "fault connections",
             ),
             (r#"{"destination_url":"http://x"}"#, "migration URL"),
             (
@@ -343,6 +357,26 @@ mod tests {
             parse_send_migration("destination_url=unix:/s,local=on,preserve_source=on").unwrap();
         assert!(c.params().unwrap().local);
         assert!(parse_send_migration("destination_url=unix:/s,speed=fast").is_err());
+        for opts in [
+            "destination_url=tcp:h:1,postcopy=on",
+            "destination_url=tcp:h:1,memory_mode=postcopy",
+            "destination_url=unix:/s,memory_mode=Postcopy",
+        ] {
+            assert!(
+                parse_send_migration(opts)
+                    .unwrap()
+                    .params()
+                    .unwrap()
+                    .postcopy,
+                "{opts}"
+            );
+        }
+        assert!(!body(r#"{"destination_url":"tcp:h:1"}"#).unwrap().postcopy);
+        assert!(
+            body(r#"{"destination_url":"tcp:h:1","memory_mode":"Postcopy"}"#)
+                .unwrap()
+                .postcopy
+        );
         let r = parse_receive_migration("receiver_url=unix:/tmp/r.sock").unwrap();
         assert_eq!(r.url().unwrap(), MigrationUrl::Unix("/tmp/r.sock".into()));
         let r = parse_receive_migration("receiver_url=unix:/x,memory_mode=postcopy").unwrap();

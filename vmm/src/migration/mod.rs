@@ -2,6 +2,7 @@
 //! live migration (URLs, transport, the Config payload, sending and receiving).
 
 pub mod config;
+pub mod postcopy;
 pub mod receive;
 pub mod send;
 pub mod store;

@@ -19,10 +19,12 @@ use vm_migration::{
 };
 
 use super::config::VmMigrationConfig;
+use super::postcopy::{self, PostcopyState};
 use super::transport::{Listener, Stream};
 use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::state::StateTree;
+use crate::uffd::remote::{RemoteRegion, RemoteSource};
 use crate::vm::{self, Vm};
 use crate::vmm::VmmEvent;
 
@@ -82,6 +84,20 @@ pub enum Error {
     UnexpectedFaultConnection,
     #[error("on-demand memory")]
     PeerMemory(#[source] vm::Error),
+    #[error(
+        "the sender pushes guest memory (pre-copy) but this receiver was started with \
+         postcopy=on; use the same memory_mode on both ends"
+    )]
+    PrecopySender,
+    #[error(
+        "the sender is in post-copy mode (its state says so) but this receiver was not; \
+         receive with postcopy=on"
+    )]
+    PostcopySender,
+    #[error("the post-copy part of the state is malformed")]
+    BadPostcopyState(#[source] serde_json::Error),
+    #[error("cannot set up the fault connections")]
+    FaultConnections(#[source] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -137,7 +153,12 @@ struct MemoryConnections {
 }
 
 impl MemoryConnections {
-    fn start(listener: Arc<Listener>, url: MigrationUrl, mem: GuestMemoryMmap) -> Self {
+    fn start(
+        listener: Arc<Listener>,
+        url: MigrationUrl,
+        mem: GuestMemoryMmap,
+        postcopy: bool,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let workers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
@@ -145,7 +166,7 @@ impl MemoryConnections {
         let (fault_tx, faults) = std::sync::mpsc::channel();
         let acceptor = std::thread::Builder::new()
             .name("migration-accept".into())
-            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem, &fault_tx))
+            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem, &fault_tx, postcopy))
             .ok();
         MemoryConnections {
             stop,
@@ -157,9 +178,14 @@ impl MemoryConnections {
         }
     }
 
+    /// The first error a memory connection hit so far, if any.
+    fn first_error(&self) -> Option<String> {
+        lock(&self.errors).first().cloned()
+    }
+
     /// Stops accepting, waits for every memory connection to finish, and reports the
-    /// first error any of them hit. Returns the first fault connection, if any came.
-    fn finish(mut self) -> Result<Option<Stream>> {
+    /// first error any of them hit. Returns the fault connections that came, in order.
+    fn finish(mut self) -> Result<Vec<Stream>> {
         self.stop.store(true, Ordering::Release);
         wake_acceptor(&self.url);
         if let Some(a) = self.acceptor.take() {
@@ -171,7 +197,7 @@ impl MemoryConnections {
         }
         match lock(&self.errors).first() {
             Some(e) => Err(Error::MemoryConnection(e.clone())),
-            None => Ok(self.faults.try_recv().ok()),
+            None => Ok(self.faults.try_iter().collect()),
         }
     }
 }
@@ -209,6 +235,7 @@ fn accept_loop(
     workers: &Mutex<Vec<JoinHandle<()>>>,
     mem: &GuestMemoryMmap,
     faults: &std::sync::mpsc::Sender<Stream>,
+    postcopy: bool,
 ) {
     loop {
         let mut stream = match listener.accept() {
@@ -223,6 +250,9 @@ fn accept_loop(
         let role = read_role(&mut stream);
         let _ = stream.set_read_timeout(None);
         match role {
+            Ok(ConnectionRole::PrecopyMemory) if postcopy => {
+                lock(errors).push(Error::PrecopySender.to_string());
+            }
             Ok(ConnectionRole::PrecopyMemory) => {
                 let (worker_errors, mem) = (errors.clone(), mem.clone());
                 let spawned = std::thread::Builder::new()
@@ -289,8 +319,9 @@ impl Drop for UnlinkOnDrop {
 }
 
 /// Receives a VM on `url`. Returns it running (Complete) or paused (CompletePaused).
-/// `postcopy`: guest memory arrives on demand from the sender over a fault connection
-/// (an offload daemon restoring `--ondemand`), into the memfds it passed.
+/// `postcopy`: guest memory arrives on demand from the sender over fault connections,
+/// after the VM runs: written by the sender into the memfds it passed (an offload daemon
+/// restoring `--ondemand`), or pulled inline from a post-copy source VMM.
 pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> Result<Vm> {
     let listener = Listener::bind(url).map_err(|source| Error::Listen {
         url: url.clone(),
@@ -314,6 +345,7 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> 
         url: url.clone(),
         events,
         postcopy,
+        peer_memfds: false,
     };
     let limits = Limits::default();
     loop {
@@ -358,6 +390,8 @@ struct Receiver {
     url: MigrationUrl,
     events: Sender<VmmEvent>,
     postcopy: bool,
+    /// The sender passed memfds: in post-copy it fills them itself.
+    peer_memfds: bool,
 }
 
 impl Receiver {
@@ -391,34 +425,14 @@ impl Receiver {
                 self.phase = Phase::Configured;
                 Ok(None)
             }
+            (Phase::Configured, Request::Memory(_)) if self.postcopy => Err(Error::PrecopySender),
             (Phase::Configured, Request::Memory(table)) => {
                 let vm = self.vm.as_ref().ok_or(Error::LayoutMismatch)?;
                 receive_memory(main, vm.memory().guest_memory(), &table)?;
                 Ok(None)
             }
             (Phase::Configured, Request::State(bytes)) => {
-                let mut fault = None;
-                if let Some(c) = self.connections.take() {
-                    // The sender opens its fault connection before State; give a slow
-                    // one a bounded while before the acceptor stops.
-                    if self.postcopy {
-                        fault = c.faults.recv_timeout(FAULT_CONNECTION_WAIT).ok();
-                    }
-                    if let Some(late) = c.finish()? {
-                        fault = fault.or(Some(late));
-                    }
-                }
-                let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
-                match (self.postcopy, fault) {
-                    (true, Some(stream)) => {
-                        vm.enable_peer_memory(stream).map_err(Error::PeerMemory)?;
-                    }
-                    (true, None) => return Err(Error::NoFaultConnection),
-                    (false, Some(_)) => return Err(Error::UnexpectedFaultConnection),
-                    (false, None) => {}
-                }
-                let tree: StateTree = serde_json::from_slice(&bytes).map_err(Error::BadState)?;
-                vm.apply_state(tree).map_err(Error::Vm)?;
+                self.apply_state(&bytes)?;
                 self.phase = Phase::StateReceived;
                 Ok(None)
             }
@@ -431,9 +445,65 @@ impl Receiver {
         }
     }
 
+    /// Takes the fault connections (post-copy), sets up on-demand memory before anything
+    /// can touch guest RAM, then applies the state.
+    fn apply_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let mut faults = Vec::new();
+        if let Some(c) = self.connections.take() {
+            if self.postcopy {
+                if let Some(e) = c.first_error() {
+                    return Err(Error::MemoryConnection(e));
+                }
+                // The sender opens its fault connections before State; give a slow one
+                // a bounded while before the acceptor stops.
+                faults.extend(c.faults.recv_timeout(FAULT_CONNECTION_WAIT).ok());
+            }
+            faults.extend(c.finish()?);
+        }
+        let mut tree: StateTree = serde_json::from_slice(bytes).map_err(Error::BadState)?;
+        let postcopy_state: Option<PostcopyState> = tree
+            .components
+            .remove(postcopy::STATE_ID)
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(Error::BadPostcopyState)?;
+        let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
+        match (self.postcopy, faults.is_empty()) {
+            (true, true) => return Err(Error::NoFaultConnection),
+            (false, false) => return Err(Error::UnexpectedFaultConnection),
+            (false, true) if postcopy_state.is_some() => return Err(Error::PostcopySender),
+            (false, true) => {}
+            // Memfds from the peer (an offload daemon): it writes pages into them.
+            (true, false) if self.peer_memfds => {
+                vm.enable_peer_memory(faults.remove(0))
+                    .map_err(Error::PeerMemory)?;
+            }
+            // Our own RAM: pages come inline over the fault connections.
+            (true, false) => {
+                let regions = vm
+                    .memory()
+                    .mappings()
+                    .iter()
+                    .map(|m| RemoteRegion {
+                        gpa: m.gpa,
+                        size: m.size,
+                    })
+                    .collect();
+                let data = postcopy_state.as_ref().map(PostcopyState::ranges);
+                let confirm = postcopy_state.as_ref().is_some_and(|s| s.confirm_complete);
+                let source = RemoteSource::new(regions, data.as_deref(), faults, confirm)
+                    .map_err(Error::FaultConnections)?;
+                vm.enable_on_demand(Arc::new(source))
+                    .map_err(Error::PeerMemory)?;
+            }
+        }
+        vm.apply_state(tree).map_err(Error::Vm)
+    }
+
     fn configure(&mut self, bytes: &[u8]) -> Result<()> {
         let config: VmMigrationConfig = serde_json::from_slice(bytes).map_err(Error::BadConfig)?;
         let mappings = config.mappings();
+        self.peer_memfds = !self.fds.is_empty();
         let files = if self.fds.is_empty() {
             None
         } else {
@@ -456,6 +526,7 @@ impl Receiver {
             self.listener.clone(),
             self.url.clone(),
             vm.memory().guest_memory().clone(),
+            self.postcopy,
         ));
         self.vm = Some(vm);
         Ok(())

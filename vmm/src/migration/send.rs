@@ -6,10 +6,14 @@
 //! pages KVM logged as dirty, until the rest fits the downtime target; then the VM is
 //! paused and the last dirty pages, the state and Complete go out. Local mode hands the
 //! memfds over instead of copying memory.
+//!
+//! Post-copy: the VM is paused at once, the state and Complete go out, and the destination
+//! runs while it pulls memory over fault connections this side serves; the source lets go
+//! only when the destination confirms every page is in.
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
@@ -19,10 +23,12 @@ use vm_migration::{
     send_memory_fd, send_memory_table, send_request, write_role,
 };
 
+use super::postcopy::{self, Ended, PostcopyState, ServeStats};
 use super::transport::Stream;
 use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
+use crate::state::StateTree;
 use crate::vmm::VmmEvent;
 
 /// What to do when the guest dirties memory faster than it can be sent.
@@ -46,6 +52,8 @@ pub struct SendParams {
     pub timeout: Duration,
     pub timeout_strategy: TimeoutStrategy,
     pub preserve_source: bool,
+    /// Memory after the switch, pulled by the destination.
+    pub postcopy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +85,12 @@ pub enum Error {
     Control(&'static str, String),
     #[error("a memory connection failed: {0}")]
     MemoryConnection(String),
+    #[error(
+        "post-copy broke after the destination took over the VM ({reason}); this VM stays \
+         paused with all its memory: if the destination is gone, resume it here \
+         (vm.resume), otherwise shut it down"
+    )]
+    PostcopyInterrupted { reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -86,14 +100,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Control {
     /// Pause the vCPUs (no-op if already paused).
     Pause,
-    /// The state tree of the paused VM, as JSON.
+    /// The state tree of the paused VM.
     SaveState,
+    /// The guest-physical ranges that hold data (post-copy, VM paused).
+    DataRanges,
 }
 
 #[derive(Debug)]
 pub enum ControlReply {
     Paused,
-    State(Vec<u8>),
+    State(Box<StateTree>),
+    Ranges(Vec<(u64, u64)>),
 }
 
 /// Live figures for vm.info.
@@ -110,8 +127,14 @@ pub struct Progress {
     /// Time the VM was paused for the final iteration, state and Complete (the
     /// destination acknowledges Complete only once its vCPUs run).
     pub downtime_us: AtomicU64,
-    /// From connecting to the destination's Complete acknowledgement.
+    /// From connecting to the destination's Complete acknowledgement (post-copy: to
+    /// its confirmation that every page is in).
     pub total_ms: AtomicU64,
+    /// Post-copy: the destination has Complete and may run; this VM must never resume
+    /// on its own again.
+    pub destination_running: AtomicBool,
+    /// Post-copy: what the destination pulled.
+    pub pulled: ServeStats,
 }
 
 /// What a pause costs besides the last memory: pausing the vCPUs, saving their state,
@@ -125,6 +148,8 @@ pub const PHASE_ITERATING: u64 = 1;
 pub const PHASE_PAUSED: u64 = 2;
 pub const PHASE_DONE: u64 = 3;
 pub const PHASE_FAILED: u64 = 4;
+/// Post-copy: the destination runs and pulls memory from this paused VM.
+pub const PHASE_POSTCOPY: u64 = 5;
 
 /// Everything the worker needs, captured by the control loop before it starts.
 pub struct SendContext {
@@ -147,6 +172,7 @@ fn control(events: &Sender<VmmEvent>, request: Control) -> Result<ControlReply> 
     let what = match request {
         Control::Pause => "pause the VM",
         Control::SaveState => "save the VM state",
+        Control::DataRanges => "find the guest memory that holds data",
     };
     let (reply, answer) = mpsc::channel();
     events
@@ -255,6 +281,9 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     .map_err(Error::Protocol)?;
     expect_ok(&mut main).map_err(|_| Error::Refused("Config"))?;
 
+    if p.postcopy {
+        return run_postcopy(ctx, main, started);
+    }
     let mut extra = Vec::new();
     if p.connections > 1 && !p.local {
         for _ in 0..p.connections {
@@ -275,12 +304,7 @@ pub fn run(ctx: &SendContext) -> Result<()> {
         at
     };
     ctx.progress.phase.store(PHASE_PAUSED, Ordering::Release);
-    let ControlReply::State(state) = control(&ctx.events, Control::SaveState)? else {
-        return Err(Error::Control(
-            "save the VM state",
-            "unexpected reply".into(),
-        ));
-    };
+    let state = encode(&save_state(ctx)?)?;
     // The extra connections are done: closing them ends the destination's workers.
     for s in sender.extra.drain(..) {
         s.shutdown();
@@ -305,6 +329,137 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     ctx.progress.phase.store(PHASE_DONE, Ordering::Release);
     Ok(())
 }
+
+fn save_state(ctx: &SendContext) -> Result<StateTree> {
+    match control(&ctx.events, Control::SaveState)? {
+        ControlReply::State(tree) => Ok(*tree),
+        _ => Err(Error::Control(
+            "save the VM state",
+            "unexpected reply".into(),
+        )),
+    }
+}
+
+fn encode(tree: &StateTree) -> Result<Vec<u8>> {
+    serde_json::to_vec(tree).map_err(|e| Error::Control("encode the VM state", e.to_string()))
+}
+
+/// Post-copy after Config: fault connections, pause, State with the data map, Complete;
+/// then serve the destination's pulls until it confirms that every page is in.
+fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result<()> {
+    let p = &ctx.params;
+    let progress = &ctx.progress;
+    // Two fault connections: the destination keeps the first for vCPU faults and pulls in
+    // bulk on the second, so a fault never waits behind a large transfer. A destination
+    // that knows only one uses the first and drops the other.
+    let mut faults = Vec::with_capacity(POSTCOPY_CONNECTIONS);
+    for _ in 0..POSTCOPY_CONNECTIONS {
+        let mut s = Stream::connect(&p.url).map_err(|source| Error::Connect {
+            url: p.url.clone(),
+            source,
+        })?;
+        write_role(&mut s, ConnectionRole::Fault).map_err(Error::Protocol)?;
+        faults.push(s);
+    }
+    let paused_at = Instant::now();
+    control(&ctx.events, Control::Pause)?;
+    progress.phase.store(PHASE_PAUSED, Ordering::Release);
+    let ranges = match control(&ctx.events, Control::DataRanges)? {
+        ControlReply::Ranges(r) => r,
+        _ => return Err(Error::Control("find guest data", "unexpected reply".into())),
+    };
+    let mut tree = save_state(ctx)?;
+    let component = PostcopyState {
+        data_ranges: ranges.iter().map(|&(gpa, len)| [gpa, len]).collect(),
+        confirm_complete: true,
+    };
+    tree.insert(postcopy::STATE_ID.to_string(), &component)
+        .map_err(|e| Error::Control("encode the VM state", e.to_string()))?;
+    let state = encode(&tree)?;
+    send_request(&mut main, &RequestHeader::state(state.len() as u64), &state)
+        .map_err(Error::Protocol)?;
+    expect_ok(&mut main).map_err(|_| Error::Refused("State"))?;
+    let complete = if ctx.resume_on_destination {
+        RequestHeader::complete()
+    } else {
+        RequestHeader::complete_paused()
+    };
+    send_request(&mut main, &complete, &[]).map_err(Error::Protocol)?;
+    // From here on the destination may be running: whatever happens, this copy of the
+    // VM must not run again by itself.
+    progress.destination_running.store(true, Ordering::Release);
+    expect_ok(&mut main).map_err(|e| Error::PostcopyInterrupted {
+        reason: format!("no answer to Complete: {}", crate::vmm::error_chain(&e)),
+    })?;
+    progress
+        .downtime_us
+        .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+    progress.phase.store(PHASE_POSTCOPY, Ordering::Release);
+    event_monitor::event("vm", "migration-postcopy-started", None);
+
+    let handles: Vec<Stream> = faults
+        .iter()
+        .map(Stream::try_clone)
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::MemoryConnection(e.to_string()))?;
+    let mem = &ctx.memory;
+    let stats = &progress.pulled;
+    let ends: Vec<std::result::Result<Ended, String>> = std::thread::scope(|s| {
+        let servers: Vec<_> = faults
+            .into_iter()
+            .map(|mut stream| {
+                let handles = &handles;
+                s.spawn(move || {
+                    let end = postcopy::serve(&mut stream, mem, stats)
+                        .map_err(|e| crate::vmm::error_chain(&e));
+                    // The first connection's end is the verdict; stop the others.
+                    if matches!(end, Ok(Ended::Confirmed) | Err(_)) {
+                        handles.iter().for_each(Stream::shutdown);
+                    }
+                    end
+                })
+            })
+            .collect();
+        servers
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a serving thread panicked".into()))
+            })
+            .collect()
+    });
+    // A broken connection says more than the other one being closed in reaction.
+    if let Some(Err(e)) = ends.iter().find(|e| e.is_err()) {
+        return Err(Error::PostcopyInterrupted { reason: e.clone() });
+    }
+    match ends.first() {
+        Some(Ok(Ended::Confirmed)) => {}
+        Some(Ok(Ended::Closed)) => {
+            return Err(Error::PostcopyInterrupted {
+                reason: "the destination closed the fault connection without confirming \
+                         that every page arrived"
+                    .into(),
+            });
+        }
+        Some(Ok(Ended::Abandoned)) => {
+            return Err(Error::PostcopyInterrupted {
+                reason: "the destination abandoned the migration".into(),
+            });
+        }
+        Some(Err(e)) => {
+            return Err(Error::PostcopyInterrupted { reason: e.clone() });
+        }
+        None => return Err(Error::MemoryConnection("no fault connection".into())),
+    }
+    progress
+        .total_ms
+        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    progress.phase.store(PHASE_DONE, Ordering::Release);
+    Ok(())
+}
+
+/// Fault connections a post-copy source opens: one for faults, one for the bulk pull.
+const POSTCOPY_CONNECTIONS: usize = 2;
 
 /// Memory iterations while the guest runs, then the final one with the VM paused.
 fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {

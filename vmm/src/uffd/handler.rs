@@ -27,7 +27,7 @@ use crate::sparse::{Extent, PAGE_SIZE};
 use crate::vmm::VmmEvent;
 
 /// Prefetch read size: large sequential reads run at disk/page-cache speed.
-const PREFETCH_CHUNK: u64 = 2 << 20;
+pub(super) const PREFETCH_CHUNK: u64 = 2 << 20;
 /// Prefetch workers. Two keep the disk (or page cache) and the UFFDIO_COPY page
 /// allocation busy at once; faults still have their own thread.
 const PREFETCH_THREADS: usize = 2;
@@ -121,6 +121,8 @@ pub struct Progress {
     pub fault_latency: LatencyHistogram,
     pub started: Mutex<Option<Instant>>,
     pub completed_after_ms: AtomicU64,
+    /// Bytes read from the source (snapshot file or migration peer).
+    pub bytes_fetched: AtomicU64,
 }
 
 struct Shared {
@@ -252,6 +254,7 @@ impl Drop for OnDemandMemory {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.shared.stop.write(1);
+        self.shared.source.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -362,6 +365,18 @@ impl Shared {
         Ok(())
     }
 
+    fn fetch(&self, index: usize, offset: u64, buf: &mut [u8], fault: bool) -> std::io::Result<()> {
+        if fault {
+            self.source.read_for_fault(index, offset, buf)?;
+        } else {
+            self.source.read(index, offset, buf)?;
+        }
+        self.progress
+            .bytes_fetched
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn serve_fault(&self, addr: u64, buf: &mut [u8]) -> Result<(), FillError> {
         let start = Instant::now();
         let page_addr = addr & !(PAGE_SIZE - 1);
@@ -379,8 +394,7 @@ impl Shared {
                 .min(self.regions[index].size);
             // Copy the faulting page first: a fault must never wait behind its neighbours.
             let first = &mut buf[..PAGE_SIZE as usize];
-            self.source
-                .read(index, offset, first)
+            self.fetch(index, offset, first, true)
                 .map_err(|source| FillError::Read {
                     index,
                     offset,
@@ -391,8 +405,7 @@ impl Shared {
             if rest_start < block_end {
                 let n = (block_end - rest_start) as usize;
                 let rest = &mut buf[..n];
-                self.source
-                    .read(index, rest_start, rest)
+                self.fetch(index, rest_start, rest, true)
                     .map_err(|source| FillError::Read {
                         index,
                         offset: rest_start,
@@ -486,19 +499,20 @@ impl Shared {
     /// workers pulling chunks in address order from one queue. Returns false if a worker
     /// hit an error (already reported) or the restore is being stopped.
     fn prefetch_all(&self, events: &Sender<VmmEvent>) -> bool {
+        let chunk_size = self.source.prefetch_chunk().max(PAGE_SIZE);
         let chunks: Vec<(usize, u64, u64)> = (0..self.regions.len())
             .flat_map(|index| {
                 self.source.extents(index).iter().flat_map(move |e| {
                     (e.offset..e.end())
-                        .step_by(PREFETCH_CHUNK as usize)
-                        .map(move |pos| (index, pos, PREFETCH_CHUNK.min(e.end() - pos)))
+                        .step_by(chunk_size as usize)
+                        .map(move |pos| (index, pos, chunk_size.min(e.end() - pos)))
                 })
             })
             .collect();
         let next = AtomicU64::new(0);
         let failed = AtomicBool::new(false);
         let worker = || {
-            let mut buf = vec![0u8; PREFETCH_CHUNK as usize];
+            let mut buf = vec![0u8; chunk_size as usize];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(&(index, pos, len)) = chunks.get(i) else {
@@ -515,8 +529,7 @@ impl Shared {
                 }
                 let chunk = &mut buf[..len as usize];
                 let result = self
-                    .source
-                    .read(index, pos, chunk)
+                    .fetch(index, pos, chunk, false)
                     .map_err(|source| FillError::Read {
                         index,
                         offset: pos,
@@ -546,7 +559,11 @@ impl Shared {
         // Every data page is in. Unregistering wakes any fault still pending on a hole
         // and lets later hole faults be ordinary zero-fill faults.
         unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
-        self.progress.mark_complete("from the snapshot");
+        if let Err(e) = self.source.finished() {
+            // Every page is here already; the source just did not hear it from us.
+            log::warn!("telling the memory source the restore is complete: {e}");
+        }
+        self.progress.mark_complete(self.source.origin());
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod file;
 pub mod handler;
 pub mod peer;
+pub mod remote;
 
 use std::io;
 
@@ -13,23 +14,24 @@ use crate::sparse::Extent;
 pub use handler::{OnDemandMemory, Progress};
 pub use peer::{PeerFilledMemory, SharedRegion};
 
-/// Guest RAM being filled on demand, from a snapshot file or by a migration peer.
+/// Guest RAM being filled on demand: copied in from a `UffdMemorySource` (a snapshot
+/// file, or a post-copy migration source), or written into shared memfds by a peer.
 pub enum OnDemand {
-    File(OnDemandMemory),
+    Copied(OnDemandMemory),
     Peer(PeerFilledMemory),
 }
 
 impl OnDemand {
     pub fn progress(&self) -> std::sync::Arc<Progress> {
         match self {
-            OnDemand::File(m) => m.progress(),
+            OnDemand::Copied(m) => m.progress(),
             OnDemand::Peer(m) => m.progress(),
         }
     }
 
     pub fn is_complete(&self) -> bool {
         match self {
-            OnDemand::File(m) => m.is_complete(),
+            OnDemand::Copied(m) => m.is_complete(),
             OnDemand::Peer(m) => m.is_complete(),
         }
     }
@@ -41,8 +43,28 @@ pub trait UffdMemorySource: Send + Sync {
     /// The parts of mapping `index` that hold data; every other page is zero.
     fn extents(&self, index: usize) -> &[Extent];
     /// Fills `buf` with mapping `index`'s bytes at `offset`; the range lies inside one
-    /// extent.
+    /// extent. Used by the background prefetch.
     fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The same for a vCPU waiting on a fault: a source with a separate low-latency path
+    /// (a post-copy fault connection) serves it there, never behind a bulk read.
+    fn read_for_fault(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read(index, offset, buf)
+    }
+    /// Bytes per background read.
+    fn prefetch_chunk(&self) -> u64 {
+        handler::PREFETCH_CHUNK
+    }
+    /// Every data page is in place and guest RAM is unregistered: a peer that wants to
+    /// know is told here.
+    fn finished(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The restore is being torn down: unblock any read waiting on a silent peer.
+    fn stop(&self) {}
+    /// Where the memory comes from, for logs ("from ...").
+    fn origin(&self) -> &'static str {
+        "from the snapshot"
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

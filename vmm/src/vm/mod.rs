@@ -332,7 +332,7 @@ impl Vm {
             .collect();
         let on_demand = OnDemandMemory::start(regions, source, self.context.events.clone())
             .map_err(Error::OnDemand)?;
-        self.on_demand = Some(OnDemand::File(on_demand));
+        self.on_demand = Some(OnDemand::Copied(on_demand));
         Ok(())
     }
 

@@ -46,6 +46,7 @@ impl Vmm {
                             fault_p99_us: p.fault_latency.quantile_us(0.99),
                             complete: p.complete.load(Ordering::Acquire),
                             completed_after_ms: p.completed_after_ms.load(Ordering::Acquire),
+                            bytes_fetched: p.bytes_fetched.load(Ordering::Acquire),
                         }
                     }),
                     migration: self
@@ -55,6 +56,17 @@ impl Vmm {
                         .or_else(|| self.last_migration.clone())
                         .map(|p| migration_progress(&p)),
                 })))
+            }
+            ApiRequest::VmPause | ApiRequest::VmResume | ApiRequest::VmShutdown
+                if self.migration_running() =>
+            {
+                // Resuming mid-migration would let two copies run; pausing or stopping
+                // would take the VM away from the migration under its feet.
+                Err(ApiError::Conflict(
+                    "a migration of this VM is running; wait for it to end (vm.info shows its \
+                     phase)"
+                        .into(),
+                ))
             }
             ApiRequest::VmPause => {
                 self.vm_mut()?.pause().map_err(api_error("pause"))?;
@@ -127,16 +139,18 @@ fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
         send::PHASE_ITERATING => "iterating",
         send::PHASE_PAUSED => "paused",
         send::PHASE_DONE => "completed",
+        send::PHASE_POSTCOPY => "postcopy",
         _ => "failed",
     };
     crate::api::MigrationProgress {
         phase: phase.into(),
         iteration: p.iteration.load(Ordering::Relaxed),
-        bytes_sent: p.bytes_sent.load(Ordering::Relaxed),
+        bytes_sent: p.bytes_sent.load(Ordering::Relaxed) + p.pulled.bytes.load(Ordering::Relaxed),
         last_dirty_bytes: p.last_dirty_bytes.load(Ordering::Relaxed),
         dirty_rate_bytes_per_s: p.dirty_rate_bytes_per_s.load(Ordering::Relaxed),
         estimated_downtime_ms: p.estimated_downtime_ms.load(Ordering::Relaxed),
         downtime_ms: p.downtime_us.load(Ordering::Relaxed) / 1000,
+        postcopy_requests: p.pulled.requests.load(Ordering::Relaxed),
     }
 }
 

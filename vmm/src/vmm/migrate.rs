@@ -85,7 +85,7 @@ impl Vmm {
             .map_err(|e| MigrationError::Prepare(std::io::Error::other(e)))?;
         // Dirty logging starts before the first extents are read, so a page written in
         // between is both in the extents and in the first dirty log, never in neither.
-        let (dirty_log, initial_ranges) = if params.local {
+        let (dirty_log, initial_ranges) = if params.local || params.postcopy {
             (None, Vec::new())
         } else {
             let log = memory
@@ -129,6 +129,11 @@ impl Vmm {
         Ok(())
     }
 
+    /// A send-migration is running: the VM's run state belongs to it.
+    pub(super) fn migration_running(&self) -> bool {
+        self.migration.is_some()
+    }
+
     pub(super) fn migration_control(
         &mut self,
         request: send::Control,
@@ -144,10 +149,13 @@ impl Vmm {
             }
             send::Control::SaveState => {
                 let tree = vm.save_state().map_err(|e| error_chain(&e))?;
-                serde_json::to_vec(&tree)
-                    .map(send::ControlReply::State)
-                    .map_err(|e| e.to_string())
+                Ok(send::ControlReply::State(Box::new(tree)))
             }
+            send::Control::DataRanges => vm
+                .memory()
+                .mapped_ranges()
+                .map(send::ControlReply::Ranges)
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -167,7 +175,11 @@ impl Vmm {
                     ("downtime_us", p.downtime_us.load(Ordering::Relaxed)),
                     ("total_ms", p.total_ms.load(Ordering::Relaxed)),
                     ("iterations", p.iteration.load(Ordering::Relaxed)),
-                    ("bytes_sent", p.bytes_sent.load(Ordering::Relaxed)),
+                    (
+                        "bytes_sent",
+                        p.bytes_sent.load(Ordering::Relaxed)
+                            + p.pulled.bytes.load(Ordering::Relaxed),
+                    ),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -193,9 +205,16 @@ impl Vmm {
                     "migration-failed",
                     Some(&[("error".to_string(), reason)].into_iter().collect()),
                 );
-                // The destination never got Complete: this VM is still the one that
-                // counts. Put it back the way it was.
+                // Post-copy past Complete: the destination may be running this VM, so
+                // it stays paused until an operator decides (the error says how).
+                let destination_may_run = outgoing
+                    .progress
+                    .destination_running
+                    .load(Ordering::Acquire);
+                // Otherwise the destination never got Complete: this VM is still the
+                // one that counts. Put it back the way it was.
                 if outgoing.was_running
+                    && !destination_may_run
                     && let Some(vm) = self.vm.as_mut()
                     && vm.state() == VmState::Paused
                 {

@@ -1,0 +1,156 @@
+//! Two-VMM migration helpers shared by the live-migration and post-copy tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use test_infra::{TempDir, Tick, VmmBuilder, VmmProcess};
+
+use super::*;
+
+/// Migrating 16-48 MiB takes well under a second here; generous for a loaded host.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Source {
+    pub vmm: VmmProcess,
+    pub serial: PathBuf,
+}
+
+/// A 2-vCPU guest that keeps rewriting its pages at `rate` MiB/s.
+pub fn boot_source(dir: &TempDir, name: &str, memory: &str, extra: &str) -> Source {
+    let serial = dir.join("serial.log");
+    let mut vmm = guest_builder(name, 2, extra)
+        .memory(memory)
+        .serial_file(&serial)
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    let (boot_idx, _) = vmm.wait_boot(BOOT_TIMEOUT).unwrap();
+    let (ready_idx, _) = vmm.wait_ready(boot_idx + 1, READY_TIMEOUT).unwrap();
+    ticks(&mut vmm, 2, ready_idx + 1);
+    Source { vmm, serial }
+}
+
+pub fn empty_vmm(name: &str) -> VmmProcess {
+    let mut vmm = VmmBuilder::new(bins()).tmp_prefix(name).spawn().unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm
+}
+
+/// Starts `vm.receive-migration` on `dest` in a thread (the call blocks until the VM has
+/// arrived); returns once it listens. The handle yields the HTTP status and body.
+pub fn receive_in_background(
+    dest: &VmmProcess,
+    url: &str,
+    postcopy: bool,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let receiving = test_infra::migration::receive_in_background(
+        dest.api_socket().unwrap(),
+        url,
+        postcopy,
+        MIGRATION_TIMEOUT,
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let resp = receiving.join().unwrap().unwrap();
+        (resp.status, resp.body)
+    })
+}
+
+pub fn free_port() -> u16 {
+    test_infra::migration::free_tcp_port().unwrap()
+}
+
+pub fn last_tick(path: &Path) -> Tick {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|l| Tick::parse(l).ok())
+        .next_back()
+        .expect("no tick line yet")
+}
+
+/// Migrates a ticking guest to a fresh VMM and checks both ends.
+pub fn scenario_migrate(name: &str, memory: &str, url: &str, options: &str) {
+    migrate_guest(name, memory, "rate=128", url, options, false);
+}
+
+/// A destination after a successful migration, with the directory holding the serial log
+/// it appends to.
+pub struct Migrated {
+    pub dest: VmmProcess,
+    pub dir: TempDir,
+}
+
+/// Migrates a guest booted with `guest_extra` on its cmdline to a fresh VMM (receiving
+/// in post-copy mode if `postcopy`), checks that the destination carries on and the source
+/// exited, and returns the destination.
+pub fn migrate_guest(
+    name: &str,
+    memory: &str,
+    guest_extra: &str,
+    url: &str,
+    options: &str,
+    postcopy: bool,
+) -> Migrated {
+    let dir = TempDir::new(name).unwrap();
+    let mut src = boot_source(&dir, name, memory, guest_extra);
+    let mut dest = empty_vmm(&format!("{name}-dest"));
+    let receiver = receive_in_background(&dest, url, postcopy);
+    let before = last_tick(&src.serial);
+    let out = src
+        .vmm
+        .ch_remote(["send-migration", &format!("destination_url={url}{options}")])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "send-migration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 204, "receive-migration: {body}");
+    let exit = src.vmm.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(exit.success(), "the source VMM exited with {exit}");
+    assert_eq!(dest.vm_state().unwrap(), "Running");
+
+    // The destination appends to the same serial log: wait for its fresh ticks.
+    dest.follow_serial(&src.serial);
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    let (_, after) = ticks(&mut dest, 3, from);
+    assert_eq!(
+        after[0].nonce, before.nonce,
+        "the guest rebooted: {after:?}"
+    );
+    assert!(
+        after[0].n > before.n,
+        "ticks went back: {before:?} -> {after:?}"
+    );
+    assert!(after[0].generation > before.generation);
+    for t in &after {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+    Migrated { dest, dir }
+}
+
+/// Waits for the source to report the failed migration, then checks it still runs
+/// cleanly and says why in vm.info.
+pub fn expect_source_survives(src: &mut Source) {
+    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+    let failed = test_infra::wait::poll_until(deadline, || {
+        let info = src.vmm.vm_info()?;
+        Ok::<_, test_infra::Error>((info["migration"]["phase"] == "failed").then_some(info))
+    })
+    .unwrap();
+    let info = failed.expect("the source never reported the migration as failed");
+    assert_eq!(info["state"], "Running", "{info}");
+    assert!(
+        src.vmm
+            .events()
+            .iter()
+            .any(|e| e["event"] == "migration-failed"),
+        "no migration-failed event: {:?}",
+        src.vmm.events()
+    );
+    src.vmm.serial().refresh().unwrap();
+    let from = src.vmm.serial().len();
+    ticks(&mut src.vmm, 3, from);
+}

@@ -1,0 +1,229 @@
+//! `UffdMemorySource` for post-copy migration: page contents are pulled from the source
+//! VMM with PageFault requests it answers inline (the destination has no memfds of the
+//! source's, so the bytes travel on the socket and go in with UFFDIO_COPY).
+//!
+//! Two fault connections when the source opens two: the first carries only vCPU faults,
+//! the second the background pull in large chunks, so a fault never queues behind a bulk
+//! transfer. A source that opens one (the protocol's minimum) gets both on it, with the
+//! bulk chunks cut small enough that a fault waits at most one of them.
+
+use std::io;
+use std::sync::Mutex;
+
+use vm_migration::page_fault::{read_page_fault_response, send_fault_complete, send_page_fault};
+use vm_migration::{MemoryRange, PageDelivery};
+
+use super::UffdMemorySource;
+use crate::migration::transport::Stream;
+use crate::sparse::Extent;
+
+/// Background chunk with a connection of its own: large enough that the per-request
+/// round trip is noise next to the transfer.
+const BULK_CHUNK: u64 = 1 << 20;
+/// Background chunk sharing the fault connection: about 100 µs of loopback transfer, the
+/// most a fault may wait behind it.
+const SHARED_CHUNK: u64 = 128 << 10;
+
+/// One guest RAM mapping: where it sits in guest-physical space.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteRegion {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+pub struct RemoteSource {
+    regions: Vec<RemoteRegion>,
+    extents: Vec<Vec<Extent>>,
+    fault: Mutex<Stream>,
+    bulk: Option<Mutex<Stream>>,
+    /// Handles to shut the connections down from outside a blocked read.
+    handles: Vec<Stream>,
+    /// The source asked to be told when every page is in (our own VMM does).
+    confirm: bool,
+}
+
+impl RemoteSource {
+    /// `data`: the guest-physical ranges that hold data on the source (everything else
+    /// is zero and never asked for); `None` means every page of RAM.
+    pub fn new(
+        regions: Vec<RemoteRegion>,
+        data: Option<&[(u64, u64)]>,
+        mut connections: Vec<Stream>,
+        confirm: bool,
+    ) -> io::Result<Self> {
+        if connections.is_empty() {
+            return Err(io::Error::other("no fault connection"));
+        }
+        let extents = regions
+            .iter()
+            .map(|r| match data {
+                Some(ranges) => extents_in(r, ranges),
+                None => vec![Extent {
+                    offset: 0,
+                    len: r.size,
+                }],
+            })
+            .collect();
+        let handles = connections
+            .iter()
+            .map(Stream::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        // More than two: the extra ones are a peer's business; they close when dropped.
+        connections.truncate(2);
+        let bulk = (connections.len() == 2).then(|| connections.remove(1));
+        let fault = connections.remove(0);
+        Ok(RemoteSource {
+            regions,
+            extents,
+            fault: Mutex::new(fault),
+            bulk: bulk.map(Mutex::new),
+            handles,
+            confirm,
+        })
+    }
+
+    fn pull(
+        &self,
+        stream: &Mutex<Stream>,
+        index: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let region = self.regions.get(index).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no mapping {index}"))
+        })?;
+        let range = MemoryRange::new(region.gpa + offset, buf.len() as u64);
+        let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+        send_page_fault(&mut *s, range)
+            .and_then(|()| read_page_fault_response(&mut *s, PageDelivery::Inline, buf))
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "pulling {} bytes at {:#x} from the migration source: {}",
+                    range.length,
+                    range.gpa,
+                    crate::vmm::error_chain(&e)
+                ))
+            })
+    }
+}
+
+/// The parts of `ranges` (guest-physical, sorted or not) inside `region`, as sorted,
+/// merged extents relative to the region's start.
+fn extents_in(region: &RemoteRegion, ranges: &[(u64, u64)]) -> Vec<Extent> {
+    let end = region.gpa + region.size;
+    let mut out: Vec<Extent> = ranges
+        .iter()
+        .filter_map(|&(gpa, len)| {
+            let s = gpa.max(region.gpa);
+            let e = gpa.saturating_add(len).min(end);
+            (s < e).then(|| Extent {
+                offset: s - region.gpa,
+                len: e - s,
+            })
+        })
+        .collect();
+    out.sort_by_key(|e| e.offset);
+    let mut merged: Vec<Extent> = Vec::with_capacity(out.len());
+    for e in out {
+        match merged.last_mut() {
+            Some(last) if e.offset <= last.end() => {
+                let new_end = last.end().max(e.end());
+                last.len = new_end - last.offset;
+            }
+            _ => merged.push(e),
+        }
+    }
+    merged
+}
+
+impl UffdMemorySource for RemoteSource {
+    fn extents(&self, index: usize) -> &[Extent] {
+        self.extents.get(index).map_or(&[], Vec::as_slice)
+    }
+
+    fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pull(
+            self.bulk.as_ref().unwrap_or(&self.fault),
+            index,
+            offset,
+            buf,
+        )
+    }
+
+    fn read_for_fault(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pull(&self.fault, index, offset, buf)
+    }
+
+    fn prefetch_chunk(&self) -> u64 {
+        if self.bulk.is_some() {
+            BULK_CHUNK
+        } else {
+            SHARED_CHUNK
+        }
+    }
+
+    fn finished(&self) -> io::Result<()> {
+        let result = if self.confirm {
+            let mut s = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+            send_fault_complete(&mut *s).map_err(|e| io::Error::other(e.to_string()))
+        } else {
+            Ok(())
+        };
+        // Closing is how a source that did not ask for Complete learns we are done.
+        self.stop();
+        result
+    }
+
+    fn stop(&self) {
+        for h in &self.handles {
+            h.shutdown();
+        }
+    }
+
+    fn origin(&self) -> &'static str {
+        "from the migration source"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_clipped_sorted_and_merged() {
+        let r = RemoteRegion {
+            gpa: 0x10_0000,
+            size: 0x10_0000,
+        };
+        let ranges = [
+            (0x1c_0000, 0x10000),
+            (0x0, 0x10_1000),
+            (0x10_8000, 0x1000),
+            (0x10_9000, 0x1000),
+            (0x1f_f000, 0x8000),
+            (0x30_0000, 0x1000),
+        ];
+        let e = extents_in(&r, &ranges);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    offset: 0,
+                    len: 0x1000
+                },
+                Extent {
+                    offset: 0x8000,
+                    len: 0x2000
+                },
+                Extent {
+                    offset: 0xc_0000,
+                    len: 0x10000
+                },
+                Extent {
+                    offset: 0xf_f000,
+                    len: 0x1000
+                },
+            ]
+        );
+    }
+}
