@@ -134,6 +134,8 @@ struct Shared {
     progress: Arc<Progress>,
     stop: EventFd,
     stopping: AtomicBool,
+    /// Set just before guest RAM is unregistered, when every data page is in.
+    unregistered: AtomicBool,
 }
 
 /// Guest RAM being filled on demand. Dropping it stops both threads (the VM's vCPUs must
@@ -216,6 +218,7 @@ impl OnDemandMemory {
             progress,
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?,
             stopping: AtomicBool::new(false),
+            unregistered: AtomicBool::new(false),
         });
         let mut threads = Vec::with_capacity(2);
         let s = shared.clone();
@@ -271,6 +274,13 @@ fn report(events: &Sender<VmmEvent>, error: &FillError) {
 impl Shared {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// ENOENT once the prefetcher has unregistered guest RAM: the fault being served was
+    /// woken by the unregistration and its vCPU now gets ordinary memory (every data page
+    /// is in by then; the rest is zero), so there is nothing left to resolve.
+    fn unregistered_meanwhile(&self, errno: i32) -> bool {
+        errno == libc::ENOENT && self.unregistered.load(Ordering::Acquire)
     }
 
     fn find(&self, addr: u64) -> Option<(usize, u64)> {
@@ -354,6 +364,9 @@ impl Shared {
                     let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
                     pos += PAGE_SIZE;
                 }
+                Err(userfaultfd::Error::CopyFailed(e)) if self.unregistered_meanwhile(e as i32) => {
+                    return Ok(());
+                }
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: dst,
@@ -377,11 +390,19 @@ impl Shared {
         Ok(())
     }
 
-    fn serve_fault(&self, addr: u64, buf: &mut [u8]) -> Result<(), FillError> {
-        let start = Instant::now();
+    /// Puts the faulting page in place (which wakes the vCPU) and records how long that
+    /// took since the fault event was read at `read_at`. Returns the rest of the page's
+    /// aligned block still to bring in, if it holds data.
+    fn serve_fault(
+        &self,
+        addr: u64,
+        read_at: Instant,
+        buf: &mut [u8],
+    ) -> Result<Option<(usize, u64, u64)>, FillError> {
         let page_addr = addr & !(PAGE_SIZE - 1);
         let (index, offset) = self.find(page_addr).ok_or(FillError::OutsideRam(addr))?;
         self.progress.faults.fetch_add(1, Ordering::Relaxed);
+        let mut rest = None;
         if self.is_resident(index, offset) {
             // The prefetcher got there between the fault and now; its copy woke the vCPU,
             // but a wake is cheap and makes sure.
@@ -392,7 +413,6 @@ impl Shared {
             let block_end = ((offset & !(FAULT_BLOCK - 1)) + FAULT_BLOCK)
                 .min(extent.end())
                 .min(self.regions[index].size);
-            // Copy the faulting page first: a fault must never wait behind its neighbours.
             let first = &mut buf[..PAGE_SIZE as usize];
             self.fetch(index, offset, first, true)
                 .map_err(|source| FillError::Read {
@@ -403,15 +423,7 @@ impl Shared {
             self.copy_in(index, offset, first)?;
             let rest_start = offset + PAGE_SIZE;
             if rest_start < block_end {
-                let n = (block_end - rest_start) as usize;
-                let rest = &mut buf[..n];
-                self.fetch(index, rest_start, rest, true)
-                    .map_err(|source| FillError::Read {
-                        index,
-                        offset: rest_start,
-                        source,
-                    })?;
-                self.copy_in(index, rest_start, rest)?;
+                rest = Some((index, rest_start, block_end - rest_start));
             }
         } else {
             // A hole: the page was never written, so it is zero.
@@ -427,6 +439,8 @@ impl Shared {
                         .uffd
                         .wake(page_addr as *mut libc::c_void, PAGE_SIZE as usize);
                 }
+                Err(userfaultfd::Error::ZeropageFailed(e))
+                    if self.unregistered_meanwhile(e as i32) => {}
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: page_addr,
@@ -435,10 +449,45 @@ impl Shared {
                 }
             }
         }
-        let ns = start.elapsed().as_nanos() as u64;
+        let ns = read_at.elapsed().as_nanos() as u64;
         self.progress.fault_ns.fetch_add(ns, Ordering::Relaxed);
         self.progress.fault_latency.record(ns);
-        Ok(())
+        Ok(rest)
+    }
+
+    /// `[offset, offset+len)` of mapping `index` trimmed to its first and last pages that
+    /// are not resident; `None` if all are.
+    fn missing_span(&self, index: usize, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let missing = |p: &u64| !self.is_resident(index, *p);
+        let first = (offset..offset + len)
+            .step_by(PAGE_SIZE as usize)
+            .find(missing)?;
+        let pages = (offset + len - first) / PAGE_SIZE;
+        let last = (0..pages)
+            .rev()
+            .map(|i| first + i * PAGE_SIZE)
+            .find(missing)
+            .unwrap_or(first);
+        Some((first, last + PAGE_SIZE - first))
+    }
+
+    /// Brings in the part of a faulted block that is still missing.
+    fn fill_block(
+        &self,
+        (index, offset, len): (usize, u64, u64),
+        buf: &mut [u8],
+    ) -> Result<(), FillError> {
+        let Some((offset, len)) = self.missing_span(index, offset, len) else {
+            return Ok(());
+        };
+        let rest = &mut buf[..len as usize];
+        self.fetch(index, offset, rest, true)
+            .map_err(|source| FillError::Read {
+                index,
+                offset,
+                source,
+            })?;
+        self.copy_in(index, offset, rest)
     }
 
     /// Waits until the userfaultfd or the stop eventfd is readable.
@@ -486,8 +535,14 @@ impl Shared {
                     return;
                 }
             };
+            let read_at = Instant::now();
             for addr in faults {
-                if let Err(e) = self.serve_fault(addr, &mut buf) {
+                // The block right away: a guest walking memory touches the neighbours
+                // next, and each of them faulting costs more than fetching them now.
+                let result = self
+                    .serve_fault(addr, read_at, &mut buf)
+                    .and_then(|block| block.map_or(Ok(()), |b| self.fill_block(b, &mut buf)));
+                if let Err(e) = result {
                     report(events, &e);
                     return;
                 }
@@ -521,12 +576,11 @@ impl Shared {
                 if self.stopping() || failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let all_resident = (pos..pos + len)
-                    .step_by(PAGE_SIZE as usize)
-                    .all(|p| self.is_resident(index, p));
-                if all_resident {
+                // Only the span between the first and last missing page: faults often
+                // brought in the chunk's edges already.
+                let Some((pos, len)) = self.missing_span(index, pos, len) else {
                     continue;
-                }
+                };
                 let chunk = &mut buf[..len as usize];
                 let result = self
                     .fetch(index, pos, chunk, false)
@@ -558,6 +612,7 @@ impl Shared {
         }
         // Every data page is in. Unregistering wakes any fault still pending on a hole
         // and lets later hole faults be ordinary zero-fill faults.
+        self.unregistered.store(true, Ordering::Release);
         unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
         if let Err(e) = self.source.finished() {
             // Every page is here already; the source just did not hear it from us.
