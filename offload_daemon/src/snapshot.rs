@@ -140,6 +140,7 @@ fn serve(conn: &UnixStream, output_dir: &Path) -> Result<(), Error> {
                 vm_migration::Error::ConnectionClosed { .. }
                     | vm_migration::Error::Truncated { .. }
                     | vm_migration::Error::Io { .. }
+                    | vm_migration::Error::Read { .. }
             ) {
                 reply_error(conn);
             }

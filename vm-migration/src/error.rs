@@ -24,6 +24,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Reading a message failed with an I/O error (reset, timeout, ...).
+    #[error("I/O error while reading {what}")]
+    Read {
+        /// What was being read (e.g. "a response header").
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The peer closed the connection before sending the first byte of a message.
     #[error("connection closed by peer while reading {what}")]
     ConnectionClosed {

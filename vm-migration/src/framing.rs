@@ -41,12 +41,7 @@ pub(crate) fn read_exact_or_closed<R: Read>(
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::Io {
-                    op: what,
-                    source: e,
-                });
-            }
+            Err(e) => return Err(Error::Read { what, source: e }),
         }
     }
     Ok(())

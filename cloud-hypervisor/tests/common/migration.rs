@@ -107,15 +107,29 @@ pub fn migrate_guest(
     );
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 204, "receive-migration: {body}");
-    let exit = src.vmm.expect_exit(MIGRATION_TIMEOUT).unwrap();
-    assert!(exit.success(), "the source VMM exited with {exit}");
+    let switched = std::time::Instant::now();
     assert_eq!(dest.vm_state().unwrap(), "Running");
 
     // The destination appends to the same serial log: wait for its fresh ticks.
     dest.follow_serial(&src.serial);
     dest.serial().refresh().unwrap();
     let from = dest.serial().len();
-    let (_, after) = ticks(&mut dest, 3, from);
+    let (from, first) = ticks(&mut dest, 1, from);
+    let first_tick_after = switched.elapsed();
+    if postcopy {
+        // The guest ticked before its memory was all there: it runs during the pull.
+        let r = dest.vm_info().unwrap()["memory_restore"].clone();
+        let completed_ms = r["completed_after_ms"].as_u64().unwrap_or(0);
+        assert!(
+            r["complete"] == false || completed_ms as u128 > first_tick_after.as_millis(),
+            "the first tick ({first_tick_after:?} after the switch) came only after all \
+             memory was in: {r}"
+        );
+    }
+    let exit = src.vmm.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(exit.success(), "the source VMM exited with {exit}");
+    let (_, mut after) = ticks(&mut dest, 3, from);
+    after.insert(0, first[0].clone());
     assert_eq!(
         after[0].nonce, before.nonce,
         "the guest rebooted: {after:?}"

@@ -277,6 +277,21 @@ impl Vm {
         self.stop_vcpus()
     }
 
+    /// Stops a VM whose on-demand memory can no longer be filled. The vCPUs are told to
+    /// exit first; then closing the userfaultfd releases those blocked on a missing page,
+    /// and their pending exit keeps them from entering the guest again, so the guest
+    /// never runs on memory that did not arrive.
+    pub fn stop_after_memory_failure(&mut self) -> Result<()> {
+        for v in &self.vcpus {
+            let _ = v.send(VcpuCommand::Exit);
+        }
+        self.on_demand = None;
+        if self.state == VmState::Shutdown {
+            return Ok(());
+        }
+        self.stop_vcpus()
+    }
+
     fn stop_vcpus(&mut self) -> Result<()> {
         self.pending.clear();
         let result = cpu::stop_all(&mut self.vcpus).map_err(Error::Vcpu);

@@ -135,7 +135,12 @@ impl Vmm {
                     return Err(Error::VcpuFailed { id, error });
                 }
                 VmmEvent::MemoryFailed { error } => {
-                    self.stop_vm();
+                    if let Some(vm) = self.vm.as_mut() {
+                        if let Err(e) = vm.stop_after_memory_failure() {
+                            log::error!("stopping the VM: {e}");
+                        }
+                        event_monitor::event("vm", "shutdown", None);
+                    }
                     return Err(Error::MemoryFailed(error));
                 }
                 VmmEvent::Migration { request, reply } => {
