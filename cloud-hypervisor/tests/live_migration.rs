@@ -96,6 +96,37 @@ fn destination_dying_mid_migration_leaves_source_running() {
     expect_source_survives(&mut src);
 }
 
+/// A real destination VMM killed while the source iterates (a 1 ms downtime target keeps
+/// it iterating): the source notices, keeps running, and its guest stays clean.
+#[test]
+fn destination_vmm_killed_mid_migration_leaves_source_running() {
+    let dir = TempDir::new("mig-dest-killed").unwrap();
+    let mut src = boot_source(&dir, "mig-dest-killed", "size=512M", "mem=128M rate=128");
+    let mut dest = empty_vmm("mig-dest-killed-dest");
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &url, false);
+    src.vmm
+        .api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(r#"{{"destination_url":"{url}","downtime_ms":1}}"#)),
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+    let iterating = test_infra::wait::poll_until(deadline, || {
+        let info = src.vmm.vm_info()?;
+        let m = &info["migration"];
+        Ok::<_, test_infra::Error>(
+            (m["phase"] == "iterating" && m["iteration"].as_u64().unwrap_or(0) >= 2).then_some(()),
+        )
+    })
+    .unwrap();
+    assert!(iterating.is_some(), "the migration never iterated");
+    dest.kill().unwrap();
+    let _ = receiver.join();
+    expect_source_survives(&mut src);
+}
+
 /// A destination that answers with bytes that are not a response header.
 #[test]
 fn garbage_from_destination_is_a_clean_error() {

@@ -102,15 +102,12 @@ pub enum Control {
     Pause,
     /// The state tree of the paused VM.
     SaveState,
-    /// The guest-physical ranges that hold data (post-copy, VM paused).
-    DataRanges,
 }
 
 #[derive(Debug)]
 pub enum ControlReply {
     Paused,
     State(Box<StateTree>),
-    Ranges(Vec<(u64, u64)>),
 }
 
 /// Live figures for vm.info.
@@ -159,7 +156,9 @@ pub struct SendContext {
     pub mappings: Vec<GuestRamMapping>,
     /// Local mode: the file behind each mapping.
     pub memory_files: Vec<File>,
-    /// Pre-copy: dirty logging already on, and the data extents to send first.
+    /// Dirty logging already on, and the data extents read after it started: pre-copy
+    /// sends them first; post-copy adds the pages dirtied until the pause to them to
+    /// know, without a scan in the downtime, which memory holds data.
     pub dirty_log: Option<DirtyLog>,
     pub initial_ranges: Vec<(u64, u64)>,
     /// Complete (the VM ran when the migration started) or CompletePaused.
@@ -172,7 +171,6 @@ fn control(events: &Sender<VmmEvent>, request: Control) -> Result<ControlReply> 
     let what = match request {
         Control::Pause => "pause the VM",
         Control::SaveState => "save the VM state",
-        Control::DataRanges => "find the guest memory that holds data",
     };
     let (reply, answer) = mpsc::channel();
     events
@@ -364,10 +362,13 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     let paused_at = Instant::now();
     control(&ctx.events, Control::Pause)?;
     progress.phase.store(PHASE_PAUSED, Ordering::Release);
-    let ranges = match control(&ctx.events, Control::DataRanges)? {
-        ControlReply::Ranges(r) => r,
-        _ => return Err(Error::Control("find guest data", "unexpected reply".into())),
-    };
+    // The data map: what held data when the scan ran (before the pause), plus every page
+    // the guest wrote since dirty logging started, which was before that scan.
+    let mut ranges = ctx.initial_ranges.clone();
+    if let Some(log) = &ctx.dirty_log {
+        ranges.extend(log.ranges().map_err(Error::DirtyLog)?);
+    }
+    let ranges = merge_ranges(ranges);
     let mut tree = save_state(ctx)?;
     let component = PostcopyState {
         data_ranges: ranges.iter().map(|&(gpa, len)| [gpa, len]).collect(),
@@ -458,6 +459,21 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     Ok(())
 }
 
+/// Sorted, non-overlapping, adjacent ranges joined.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (gpa, len) in ranges {
+        match out.last_mut() {
+            Some((start, n)) if gpa <= *start + *n => {
+                *n = (*n).max(gpa + len - *start);
+            }
+            _ => out.push((gpa, len)),
+        }
+    }
+    out
+}
+
 /// Fault connections a post-copy source opens: one for faults, one for the bulk pull.
 const POSTCOPY_CONNECTIONS: usize = 2;
 
@@ -529,4 +545,27 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {
         .downtime_us
         .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn ranges_merge_sorted_overlapping_and_adjacent() {
+        assert_eq!(
+            merge_ranges(vec![
+                (0x5000, 0x1000),
+                (0x0, 0x2000),
+                (0x1000, 0x3000),
+                (0x8000, 0x1000)
+            ]),
+            vec![(0x0, 0x4000), (0x5000, 0x1000), (0x8000, 0x1000)]
+        );
+        assert_eq!(
+            merge_ranges(vec![(0x0, 0x4000), (0x1000, 0x1000), (0x4000, 0x1000)]),
+            vec![(0x0, 0x5000)]
+        );
+        assert!(merge_ranges(Vec::new()).is_empty());
+    }
 }

@@ -85,7 +85,7 @@ impl Vmm {
             .map_err(|e| MigrationError::Prepare(std::io::Error::other(e)))?;
         // Dirty logging starts before the first extents are read, so a page written in
         // between is both in the extents and in the first dirty log, never in neither.
-        let (dirty_log, initial_ranges) = if params.local || params.postcopy {
+        let (dirty_log, initial_ranges) = if params.local {
             (None, Vec::new())
         } else {
             let log = memory
@@ -151,11 +151,6 @@ impl Vmm {
                 let tree = vm.save_state().map_err(|e| error_chain(&e))?;
                 Ok(send::ControlReply::State(Box::new(tree)))
             }
-            send::Control::DataRanges => vm
-                .memory()
-                .mapped_ranges()
-                .map(send::ControlReply::Ranges)
-                .map_err(|e| e.to_string()),
         }
     }
 
