@@ -96,12 +96,13 @@ fn destination_dying_mid_migration_leaves_source_running() {
     expect_source_survives(&mut src);
 }
 
-/// A real destination VMM killed while the source iterates (a 1 ms downtime target keeps
-/// it iterating): the source notices, keeps running, and its guest stays clean.
+/// A real destination VMM killed while the source iterates (the first pass over 1 GiB of
+/// guest data takes most of a second here, and a 1 ms downtime target keeps the source
+/// iterating after it): the source notices, keeps running, and its guest stays clean.
 #[test]
 fn destination_vmm_killed_mid_migration_leaves_source_running() {
     let dir = TempDir::new("mig-dest-killed").unwrap();
-    let mut src = boot_source(&dir, "mig-dest-killed", "size=512M", "mem=128M rate=128");
+    let mut src = boot_source(&dir, "mig-dest-killed", "size=2G", "mem=1G rate=128");
     let mut dest = empty_vmm("mig-dest-killed-dest");
     let url = format!("unix:{}", dir.join("mig.sock").display());
     let receiver = receive_in_background(&dest, &url, false);
@@ -116,9 +117,7 @@ fn destination_vmm_killed_mid_migration_leaves_source_running() {
     let iterating = test_infra::wait::poll_until(deadline, || {
         let info = src.vmm.vm_info()?;
         let m = &info["migration"];
-        Ok::<_, test_infra::Error>(
-            (m["phase"] == "iterating" && m["iteration"].as_u64().unwrap_or(0) >= 2).then_some(()),
-        )
+        Ok::<_, test_infra::Error>((m["phase"] == "iterating").then_some(()))
     })
     .unwrap();
     assert!(iterating.is_some(), "the migration never iterated");
