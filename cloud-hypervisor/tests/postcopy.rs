@@ -107,7 +107,9 @@ fn assert_mid_transfer(dest: &VmmProcess) {
 
 #[test]
 fn source_killed_mid_postcopy_stops_the_destination() {
-    let (mut src, mut dest, _dir) = start_postcopy("pc-src-dies");
+    let (mut src, mut dest, dir) = start_postcopy("pc-src-dies");
+    let serial = dir.join("serial.log");
+    let before = std::fs::read_to_string(&serial).unwrap().len();
     assert_mid_transfer(&dest);
     src.vmm.kill().unwrap();
     // Promptly: vCPUs blocked on missing pages must not hold the exit up.
@@ -120,6 +122,13 @@ fn source_killed_mid_postcopy_stops_the_destination() {
     assert!(
         log.contains("migration source"),
         "no clear error on the destination: {log}"
+    );
+    // Stopped, not run on: the guest never read a page that had not arrived.
+    let serial_log = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !serial_log[before..].contains("TG error"),
+        "the guest ran on missing memory: {}",
+        &serial_log[before..]
     );
 }
 

@@ -5,7 +5,8 @@
 //! D/migration_config.json   Config payload, byte for byte
 //! D/state.json              State payload, byte for byte
 //! D/memory-<slot>           exactly `size` bytes; file offset 0 = the slot's gpa; sparse
-//! D/manifest.json           per-file length + CRC32, per-extent CRC32 of memory files
+//! D/manifest.json           per-file length + CRC32; CRC32 of each piece of data in the
+//!                           memory files (extents cut on a 256 KiB grid)
 //! ```
 
 use std::fs::File;
@@ -19,13 +20,19 @@ use vmm::sparse::Extent;
 pub const CONFIG_FILE: &str = "migration_config.json";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
-pub const MANIFEST_VERSION: u32 = 1;
+/// 2: memory sums per piece (extents cut on the `SUM_GRID`), so any part of a snapshot
+/// can be verified on its own before it is used. 1 summed whole extents.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// Grid the memory checksums are cut on: a piece never crosses a multiple of it. Small
+/// enough that an on-demand restore verifies a faulting page's piece quickly.
+pub const SUM_GRID: u64 = 256 << 10;
 
 /// Largest config/state/manifest file read back from disk (matches the wire limit).
 pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 
 /// Bytes per pread/pwrite while copying an extent: large enough that syscalls are not the
-/// cost, small enough to stay in cache.
+/// cost, small enough to stay in cache. A multiple of `SUM_GRID`.
 const COPY_CHUNK: u64 = 1 << 20;
 /// O_DIRECT wants page-aligned buffers, offsets and lengths (extents are whole pages).
 const PAGE: u64 = 4096;
@@ -107,7 +114,8 @@ impl FileSum {
     }
 }
 
-/// One `memory-<slot>` file: its size and the CRC32 of each data extent.
+/// One `memory-<slot>` file: its size and the CRC32 of each piece of data (see
+/// [`pieces`]), in offset order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryFileSum {
@@ -133,15 +141,36 @@ impl ExtentSum {
     }
 }
 
+/// `extents` cut where they cross a multiple of [`SUM_GRID`]: the units the manifest sums.
+pub fn pieces(extents: &[Extent]) -> Vec<Extent> {
+    cut(extents, SUM_GRID)
+}
+
+fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let next = ((pos / grid) + 1) * grid;
+            let end = next.min(e.end());
+            out.push(Extent {
+                offset: pos,
+                len: end - pos,
+            });
+            pos = end;
+        }
+    }
+    out
+}
+
 /// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
-/// at `dst_base + offset` with pread/pwrite, and returns the CRC32 of each extent's
-/// bytes. Nothing outside the extents is read or written, so holes stay holes on both
-/// sides (a pwrite into a memfd allocates only the pages it writes).
+/// at `dst_base + offset` with pread/pwrite, and returns the CRC32 of each piece (the
+/// extents cut on [`SUM_GRID`]). Nothing outside the extents is read or written, so holes
+/// stay holes on both sides (a pwrite into a memfd allocates only the pages it writes).
 ///
-/// Chunks go to `threads` workers, each with a page-aligned buffer, so `dst` may be an
-/// O_DIRECT file and several reads and writes are in flight (what a disk, and first
-/// touch of fresh memfd pages, need to reach their speed). Each chunk's CRC32 is
-/// combined into its extent's afterwards, in order.
+/// Chunks (cut on a coarser grid) go to `threads` workers, each with a page-aligned
+/// buffer, so `dst` may be an O_DIRECT file and several reads and writes are in flight
+/// (what a disk, and first touch of fresh memfd pages, need to reach their speed).
 pub fn copy_extents(
     src: &File,
     src_base: u64,
@@ -150,18 +179,11 @@ pub fn copy_extents(
     extents: &[Extent],
     threads: usize,
 ) -> io::Result<Vec<ExtentSum>> {
-    // (extent index, offset, len) of every chunk, in order.
-    let chunks: Vec<(usize, u64, u64)> = extents
+    let chunks = cut(extents, COPY_CHUNK);
+    let sums: Vec<std::sync::Mutex<Vec<ExtentSum>>> = chunks
         .iter()
-        .enumerate()
-        .flat_map(|(i, e)| {
-            (e.offset..e.end())
-                .step_by(COPY_CHUNK as usize)
-                .map(move |off| (i, off, COPY_CHUNK.min(e.end() - off)))
-        })
+        .map(|_| std::sync::Mutex::new(Vec::new()))
         .collect();
-    let sums: Vec<std::sync::Mutex<Option<u32>>> =
-        chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let worker = || -> io::Result<()> {
         let mut raw = vec![0u8; (COPY_CHUNK + PAGE) as usize];
@@ -169,14 +191,14 @@ pub fn copy_extents(
         let buf = &mut raw[skew..skew + COPY_CHUNK as usize];
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(_, off, len)) = chunks.get(i) else {
+            let Some(c) = chunks.get(i) else {
                 return Ok(());
             };
-            // len <= COPY_CHUNK, the buffer's length.
-            let chunk = &mut buf[..len as usize];
-            src.read_exact_at(chunk, src_base + off)?;
-            dst.write_all_at(chunk, dst_base + off)?;
-            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(crc32fast::hash(chunk));
+            // c.len <= COPY_CHUNK, the buffer's length.
+            let chunk = &mut buf[..c.len as usize];
+            src.read_exact_at(chunk, src_base + c.offset)?;
+            dst.write_all_at(chunk, dst_base + c.offset)?;
+            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) = sum_pieces(c.offset, chunk);
         }
     };
     std::thread::scope(|s| {
@@ -186,30 +208,28 @@ pub fn copy_extents(
                 .unwrap_or_else(|_| Err(io::Error::other("a copy thread panicked")))
         })
     })?;
-    let mut out: Vec<ExtentSum> = Vec::with_capacity(extents.len());
-    for (&(i, _, len), sum) in chunks.iter().zip(sums) {
-        let crc = sum
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .ok_or_else(|| io::Error::other("a chunk was not copied"))?;
-        let part = crc32fast::Hasher::new_with_initial_len(crc, len);
-        // Chunks come in extent order, so extent `i` is the last entry once started.
-        if out.len() == i + 1
-            && let Some(last) = out.last_mut()
-        {
-            let mut h = crc32fast::Hasher::new_with_initial_len(last.crc32, last.len);
-            h.combine(&part);
-            last.crc32 = h.finalize();
-            last.len += len;
-        } else {
-            out.push(ExtentSum {
-                offset: extents[i].offset,
-                len,
-                crc32: crc,
-            });
+    Ok(sums
+        .into_iter()
+        .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect())
+}
+
+/// The sums of the pieces of `data`, which sits at `offset` and lies in one extent.
+pub fn sum_pieces(offset: u64, data: &[u8]) -> Vec<ExtentSum> {
+    pieces(&[Extent {
+        offset,
+        len: data.len() as u64,
+    }])
+    .into_iter()
+    .map(|p| {
+        let lo = (p.offset - offset) as usize;
+        ExtentSum {
+            offset: p.offset,
+            len: p.len,
+            crc32: crc32fast::hash(&data[lo..lo + p.len as usize]),
         }
-    }
-    Ok(out)
+    })
+    .collect()
 }
 
 /// Threads for bulk copies: one per core, up to 4.
@@ -287,7 +307,7 @@ mod tests {
             .unwrap();
         dst.set_len(64 << 20).unwrap();
         let sums = copy_extents(&src, 0, &dst, 0, &extents, 3).unwrap();
-        assert_eq!(sums.len(), extents.len());
+        assert_eq!(sums.len(), pieces(&extents).len());
         let data: u64 = sums.iter().map(|s| s.len).sum();
         // Filesystems may round extents up to their block size, never to the whole file.
         assert!((12288..(1 << 20)).contains(&data), "{sums:?}");
@@ -298,10 +318,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// An extent spanning several chunks, copied by several threads, gets the CRC32 of
-    /// its whole contents (the per-chunk sums are combined in order).
+    /// An extent spanning several chunks, copied by several threads, gets one CRC32 per
+    /// grid piece, in order, each over exactly that piece's bytes.
     #[test]
-    fn multi_chunk_extent_sum_is_the_whole_extents() {
+    fn multi_chunk_extent_is_summed_per_grid_piece() {
         let dir = std::env::temp_dir().join(format!("layout-crc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let data: Vec<u8> = (0..(3 * COPY_CHUNK + 12288))
@@ -317,18 +337,29 @@ mod tests {
                 .unwrap()
         };
         let src = rw("src");
-        src.write_all_at(&data, 0).unwrap();
         let dst = rw("dst");
+        // Starts off the grid, so the first and last pieces are partial.
+        let start = SUM_GRID - 8192;
+        src.write_all_at(&data, start).unwrap();
         let extents = [Extent {
-            offset: 0,
+            offset: start,
             len: data.len() as u64,
         }];
         let sums = copy_extents(&src, 0, &dst, 0, &extents, 3).unwrap();
-        assert_eq!(sums.len(), 1);
-        assert_eq!(sums[0].len, data.len() as u64);
-        assert_eq!(sums[0].crc32, crc32fast::hash(&data));
+        let expect = pieces(&extents);
+        assert_eq!(sums.len(), expect.len());
+        assert_eq!(sums[0].len, 8192);
+        for (s, p) in sums.iter().zip(&expect) {
+            assert_eq!((s.offset, s.len), (p.offset, p.len));
+            assert!(
+                s.offset / SUM_GRID == (s.offset + s.len - 1) / SUM_GRID,
+                "{s:?}"
+            );
+            let lo = (p.offset - start) as usize;
+            assert_eq!(s.crc32, crc32fast::hash(&data[lo..lo + p.len as usize]));
+        }
         let mut back = vec![0u8; data.len()];
-        dst.read_exact_at(&mut back, 0).unwrap();
+        dst.read_exact_at(&mut back, start).unwrap();
         assert_eq!(back, data);
         std::fs::remove_dir_all(&dir).unwrap();
     }

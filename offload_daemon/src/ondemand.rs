@@ -4,11 +4,16 @@
 //!
 //! * serves each PageFault by writing the requested range's data into the memfd with
 //!   pwrite (which holds each page's lock for the whole copy, so the VMM never maps a
-//!   half-written page) and answering length 0. Only data extents are written; a single
-//!   page that is a hole in the snapshot gets an explicit zero page, because the VMM maps
-//!   it with UFFDIO_CONTINUE, which needs the page to exist;
-//! * meanwhile fills every data extent in the background, checking each against the
-//!   manifest, so most requests find their pages already written.
+//!   half-written page) and answering length 0. Data is read in checksum pieces (at most
+//!   256 KiB, see `layout::SUM_GRID`) and checked against the manifest before any of it
+//!   is written, so the guest never sees a byte the snapshot did not hold. A single page
+//!   that is a hole in the snapshot gets an explicit zero page, because the VMM maps it
+//!   with UFFDIO_CONTINUE, which needs the page to exist;
+//! * meanwhile fills every piece in the background, checked the same way, so most
+//!   requests find their pages already written.
+//!
+//! A checksum mismatch ends the restore before the bad piece is written: the fault
+//! connection closes and the VMM stops the VM.
 //!
 //! The VMM closes the fault connection once every page it needs is mapped; the daemon
 //! then exits 0.
@@ -24,7 +29,6 @@ use vm_migration::{ConnectionRole, FaultRequest, MAX_PAGE_FAULT_LENGTH, write_ro
 use vmm::migration::config::GuestRamMappingData as GuestRamMapping;
 use vmm::sparse::PAGE_SIZE;
 
-use crate::layout;
 use crate::restore::{self, Error, SlotSource};
 
 struct Slot {
@@ -156,18 +160,18 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
     let start = gpa - slot.mapping.gpa;
     let end = start + len;
     let copy_err = |source| ServeError::Copy { gpa, len, source };
+    let pieces = &slot.src.pieces;
+    let first = pieces.partition_point(|(p, _)| p.end() <= start);
     let mut any_data = false;
-    for e in &slot.src.extents {
-        let a = e.offset.max(start);
-        let b = e.end().min(end);
-        if a >= b {
-            continue;
+    let mut buf = Vec::new();
+    for (i, (p, _)) in pieces.iter().enumerate().skip(first) {
+        if p.offset >= end {
+            break;
         }
         any_data = true;
-        let mut buf = vec![0u8; (b - a) as usize];
-        slot.src.file.read_exact_at(&mut buf, a).map_err(copy_err)?;
-        write_unclaimed(slot, a, &buf).map_err(copy_err)?;
-        wait_done(slot, a, b - a);
+        fill_pieces(slot, i..i + 1, &mut buf)?;
+        let a = p.offset.max(start);
+        wait_done(slot, a, p.end().min(end) - a);
     }
     if !any_data && len <= PAGE_SIZE {
         let page = (start / PAGE_SIZE) as usize;
@@ -181,6 +185,44 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
         wait_done(slot, start, len);
     }
     Ok(())
+}
+
+/// Reads the contiguous pieces `range` of `slot`'s snapshot file in one go, checks each
+/// against the manifest, and writes the pages nobody claimed yet. Pieces whose pages are
+/// all written already are not read again.
+fn fill_pieces(
+    slot: &Slot,
+    range: std::ops::Range<usize>,
+    buf: &mut Vec<u8>,
+) -> Result<(), ServeError> {
+    let pieces = &slot.src.pieces[range.clone()];
+    let (Some((first, _)), Some((last, _))) = (pieces.first(), pieces.last()) else {
+        return Ok(());
+    };
+    let (start, end) = (first.offset, last.end());
+    if all_done(slot, start, end - start) {
+        return Ok(());
+    }
+    let copy_err = |source| ServeError::Copy {
+        gpa: slot.mapping.gpa + start,
+        len: end - start,
+        source,
+    };
+    buf.resize((end - start) as usize, 0);
+    slot.src.file.read_exact_at(buf, start).map_err(copy_err)?;
+    for (i, (p, _)) in range.zip(pieces) {
+        let lo = (p.offset - start) as usize;
+        slot.src.check_piece(i, &buf[lo..lo + p.len as usize])?;
+    }
+    write_unclaimed(slot, start, buf).map_err(copy_err)
+}
+
+fn all_done(slot: &Slot, offset: u64, len: u64) -> bool {
+    let first = (offset / PAGE_SIZE) as usize;
+    let last = (offset + len).div_ceil(PAGE_SIZE) as usize;
+    slot.pages[first..last]
+        .iter()
+        .all(|p| p.load(Ordering::Acquire) == DONE)
 }
 
 fn claim(slot: &Slot, page: usize) -> bool {
@@ -229,47 +271,38 @@ fn wait_done(slot: &Slot, offset: u64, len: u64) {
     }
 }
 
-/// Reads every data extent, checks it against the manifest's sums, and writes the pages
-/// nobody claimed yet into the memfd. A mismatch ends the restore: the fault connection
-/// is shut, and the VMM stops the VM rather than run on bad memory.
+/// Fills every piece of data not written yet, in reads of up to 1 MiB of contiguous
+/// pieces, each checked against the manifest before it is written. A mismatch ends the
+/// restore: the fault connection is shut, and the VMM stops the VM rather than run on bad
+/// memory.
 fn background_fill(
     slots: &[Slot],
     failed: &AtomicBool,
     fault: &UnixStream,
 ) -> Result<(), ServeError> {
     const CHUNK: u64 = 1 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = Vec::with_capacity(CHUNK as usize);
     for slot in slots {
-        let mut sums = Vec::with_capacity(slot.src.extents.len());
-        for e in &slot.src.extents {
-            let mut hasher = crc32fast::Hasher::new();
-            let mut pos = e.offset;
-            while pos < e.end() {
-                if failed.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let n = CHUNK.min(e.end() - pos);
-                let chunk = &mut buf[..n as usize];
-                let copy_err = |source| ServeError::Copy {
-                    gpa: slot.mapping.gpa + pos,
-                    len: n,
-                    source,
-                };
-                slot.src.file.read_exact_at(chunk, pos).map_err(copy_err)?;
-                hasher.update(chunk);
-                write_unclaimed(slot, pos, chunk).map_err(copy_err)?;
-                pos += n;
+        let pieces = &slot.src.pieces;
+        let mut i = 0;
+        while i < pieces.len() {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(());
             }
-            sums.push(layout::ExtentSum {
-                offset: e.offset,
-                len: e.len,
-                crc32: hasher.finalize(),
-            });
-        }
-        if let Err(e) = restore::check_sums(&slot.src, &sums) {
-            failed.store(true, Ordering::Relaxed);
-            let _ = fault.shutdown(std::net::Shutdown::Both);
-            return Err(ServeError::Restore(e));
+            let start = pieces[i].0.offset;
+            let mut j = i + 1;
+            while j < pieces.len()
+                && pieces[j].0.offset == pieces[j - 1].0.end()
+                && pieces[j].0.end() - start <= CHUNK
+            {
+                j += 1;
+            }
+            if let Err(e) = fill_pieces(slot, i..j, &mut buf) {
+                failed.store(true, Ordering::Relaxed);
+                let _ = fault.shutdown(std::net::Shutdown::Both);
+                return Err(e);
+            }
+            i = j;
         }
     }
     Ok(())

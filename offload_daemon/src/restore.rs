@@ -55,7 +55,11 @@ pub enum Error {
         manifest: u64,
         config: u64,
     },
-    #[error("the manifest lists an extent at {offset}+{len} outside slot {slot}'s {size} bytes")]
+    #[error(
+        "the manifest lists a memory piece at {offset}+{len} that is empty, out of order, \
+         crosses the {} KiB checksum grid or lies outside slot {slot}'s {size} bytes",
+        layout::SUM_GRID >> 10
+    )]
     ManifestExtent {
         slot: u32,
         offset: u64,
@@ -79,6 +83,15 @@ pub enum Error {
         len: u64,
         got: u32,
         expected: u32,
+    },
+    #[error(
+        "{} holds {got} pieces of data, the manifest {expected}: the file changed since the snapshot",
+        path.display()
+    )]
+    PieceCount {
+        path: PathBuf,
+        got: usize,
+        expected: usize,
     },
     #[error("cannot create the memfd for slot {slot}")]
     Memfd {
@@ -217,8 +230,33 @@ pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
 pub(crate) struct SlotSource {
     pub path: PathBuf,
     pub file: File,
+    /// The data, as extents (adjacent pieces joined): what a bulk copy reads.
     pub extents: Vec<Extent>,
+    /// The data cut on the checksum grid, each piece with its sum from the manifest
+    /// (`None` without a manifest).
+    pub pieces: Vec<(Extent, Option<u32>)>,
     pub expected: Option<Vec<layout::ExtentSum>>,
+}
+
+impl SlotSource {
+    /// Checks `data`, the bytes of piece `i`, against the manifest.
+    pub fn check_piece(&self, i: usize, data: &[u8]) -> Result<(), Error> {
+        let (piece, want) = self.pieces[i];
+        let Some(want) = want else {
+            return Ok(());
+        };
+        let got = crc32fast::hash(data);
+        if got == want {
+            return Ok(());
+        }
+        Err(Error::ExtentChecksum {
+            path: self.path.clone(),
+            offset: piece.offset,
+            len: piece.len,
+            got,
+            expected: want,
+        })
+    }
 }
 
 /// Fills a fresh memfd (`file_offset + size` bytes, mapped by the receiver at
@@ -259,8 +297,15 @@ pub(crate) fn empty_memfd(m: &GuestRamMappingData) -> Result<File, Error> {
 /// Compares the sums of copied extents with the manifest's.
 pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result<(), Error> {
     if let Some(expected) = &src.expected {
+        if sums.len() != expected.len() {
+            return Err(Error::PieceCount {
+                path: src.path.clone(),
+                got: sums.len(),
+                expected: expected.len(),
+            });
+        }
         for (got, want) in sums.iter().zip(expected) {
-            if got.crc32 != want.crc32 {
+            if (got.offset, got.len, got.crc32) != (want.offset, want.len, want.crc32) {
                 return Err(Error::ExtentChecksum {
                     path: src.path.clone(),
                     offset: want.offset,
@@ -311,8 +356,15 @@ pub(crate) fn slot_source(
                     config: m.size,
                 });
             }
+            let mut prev_end = 0;
             for e in &entry.extents {
-                if e.offset.checked_add(e.len).is_none_or(|end| end > m.size) {
+                let in_slot = e.len > 0
+                    && e.offset >= prev_end
+                    && e.offset.checked_add(e.len).is_some_and(|end| end <= m.size);
+                // One grid cell per piece, in order, no overlap.
+                let on_grid = in_slot
+                    && e.offset / layout::SUM_GRID == (e.offset + e.len - 1) / layout::SUM_GRID;
+                if !on_grid {
                     return Err(Error::ManifestExtent {
                         slot: m.slot,
                         offset: e.offset,
@@ -320,6 +372,7 @@ pub(crate) fn slot_source(
                         size: m.size,
                     });
                 }
+                prev_end = e.offset + e.len;
             }
             Some(entry.extents.clone())
         }
@@ -327,14 +380,34 @@ pub(crate) fn slot_source(
     };
     // The manifest's extents are the data the snapshot had, even if the file was since
     // copied densely; without one, the file's own data extents.
-    let extents: Vec<Extent> = match &expected {
-        Some(sums) => sums.iter().map(|s| s.extent()).collect(),
-        None => vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?,
+    let (extents, pieces) = match &expected {
+        Some(sums) => {
+            let mut extents: Vec<Extent> = Vec::new();
+            for s in sums {
+                match extents.last_mut() {
+                    Some(last) if last.end() == s.offset => last.len += s.len,
+                    _ => extents.push(s.extent()),
+                }
+            }
+            (
+                extents,
+                sums.iter().map(|s| (s.extent(), Some(s.crc32))).collect(),
+            )
+        }
+        None => {
+            let extents = vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?;
+            let pieces = layout::pieces(&extents)
+                .into_iter()
+                .map(|p| (p, None))
+                .collect();
+            (extents, pieces)
+        }
     };
     Ok(SlotSource {
         path,
         file,
         extents,
+        pieces,
         expected,
     })
 }

@@ -667,6 +667,8 @@ fn daemon_killed_during_ondemand_stops_the_vm() {
     let dir = TempDir::new("od-kill").unwrap();
     // A larger guest, so its memory is far from complete when the daemon dies.
     let (_, snap) = take_snapshot_with(&dir, "od-kill-src", "mem=192M tick=100 rate=0");
+    let serial = dir.join("serial.log");
+    let before = std::fs::read_to_string(&serial).unwrap().len();
     let (mut dest, mut daemon) = ondemand_restore(&dir, &snap, "od-kill-dest");
     daemon.kill().unwrap();
     let exit = dest.expect_exit(MIGRATION_TIMEOUT).unwrap();
@@ -675,6 +677,68 @@ fn daemon_killed_during_ondemand_stops_the_vm() {
     assert!(
         stderr.contains("guest memory could not be restored"),
         "the VMM should say why: {stderr}"
+    );
+    // Stopped, not run on: the guest never read a page that had not arrived.
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !log[before..].contains("TG error"),
+        "the guest ran on missing memory: {}",
+        &log[before..]
+    );
+}
+
+/// A flipped byte in the memory of a snapshot restored on demand: the piece holding it
+/// is checked before any of it reaches the guest, so the guest never reads it (no
+/// `TG error` line), the daemon fails with the checksum mismatch, and the VMM stops the
+/// VM with the reason.
+#[test]
+fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
+    let dir = TempDir::new("od-damaged").unwrap();
+    let (_, snap) = take_snapshot_with(&dir, "od-damaged-src", "mem=96M tick=100 rate=0");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+    // A piece in the middle of the guest's workload region, far from the first pages.
+    let pieces = manifest["memory"][0]["extents"].as_array().unwrap().clone();
+    let piece = &pieces[pieces.len() / 2];
+    let offset = piece["offset"].as_u64().unwrap() + piece["len"].as_u64().unwrap() / 2;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(snap.join("memory-0"))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).unwrap();
+        b[0] ^= 0x40;
+        f.write_all_at(&b, offset).unwrap();
+    }
+    let serial = dir.join("serial.log");
+    let before = std::fs::read_to_string(&serial).unwrap().len();
+    let (mut dest, mut daemon) = ondemand_restore(&dir, &snap, "od-damaged-dest");
+    let exit = dest.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(!exit.success(), "the VMM ran on: {exit}");
+    assert!(
+        dest.stderr().contains("guest memory could not be restored"),
+        "{}",
+        dest.stderr()
+    );
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    assert!(
+        daemon.output().contains("checksum mismatch in"),
+        "{}",
+        daemon.output()
+    );
+    let log = std::fs::read_to_string(&serial).unwrap();
+    let restored = &log[before..];
+    assert!(
+        !restored.contains("TG error"),
+        "the guest read damaged memory: {restored}"
     );
 }
 

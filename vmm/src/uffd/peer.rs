@@ -44,6 +44,10 @@ pub struct SharedRegion {
 
 pub struct PeerFilledMemory {
     stopping: Arc<AtomicBool>,
+    /// Held here too, so a filler that fails does not close it: vCPUs waiting on a page
+    /// stay blocked (never handed an empty page) until the VM is stopped and this is
+    /// dropped.
+    _uffd: Arc<Uffd>,
     /// A second handle on the fault connection: shutting it down unblocks the thread if
     /// it waits on a silent peer.
     stream: Option<Stream>,
@@ -52,7 +56,7 @@ pub struct PeerFilledMemory {
 }
 
 struct Filler {
-    uffd: Uffd,
+    uffd: Arc<Uffd>,
     regions: Vec<SharedRegion>,
     stream: Stream,
     progress: Arc<Progress>,
@@ -87,10 +91,10 @@ impl PeerFilledMemory {
         events: Sender<VmmEvent>,
     ) -> Result<Self, Error> {
         // MISSING and MINOR together: see the module docs.
-        let uffd = super::handler::registered_uffd(
+        let uffd = Arc::new(super::handler::registered_uffd(
             regions.iter().map(|r| (r.host, r.size)),
             RegisterMode::MISSING | RegisterMode::MINOR,
-        )?;
+        )?);
         let progress = Arc::new(Progress {
             total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
             started: Mutex::new(Some(Instant::now())),
@@ -99,7 +103,7 @@ impl PeerFilledMemory {
         let stopping = Arc::new(AtomicBool::new(false));
         let handle = stream.try_clone().map_err(Error::EventFd)?;
         let filler = Filler {
-            uffd,
+            uffd: uffd.clone(),
             regions,
             stream,
             progress: progress.clone(),
@@ -117,6 +121,7 @@ impl PeerFilledMemory {
             .map_err(|e| Error::Spawn("uffd peer", e))?;
         Ok(PeerFilledMemory {
             stopping,
+            _uffd: uffd,
             stream: Some(handle),
             thread: Some(thread),
             progress,
