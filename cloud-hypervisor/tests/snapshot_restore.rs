@@ -339,11 +339,16 @@ fn damaged_snapshots_are_refused() {
     let (last, snap) = snapshot_and_kill(&dir, src);
 
     type Damage = fn(&Path);
-    let cases: [(&str, Damage, &str); 6] = [
+    let cases: [(&str, Damage, &str); 7] = [
         (
             "truncated memory",
             |d| truncate(&d.join("memory-0"), 4096),
             "memory-0",
+        ),
+        (
+            "bit-flipped memory",
+            |d| flip_memory_byte(d),
+            "checksum mismatch",
         ),
         (
             "bit-flipped state",
@@ -368,7 +373,7 @@ fn damaged_snapshots_are_refused() {
             |d| {
                 let p = d.join("snapshot.json");
                 let text = fs::read_to_string(&p).unwrap();
-                fs::write(&p, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+                fs::write(&p, text.replace("\"version\": 2", "\"version\": 99")).unwrap();
             },
             "version 99",
         ),
@@ -412,6 +417,54 @@ fn damaged_snapshots_are_refused() {
     .unwrap();
     vmm.follow_serial(dir.join("serial.log"));
     expect_continues(&mut vmm, &last, 2);
+}
+
+/// Flips one byte in the middle of a data piece of memory-0, far from the first pages.
+fn flip_memory_byte(dir: &Path) {
+    use std::os::unix::fs::FileExt;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("snapshot.json")).unwrap()).unwrap();
+    let pieces = manifest["memory"][0].as_array().unwrap().clone();
+    let piece = &pieces[pieces.len() / 2];
+    let offset = piece["offset"].as_u64().unwrap() + piece["len"].as_u64().unwrap() / 2;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("memory-0"))
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x20;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+/// On-demand restore of a snapshot with a damaged memory piece: the piece is checked
+/// before any of it reaches the guest, so the VM is stopped with the reason and the guest
+/// never reads the bad byte (no `TG error` line).
+#[test]
+fn on_demand_restore_of_damaged_memory_stops_before_the_guest_reads_it() {
+    let dir = TempDir::new("damaged-od").unwrap();
+    let src = boot_source(&dir, "damaged-od", 2, "size=256M", "mem=96M rate=0");
+    let (_, snap) = snapshot_and_kill(&dir, src);
+    flip_memory_byte(&snap);
+    // snapshot_and_kill moved the log aside: the restored VM writes a fresh one.
+    let serial = dir.join("serial.log");
+    let mut vmm = empty_vmm("damaged-od-restore");
+    vmm.api_ok(
+        "PUT",
+        "vm.restore",
+        Some(&restore_body(&snap, "OnDemand", true)),
+    )
+    .unwrap();
+    let exit = vmm.expect_exit(RESTORE_TIMEOUT).unwrap();
+    assert!(!exit.success(), "the VM ran on: {exit}");
+    let stderr = vmm.stderr();
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    let log = fs::read_to_string(&serial).unwrap_or_default();
+    assert!(
+        !log.contains("TG error"),
+        "the guest read damaged memory: {log}"
+    );
 }
 
 fn truncate(path: &Path, len: u64) {

@@ -24,9 +24,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// can be verified on its own before it is used. 1 summed whole extents.
 pub const MANIFEST_VERSION: u32 = 2;
 
-/// Grid the memory checksums are cut on: a piece never crosses a multiple of it. Small
-/// enough that an on-demand restore verifies a faulting page's piece quickly.
-pub const SUM_GRID: u64 = 256 << 10;
+/// Grid the memory checksums are cut on (see `vmm::memsum`).
+pub const SUM_GRID: u64 = vmm::memsum::GRID;
 
 /// Largest config/state/manifest file read back from disk (matches the wire limit).
 pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
@@ -115,7 +114,7 @@ impl FileSum {
 }
 
 /// One `memory-<slot>` file: its size and the CRC32 of each piece of data (see
-/// [`pieces`]), in offset order.
+/// `vmm::memsum`), in offset order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryFileSum {
@@ -124,48 +123,12 @@ pub struct MemoryFileSum {
     pub extents: Vec<ExtentSum>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExtentSum {
-    pub offset: u64,
-    pub len: u64,
-    pub crc32: u32,
-}
-
-impl ExtentSum {
-    pub fn extent(&self) -> Extent {
-        Extent {
-            offset: self.offset,
-            len: self.len,
-        }
-    }
-}
-
-/// `extents` cut where they cross a multiple of [`SUM_GRID`]: the units the manifest sums.
-pub fn pieces(extents: &[Extent]) -> Vec<Extent> {
-    cut(extents, SUM_GRID)
-}
-
-fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
-    let mut out = Vec::new();
-    for e in extents {
-        let mut pos = e.offset;
-        while pos < e.end() {
-            let next = ((pos / grid) + 1) * grid;
-            let end = next.min(e.end());
-            out.push(Extent {
-                offset: pos,
-                len: end - pos,
-            });
-            pos = end;
-        }
-    }
-    out
-}
+/// One piece of memory data and its CRC32.
+pub use vmm::memsum::PieceSum as ExtentSum;
 
 /// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
 /// at `dst_base + offset` with pread/pwrite, and returns the CRC32 of each piece (the
-/// extents cut on [`SUM_GRID`]). Nothing outside the extents is read or written, so holes
+/// extents cut on `SUM_GRID`). Nothing outside the extents is read or written, so holes
 /// stay holes on both sides (a pwrite into a memfd allocates only the pages it writes).
 ///
 /// Chunks (cut on a coarser grid) go to `threads` workers, each with a page-aligned
@@ -179,7 +142,7 @@ pub fn copy_extents(
     extents: &[Extent],
     threads: usize,
 ) -> io::Result<Vec<ExtentSum>> {
-    let chunks = cut(extents, COPY_CHUNK);
+    let chunks = vmm::memsum::cut(extents, COPY_CHUNK);
     let sums: Vec<std::sync::Mutex<Vec<ExtentSum>>> = chunks
         .iter()
         .map(|_| std::sync::Mutex::new(Vec::new()))
@@ -198,7 +161,8 @@ pub fn copy_extents(
             let chunk = &mut buf[..c.len as usize];
             src.read_exact_at(chunk, src_base + c.offset)?;
             dst.write_all_at(chunk, dst_base + c.offset)?;
-            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) = sum_pieces(c.offset, chunk);
+            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) =
+                vmm::memsum::sum_pieces(c.offset, chunk);
         }
     };
     std::thread::scope(|s| {
@@ -212,24 +176,6 @@ pub fn copy_extents(
         .into_iter()
         .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect())
-}
-
-/// The sums of the pieces of `data`, which sits at `offset` and lies in one extent.
-pub fn sum_pieces(offset: u64, data: &[u8]) -> Vec<ExtentSum> {
-    pieces(&[Extent {
-        offset,
-        len: data.len() as u64,
-    }])
-    .into_iter()
-    .map(|p| {
-        let lo = (p.offset - offset) as usize;
-        ExtentSum {
-            offset: p.offset,
-            len: p.len,
-            crc32: crc32fast::hash(&data[lo..lo + p.len as usize]),
-        }
-    })
-    .collect()
 }
 
 /// Threads for bulk copies: one per core, up to 4.
@@ -307,7 +253,7 @@ mod tests {
             .unwrap();
         dst.set_len(64 << 20).unwrap();
         let sums = copy_extents(&src, 0, &dst, 0, &extents, 3).unwrap();
-        assert_eq!(sums.len(), pieces(&extents).len());
+        assert_eq!(sums.len(), vmm::memsum::pieces(&extents).len());
         let data: u64 = sums.iter().map(|s| s.len).sum();
         // Filesystems may round extents up to their block size, never to the whole file.
         assert!((12288..(1 << 20)).contains(&data), "{sums:?}");
@@ -346,7 +292,7 @@ mod tests {
             len: data.len() as u64,
         }];
         let sums = copy_extents(&src, 0, &dst, 0, &extents, 3).unwrap();
-        let expect = pieces(&extents);
+        let expect = vmm::memsum::pieces(&extents);
         assert_eq!(sums.len(), expect.len());
         assert_eq!(sums[0].len, 8192);
         for (s, p) in sums.iter().zip(&expect) {

@@ -356,24 +356,14 @@ pub(crate) fn slot_source(
                     config: m.size,
                 });
             }
-            let mut prev_end = 0;
-            for e in &entry.extents {
-                let in_slot = e.len > 0
-                    && e.offset >= prev_end
-                    && e.offset.checked_add(e.len).is_some_and(|end| end <= m.size);
-                // One grid cell per piece, in order, no overlap.
-                let on_grid = in_slot
-                    && e.offset / layout::SUM_GRID == (e.offset + e.len - 1) / layout::SUM_GRID;
-                if !on_grid {
-                    return Err(Error::ManifestExtent {
-                        slot: m.slot,
-                        offset: e.offset,
-                        len: e.len,
-                        size: m.size,
-                    });
+            vmm::memsum::check_layout(&entry.extents, m.size).map_err(|e| {
+                Error::ManifestExtent {
+                    slot: m.slot,
+                    offset: e.offset,
+                    len: e.len,
+                    size: m.size,
                 }
-                prev_end = e.offset + e.len;
-            }
+            })?;
             Some(entry.extents.clone())
         }
         None => None,
@@ -396,7 +386,7 @@ pub(crate) fn slot_source(
         }
         None => {
             let extents = vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?;
-            let pieces = layout::pieces(&extents)
+            let pieces = vmm::memsum::pieces(&extents)
                 .into_iter()
                 .map(|p| (p, None))
                 .collect();

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod event_monitor;
 pub mod logger;
 pub mod memory_manager;
+pub mod memsum;
 pub mod migration;
 pub mod sparse;
 pub mod state;

@@ -268,12 +268,35 @@ impl MemoryManager {
         sparse::write_extents(bytes, extents, file, io_threads())
     }
 
-    /// Fills one mapping from the data extents of `file`; holes are skipped, so their
-    /// pages are never allocated. Only before the vCPUs start.
-    pub fn read_mapping(&self, m: &GuestRamMapping, file: &File) -> std::io::Result<u64> {
+    /// Fills `extents` of one mapping from `file` (same offsets); everything else is left
+    /// untouched, so its pages are never allocated. Only before the vCPUs start.
+    pub fn read_mapping(
+        &self,
+        m: &GuestRamMapping,
+        file: &File,
+        extents: &[sparse::Extent],
+    ) -> std::io::Result<u64> {
         // SAFETY: see `host_bytes`. No vCPU runs yet, and this is the only writer.
         let bytes = unsafe { self.host_bytes_mut(m)? };
-        sparse::read_data_extents(file, bytes, io_threads())
+        sparse::read_extents(file, bytes, extents, io_threads())
+    }
+
+    /// CRC32 of each piece of `extents` of one mapping (see `memsum`). The VM must be
+    /// paused or not started.
+    pub fn sum_mapping(
+        &self,
+        m: &GuestRamMapping,
+        extents: &[sparse::Extent],
+    ) -> std::io::Result<Vec<crate::memsum::PieceSum>> {
+        if extents.last().is_some_and(|e| e.end() > m.size) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an extent lies outside the mapping",
+            ));
+        }
+        // SAFETY: see `host_bytes`; the slice is only read here.
+        let bytes = unsafe { self.host_bytes(m)? };
+        Ok(crate::memsum::sum_region(bytes, extents, io_threads()))
     }
 
     /// The host view of one mapping.

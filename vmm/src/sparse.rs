@@ -190,11 +190,31 @@ pub fn write_extents(
 pub fn read_data_extents(file: &File, region: &mut [u8], threads: usize) -> io::Result<u64> {
     let len = region.len() as u64;
     let extents = file_data_extents(file, 0, len)?;
+    read_extents(file, region, &extents, threads)
+}
+
+/// Copies `extents` (sorted, not overlapping) of `file` into `region` at the same
+/// offsets; nothing else of `region` is touched. Returns the bytes read.
+pub fn read_extents(
+    file: &File,
+    region: &mut [u8],
+    extents: &[Extent],
+    threads: usize,
+) -> io::Result<u64> {
+    if extents
+        .last()
+        .is_some_and(|e| e.end() > region.len() as u64)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an extent lies outside the region",
+        ));
+    }
     // Cut the region into disjoint chunk slices, in file order, so each thread owns its.
     let mut chunks: Vec<(u64, &mut [u8])> = Vec::new();
     let mut rest: &mut [u8] = region;
     let mut rest_start = 0u64;
-    for (pos, n) in io_chunks(&extents) {
+    for (pos, n) in io_chunks(extents) {
         let tail = std::mem::take(&mut rest);
         let (_, tail) = tail.split_at_mut((pos - rest_start) as usize);
         let (chunk, tail) = tail.split_at_mut(n as usize);
@@ -205,7 +225,7 @@ pub fn read_data_extents(file: &File, region: &mut [u8], threads: usize) -> io::
     parallel(chunks, threads, |(offset, chunk)| {
         file.read_exact_at(chunk, offset)
     })?;
-    Ok(total_len(&extents))
+    Ok(total_len(extents))
 }
 
 /// Creates `path` (which must not exist) for writing with O_DIRECT: page-aligned data

@@ -4,7 +4,8 @@
 //! <dir>/config.json    the VmConfig
 //! <dir>/state.json     the state tree (format-versioned)
 //! <dir>/memory-<slot>  one sparse file per guest RAM mapping, exactly its size
-//! <dir>/snapshot.json  manifest: mappings, file sizes and CRC32s of the JSON files
+//! <dir>/snapshot.json  manifest: mappings, file sizes and CRC32s of the JSON files,
+//!                      CRC32 of each piece of memory data (see `memsum`)
 //! ```
 //!
 //! A snapshot is written into a hidden sibling directory, every file and the directory
@@ -20,13 +21,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::memory_manager::{GuestRamMapping, MemoryManager};
+use crate::memsum::{self, PieceSum};
 use crate::sparse;
 use crate::state::StateTree;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "snapshot.json";
-const MANIFEST_VERSION: u32 = 1;
+/// 2 added the memory checksums.
+const MANIFEST_VERSION: u32 = 2;
 /// Config and state are a few hundred KiB even with many vCPUs; refuse anything absurd
 /// before parsing it.
 const JSON_LIMIT: u64 = 64 << 20;
@@ -99,6 +102,8 @@ struct Manifest {
     mappings: Vec<GuestRamMapping>,
     /// Bytes of data (non-hole) per mapping, for information and progress reporting.
     memory_data_bytes: Vec<u64>,
+    /// Per mapping: the data, cut in pieces on the `memsum` grid, each with its CRC32.
+    memory: Vec<Vec<PieceSum>>,
 }
 
 /// What a snapshot wrote.
@@ -169,6 +174,7 @@ fn write_contents(
     memory: &MemoryManager,
 ) -> Result<SnapshotStats> {
     let mut data_bytes = Vec::new();
+    let mut sums = Vec::new();
     for m in memory.mappings() {
         let path = dir.join(memory_file_name(m.slot));
         let file = create_direct_file(&path)?;
@@ -181,15 +187,27 @@ fn write_contents(
             .write_mapping(m, &extents, &file)
             .map_err(io("cannot write", &path))?;
         let t_write = t.elapsed();
-        file.sync_all().map_err(io("cannot fsync", &path))?;
+        // The checksums come from guest RAM (the VM is paused) while the disk syncs.
+        let (piece_sums, synced) = std::thread::scope(|s| {
+            let sync = s.spawn(|| file.sync_all());
+            let piece_sums = memory.sum_mapping(m, &extents);
+            let synced = sync
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")));
+            (piece_sums, synced)
+        });
+        synced.map_err(io("cannot fsync", &path))?;
+        let piece_sums = piece_sums.map_err(io("cannot checksum guest RAM for", &path))?;
         log::debug!(
-            "slot {}: {} extents, {written} bytes: extents {t_extents:?}, write {:?}, fsync {:?}",
+            "slot {}: {} extents, {written} bytes: extents {t_extents:?}, write {:?}, \
+             fsync and checksums {:?}",
             m.slot,
             extents.len(),
             t_write - t_extents,
             t.elapsed() - t_write
         );
         data_bytes.push(written);
+        sums.push(piece_sums);
     }
     let config_json =
         serde_json::to_vec_pretty(config).map_err(|e| Error::Encode("the VM config", e))?;
@@ -202,6 +220,7 @@ fn write_contents(
         state: FileDigest::of(&state_json),
         mappings: memory.mappings().to_vec(),
         memory_data_bytes: data_bytes.clone(),
+        memory: sums,
     };
     let manifest_json =
         serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Encode("the manifest", e))?;
@@ -243,6 +262,8 @@ pub struct Snapshot {
     pub config: VmConfig,
     pub state: StateTree,
     mappings: Vec<GuestRamMapping>,
+    /// Per mapping, the checked layout of its data pieces.
+    memory: Vec<Vec<PieceSum>>,
 }
 
 /// Reads and checks everything but the memory contents: a snapshot that fails here is
@@ -274,8 +295,28 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
             path: dir.join(STATE_FILE),
             source,
         })?;
-    for m in &manifest.mappings {
+    if manifest.memory.len() != manifest.mappings.len() {
+        return Err(Error::Corrupt {
+            path: dir.join(MANIFEST_FILE),
+            reason: format!(
+                "{} memory checksum lists for {} mappings",
+                manifest.memory.len(),
+                manifest.mappings.len()
+            ),
+        });
+    }
+    for (m, pieces) in manifest.mappings.iter().zip(&manifest.memory) {
         let path = dir.join(memory_file_name(m.slot));
+        if let Err(p) = memsum::check_layout(pieces, m.size) {
+            return Err(Error::Corrupt {
+                path: dir.join(MANIFEST_FILE),
+                reason: format!(
+                    "memory piece {}+{} of slot {} is empty, out of order, crosses the \
+                     checksum grid or lies outside the slot",
+                    p.offset, p.len, m.slot
+                ),
+            });
+        }
         let meta = fs::metadata(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::Incomplete(dir.to_path_buf(), "a memory file")
@@ -295,6 +336,7 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
         config,
         state,
         mappings: manifest.mappings,
+        memory: manifest.memory,
     })
 }
 
@@ -340,28 +382,44 @@ impl Snapshot {
         }
     }
 
-    /// The snapshot's memory files as a source for on-demand restore.
+    /// The snapshot's memory files as a source for on-demand restore, which checks each
+    /// piece before any of its pages reaches the guest.
     pub fn memory_source(&self) -> std::io::Result<crate::uffd::file::FileSource> {
-        let paths: Vec<(PathBuf, u64)> = self
+        let files: Vec<(PathBuf, Vec<PieceSum>)> = self
             .mappings
             .iter()
-            .map(|m| (self.dir.join(memory_file_name(m.slot)), m.size))
+            .zip(&self.memory)
+            .map(|(m, pieces)| (self.dir.join(memory_file_name(m.slot)), pieces.clone()))
             .collect();
-        let refs: Vec<(&Path, u64)> = paths.iter().map(|(p, s)| (p.as_path(), *s)).collect();
-        crate::uffd::file::FileSource::open(&refs)
+        crate::uffd::file::FileSource::open(files)
     }
 
-    /// Copies every memory file's data into guest RAM; holes stay untouched (and
-    /// unallocated). Returns the bytes read.
+    /// Copies the snapshot's data into guest RAM, then checks every piece of it against
+    /// the manifest: a damaged snapshot is refused before the VM runs. Everything that
+    /// held no data stays untouched (and unallocated). Returns the bytes read.
     pub fn fill_memory(&self, memory: &MemoryManager) -> Result<u64> {
         self.check_layout(memory)?;
         let mut total = 0;
-        for m in memory.mappings() {
+        for (m, pieces) in memory.mappings().iter().zip(&self.memory) {
             let path = self.dir.join(memory_file_name(m.slot));
             let file = File::open(&path).map_err(io("cannot open", &path))?;
+            let extents = memsum::joined(pieces);
             total += memory
-                .read_mapping(m, &file)
+                .read_mapping(m, &file, &extents)
                 .map_err(io("cannot read", &path))?;
+            let got = memory
+                .sum_mapping(m, &extents)
+                .map_err(io("cannot checksum guest RAM for", &path))?;
+            if let Some((offset, len, got, want)) = memsum::first_mismatch(&got, pieces) {
+                return Err(Error::Corrupt {
+                    path,
+                    reason: format!(
+                        "checksum mismatch at bytes {offset}..{}: crc32 {got:08x}, manifest \
+                         {want:08x}",
+                        offset + len
+                    ),
+                });
+            }
         }
         Ok(total)
     }

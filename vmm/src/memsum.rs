@@ -1,0 +1,241 @@
+//! Checksums of guest memory data, in pieces cut on a fixed grid, so that any part of a
+//! snapshot can be checked on its own before it is used: a restore that reads everything
+//! checks every piece before the VM runs, an on-demand restore checks each piece before
+//! the first of its pages reaches the guest. Snapshot directories of `vm.snapshot` and
+//! of the offload daemon both use it.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sparse::Extent;
+
+/// A piece never crosses a multiple of this: small enough that checking the piece of a
+/// faulting page costs little, large enough that a manifest stays small (4 KiB of JSON
+/// per 64 MiB of data).
+pub const GRID: u64 = 256 << 10;
+
+/// One piece of data and the CRC32 of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PieceSum {
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
+}
+
+impl PieceSum {
+    pub fn extent(&self) -> Extent {
+        Extent {
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// `extents` cut where they cross a multiple of `grid`.
+pub fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let end = ((pos / grid + 1) * grid).min(e.end());
+            out.push(Extent {
+                offset: pos,
+                len: end - pos,
+            });
+            pos = end;
+        }
+    }
+    out
+}
+
+/// `extents` cut on [`GRID`].
+pub fn pieces(extents: &[Extent]) -> Vec<Extent> {
+    cut(extents, GRID)
+}
+
+/// The sums of the pieces of `data`, which sits at `offset` inside one extent.
+pub fn sum_pieces(offset: u64, data: &[u8]) -> Vec<PieceSum> {
+    pieces(&[Extent {
+        offset,
+        len: data.len() as u64,
+    }])
+    .into_iter()
+    .map(|p| {
+        let lo = (p.offset - offset) as usize;
+        PieceSum {
+            offset: p.offset,
+            len: p.len,
+            crc32: crc32fast::hash(&data[lo..lo + p.len as usize]),
+        }
+    })
+    .collect()
+}
+
+/// The sums of every piece of `extents` of `region` (offsets relative to it), computed
+/// by up to `threads` threads, in order.
+pub fn sum_region(region: &[u8], extents: &[Extent], threads: usize) -> Vec<PieceSum> {
+    let pieces = pieces(extents);
+    let per = pieces.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = pieces
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|p| PieceSum {
+                            offset: p.offset,
+                            len: p.len,
+                            crc32: crc32fast::hash(&region[p.offset as usize..p.end() as usize]),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            // A summing thread cannot panic short of a bug; an empty part then fails
+            // the comparison, which reports the mismatch.
+            .flat_map(|t| t.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// The first piece whose sum differs between `got` and `want` (or where the lists
+/// differ in shape), as `(offset, len, got crc, want crc)`.
+pub fn first_mismatch(got: &[PieceSum], want: &[PieceSum]) -> Option<(u64, u64, u32, u32)> {
+    for (g, w) in got.iter().zip(want) {
+        if g != w {
+            return Some((w.offset, w.len, g.crc32, w.crc32));
+        }
+    }
+    match got.len().cmp(&want.len()) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Less => want.get(got.len()).map(|w| (w.offset, w.len, 0, w.crc32)),
+        std::cmp::Ordering::Greater => got.get(want.len()).map(|g| (g.offset, g.len, g.crc32, 0)),
+    }
+}
+
+/// Checks that a manifest's pieces are sane for a region of `size` bytes: non-empty, in
+/// order, not overlapping, each inside one grid cell and inside the region.
+pub fn check_layout(pieces: &[PieceSum], size: u64) -> Result<(), PieceSum> {
+    let mut prev_end = 0;
+    for p in pieces {
+        let ok = p.len > 0
+            && p.offset >= prev_end
+            && p.offset.checked_add(p.len).is_some_and(|end| end <= size)
+            && p.offset / GRID == (p.offset + p.len - 1) / GRID;
+        if !ok {
+            return Err(*p);
+        }
+        prev_end = p.offset + p.len;
+    }
+    Ok(())
+}
+
+/// Adjacent pieces joined back into extents: what a bulk copy reads.
+pub fn joined(pieces: &[PieceSum]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for p in pieces {
+        match out.last_mut() {
+            Some(last) if last.end() == p.offset => last.len += p.len,
+            _ => out.push(p.extent()),
+        }
+    }
+    out
+}
+
+/// Reads piece `p` of `file` into `buf` and checks it against its sum.
+pub fn read_checked(file: &File, p: &PieceSum, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.resize(p.len as usize, 0);
+    file.read_exact_at(buf, p.offset)?;
+    let got = crc32fast::hash(buf);
+    if got != p.crc32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "checksum mismatch at bytes {}..{}: crc32 {got:08x}, manifest {:08x}",
+                p.offset,
+                p.end(),
+                p.crc32
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl PieceSum {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_stay_in_one_grid_cell() {
+        let e = [Extent {
+            offset: GRID - 4096,
+            len: 2 * GRID + 8192,
+        }];
+        let p = pieces(&e);
+        assert_eq!(
+            p.iter().map(|x| (x.offset, x.len)).collect::<Vec<_>>(),
+            vec![
+                (GRID - 4096, 4096),
+                (GRID, GRID),
+                (2 * GRID, GRID),
+                (3 * GRID, 4096)
+            ]
+        );
+    }
+
+    #[test]
+    fn region_sums_match_piece_sums_and_spot_a_flip() {
+        let mut region: Vec<u8> = (0..4 * GRID).map(|i| (i * 7 % 251) as u8).collect();
+        let extents = [
+            Extent {
+                offset: 4096,
+                len: GRID,
+            },
+            Extent {
+                offset: 2 * GRID,
+                len: GRID + 4096,
+            },
+        ];
+        let sums = sum_region(&region, &extents, 3);
+        let mut by_piece = sum_pieces(4096, &region[4096..4096 + GRID as usize]);
+        by_piece.extend(sum_pieces(
+            2 * GRID,
+            &region[2 * GRID as usize..(3 * GRID + 4096) as usize],
+        ));
+        assert_eq!(sums, by_piece);
+        assert!(check_layout(&sums, region.len() as u64).is_ok());
+        assert_eq!(first_mismatch(&sums, &by_piece), None);
+        region[(2 * GRID + 5) as usize] ^= 1;
+        let again = sum_region(&region, &extents, 2);
+        let bad = first_mismatch(&again, &sums).unwrap();
+        assert_eq!((bad.0, bad.1), (2 * GRID, GRID));
+        assert_eq!(joined(&sums), extents.to_vec());
+    }
+
+    #[test]
+    fn bad_layouts_are_caught() {
+        let p = |offset, len| PieceSum {
+            offset,
+            len,
+            crc32: 0,
+        };
+        assert!(check_layout(&[p(0, 0)], GRID).is_err());
+        assert!(check_layout(&[p(GRID - 4096, 8192)], 4 * GRID).is_err());
+        assert!(check_layout(&[p(8192, 4096), p(0, 4096)], GRID).is_err());
+        assert!(check_layout(&[p(GRID, 4096)], GRID).is_err());
+        assert!(check_layout(&[p(u64::MAX - 10, 20)], u64::MAX).is_err());
+        assert!(check_layout(&[p(0, 4096), p(4096, 4096)], GRID).is_ok());
+    }
+}
