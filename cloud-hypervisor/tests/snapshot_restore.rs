@@ -421,21 +421,10 @@ fn damaged_snapshots_are_refused() {
 
 /// Flips one byte in the middle of a data piece of memory-0, far from the first pages.
 fn flip_memory_byte(dir: &Path) {
-    use std::os::unix::fs::FileExt;
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("snapshot.json")).unwrap()).unwrap();
-    let pieces = manifest["memory"][0].as_array().unwrap().clone();
-    let piece = &pieces[pieces.len() / 2];
-    let offset = piece["offset"].as_u64().unwrap() + piece["len"].as_u64().unwrap() / 2;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("memory-0"))
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x20;
-    f.write_all_at(&b, offset).unwrap();
+    let offset = test_infra::damage::middle_of_pieces(&manifest["memory"][0]).unwrap();
+    test_infra::damage::flip_byte(&dir.join("memory-0"), offset, 0x20).unwrap();
 }
 
 /// On-demand restore of a snapshot with a damaged memory piece: the piece is checked

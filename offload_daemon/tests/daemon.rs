@@ -320,18 +320,7 @@ fn damaged_snapshots_are_refused_before_connecting() {
     // One flipped byte inside a data extent of memory-0.
     let flipped = dir.join("flipped");
     copy_snapshot(&snap, &flipped);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(flipped.join("memory-0"))
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, offset).unwrap();
-        b[0] ^= 0x40;
-        f.write_all_at(&b, offset).unwrap();
-    }
+    test_infra::damage::flip_byte(&flipped.join("memory-0"), offset, 0x40).unwrap();
     expect_refused(&dir, &flipped, "checksum mismatch in");
 
     // state.json cut in half.
@@ -698,21 +687,8 @@ fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
     // A piece in the middle of the guest's workload region, far from the first pages.
-    let pieces = manifest["memory"][0]["extents"].as_array().unwrap().clone();
-    let piece = &pieces[pieces.len() / 2];
-    let offset = piece["offset"].as_u64().unwrap() + piece["len"].as_u64().unwrap() / 2;
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(snap.join("memory-0"))
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, offset).unwrap();
-        b[0] ^= 0x40;
-        f.write_all_at(&b, offset).unwrap();
-    }
+    let offset = test_infra::damage::middle_of_pieces(&manifest["memory"][0]["extents"]).unwrap();
+    test_infra::damage::flip_byte(&snap.join("memory-0"), offset, 0x40).unwrap();
     let serial = dir.join("serial.log");
     let before = std::fs::read_to_string(&serial).unwrap().len();
     let (mut dest, mut daemon) = ondemand_restore(&dir, &snap, "od-damaged-dest");

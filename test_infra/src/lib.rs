@@ -8,9 +8,11 @@
 //! - [`serial`]: [`SerialLog`], incremental reading of the serial file.
 //! - [`lines`]: typed parsers for the guest's `TG ...` lines.
 //! - [`tempdir`]: [`TempDir`], removed on drop.
+//! - [`damage`]: damaging snapshot files on purpose.
 //! - [`wait`]: the one polling helper with a deadline.
 
 pub mod daemon;
+pub mod damage;
 pub mod guest;
 pub mod lines;
 pub mod migration;
