@@ -154,17 +154,7 @@ fn receive_in_background_with(
     url: &str,
     postcopy: bool,
 ) -> JoinHandle<(u16, String)> {
-    let receiving = test_infra::migration::receive_in_background(
-        dest.api_socket().unwrap(),
-        url,
-        postcopy,
-        MIGRATION_TIMEOUT,
-    )
-    .unwrap();
-    std::thread::spawn(move || {
-        let resp = receiving.join().unwrap().unwrap();
-        (resp.status, resp.body)
-    })
+    test_infra::migration::receive_status_in_background(dest, url, postcopy, MIGRATION_TIMEOUT)
 }
 
 fn check_snapshot_dir(snap: &Path) {

@@ -85,3 +85,25 @@ pub fn receive_in_background(
     }
     Ok(handle)
 }
+
+/// [`receive_in_background`] for a test: the thread yields the HTTP status and body, and
+/// panics (failing the test that joins it) if the API could not be reached at all.
+pub fn receive_status_in_background(
+    dest: &crate::VmmProcess,
+    url: &str,
+    postcopy: bool,
+    timeout: Duration,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let socket = dest
+        .api_socket()
+        .expect("the destination VMM has an API socket");
+    let receiving = receive_in_background(socket, url, postcopy, timeout)
+        .unwrap_or_else(|e| panic!("receive-migration on {url}: {e}"));
+    std::thread::spawn(move || {
+        let resp = receiving
+            .join()
+            .expect("the receive thread panicked")
+            .unwrap_or_else(|e| panic!("receive-migration: {e}"));
+        (resp.status, resp.body)
+    })
+}

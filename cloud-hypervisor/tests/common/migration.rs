@@ -43,17 +43,7 @@ pub fn receive_in_background(
     url: &str,
     postcopy: bool,
 ) -> std::thread::JoinHandle<(u16, String)> {
-    let receiving = test_infra::migration::receive_in_background(
-        dest.api_socket().unwrap(),
-        url,
-        postcopy,
-        MIGRATION_TIMEOUT,
-    )
-    .unwrap();
-    std::thread::spawn(move || {
-        let resp = receiving.join().unwrap().unwrap();
-        (resp.status, resp.body)
-    })
+    test_infra::migration::receive_status_in_background(dest, url, postcopy, MIGRATION_TIMEOUT)
 }
 
 pub fn free_port() -> u16 {
