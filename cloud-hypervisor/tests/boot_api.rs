@@ -36,11 +36,7 @@ fn scenario_boot(cpus: u8) {
     let info = vmm.vm_info().unwrap();
     assert_eq!(info["state"], "Running", "{info}");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], cpus, "{info}");
-    assert!(
-        event_names(&vmm).iter().any(|e| e == "booted"),
-        "no `booted` event: {:?}",
-        vmm.events()
-    );
+    vmm.wait_event("booted", EXIT_TIMEOUT).unwrap();
 }
 
 /// Every vCPU's timer ticked and every vCPU verified its share between `first` and
@@ -143,12 +139,8 @@ fn scenario_pause_resume(cpus: u8) {
         show(&out)
     );
 
-    let events = event_names(&vmm);
     for e in ["booted", "paused", "resumed"] {
-        assert!(
-            events.iter().any(|n| n == e),
-            "no `{e}` event in {events:?}"
-        );
+        vmm.wait_event(e, EXIT_TIMEOUT).unwrap();
     }
     // End on the verifier.
     let pos = vmm.serial().len();
@@ -221,11 +213,7 @@ fn vm_shutdown_then_vmm_shutdown() {
     let at = vmm.serial().len();
     vmm.expect_no_line("TG tick", at, Duration::from_millis(3 * TICK_MS))
         .unwrap();
-    assert!(
-        event_names(&vmm).iter().any(|e| e == "shutdown"),
-        "no `shutdown` event: {:?}",
-        vmm.events()
-    );
+    vmm.wait_event("shutdown", EXIT_TIMEOUT).unwrap();
     let resp = vmm.api("PUT", "vmm.shutdown", None).unwrap();
     assert!(resp.is_success(), "vmm.shutdown: {resp:?}");
     let status = vmm.expect_exit(EXIT_TIMEOUT).unwrap();

@@ -46,11 +46,9 @@ fn check_pulled(m: &Migrated) {
         done["bytes_fetched"].as_u64().unwrap() >= total * 4096,
         "{done}"
     );
-    assert!(
-        event_names(&m.dest).contains(&"restore-memory-complete".to_string()),
-        "{:?}",
-        event_names(&m.dest)
-    );
+    m.dest
+        .wait_event("restore-memory-complete", EXIT_TIMEOUT)
+        .unwrap();
 }
 
 #[test]

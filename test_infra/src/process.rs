@@ -74,6 +74,12 @@ pub enum Error {
     },
     #[error("API response to {path} is not the expected JSON: {reason}")]
     ApiJson { path: String, reason: String },
+    #[error("no {name:?} event within {timeout:?}; events so far: {seen:?}")]
+    NoEvent {
+        name: String,
+        timeout: Duration,
+        seen: Vec<String>,
+    },
 }
 
 impl std::fmt::Debug for Error {
@@ -459,6 +465,24 @@ impl VmmProcess {
                 serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String(l.into()))
             })
             .collect()
+    }
+
+    /// Waits until the event monitor has written an event called `name` and returns it.
+    /// The VMM writes events from a thread of their own, so one may land in the file a
+    /// moment after the state it reports shows in vm.info.
+    pub fn wait_event(&self, name: &str, timeout: Duration) -> Result<serde_json::Value, Error> {
+        let found = poll_until(deadline(timeout), || {
+            Ok::<_, Error>(self.events().into_iter().find(|e| e["event"] == name))
+        })?;
+        found.ok_or_else(|| Error::NoEvent {
+            name: name.to_string(),
+            timeout,
+            seen: self
+                .events()
+                .iter()
+                .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+                .collect(),
+        })
     }
 
     /// The exit status if the VMM has exited (reaps it), without waiting.
