@@ -81,17 +81,6 @@ pub fn ticks(vmm: &mut VmmProcess, count: usize, from: usize) -> (usize, Vec<Tic
     vmm.wait_ticks(count, from, TICK_TIMEOUT).unwrap()
 }
 
-/// The `event` names the event monitor recorded so far, in order.
-pub fn event_names(vmm: &VmmProcess) -> Vec<String> {
-    vmm.events()
-        .iter()
-        .map(|e| match e.get("event").and_then(|v| v.as_str()) {
-            Some(name) => name.to_string(),
-            None => e.to_string(),
-        })
-        .collect()
-}
-
 /// Stdout and stderr of a finished command, for assertion messages.
 pub fn show(out: &std::process::Output) -> String {
     format!(
