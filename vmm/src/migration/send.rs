@@ -293,16 +293,15 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     let mut sender = Sender2 { main, extra, ctx };
 
     // Downtime counts from the pause request: the vCPUs stop during it.
-    let paused_at = if let Some(log) = &ctx.dirty_log {
-        precopy(&mut sender, log)?;
-        Instant::now()
+    let (paused_at, state) = if let Some(log) = &ctx.dirty_log {
+        let state = precopy(&mut sender, log)?;
+        (Instant::now(), state)
     } else {
         let at = Instant::now();
         control(&ctx.events, Control::Pause)?;
-        at
+        ctx.progress.phase.store(PHASE_PAUSED, Ordering::Release);
+        (at, encode(&save_state(ctx)?)?)
     };
-    ctx.progress.phase.store(PHASE_PAUSED, Ordering::Release);
-    let state = encode(&save_state(ctx)?)?;
     // The extra connections are done: closing them ends the destination's workers.
     for s in sender.extra.drain(..) {
         s.shutdown();
@@ -478,7 +477,9 @@ fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 const POSTCOPY_CONNECTIONS: usize = 2;
 
 /// Memory iterations while the guest runs, then the final one with the VM paused.
-fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {
+/// Returns the VM state (encoded), saved while the final memory is in flight: the VM is
+/// paused, so neither changes, and the two no longer add up in the downtime.
+fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
     let ctx = sender.ctx;
     let p = &ctx.params;
     let progress = &ctx.progress;
@@ -537,14 +538,27 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<()> {
     // since it was read.
     let paused_at = Instant::now();
     control(&ctx.events, Control::Pause)?;
+    progress.phase.store(PHASE_PAUSED, Ordering::Release);
     let mut last: Vec<(u64, u64)> = table.iter().map(|r| (r.gpa, r.length)).collect();
     last.extend(log.ranges().map_err(Error::DirtyLog)?);
     let last = table_of(&last)?;
-    sender.send_table(&last)?;
+    let (sent, state) = std::thread::scope(|s| {
+        let saving = s.spawn(|| save_state(ctx).and_then(|tree| encode(&tree)));
+        let sent = sender.send_table(&last);
+        let state = saving.join().unwrap_or_else(|_| {
+            Err(Error::Control(
+                "save the VM state",
+                "the saving thread panicked".into(),
+            ))
+        });
+        (sent, state)
+    });
+    sent?;
+    let state = state?;
     progress
         .downtime_us
         .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(state)
 }
 
 #[cfg(test)]
