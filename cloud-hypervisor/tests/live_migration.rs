@@ -102,17 +102,18 @@ fn destination_dying_mid_migration_leaves_source_running() {
 #[test]
 fn destination_vmm_killed_mid_migration_leaves_source_running() {
     let dir = TempDir::new("mig-dest-killed").unwrap();
-    let mut src = boot_source(&dir, "mig-dest-killed", "size=2G", "mem=1G rate=128");
-    let mut dest = empty_vmm("mig-dest-killed-dest");
-    let url = format!("unix:{}", dir.join("mig.sock").display());
-    let receiver = receive_in_background(&dest, &url, false);
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(r#"{{"destination_url":"{url}","downtime_ms":1}}"#)),
-        )
-        .unwrap();
+    let Started {
+        mut src,
+        mut dest,
+        receiver,
+    } = start_migration(
+        &dir,
+        "mig-dest-killed",
+        "size=2G",
+        "mem=1G rate=128",
+        false,
+        r#","downtime_ms":1"#,
+    );
     let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
     let iterating = test_infra::wait::poll_until(deadline, || {
         let info = src.vmm.vm_info()?;

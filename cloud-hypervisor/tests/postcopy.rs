@@ -78,17 +78,18 @@ fn postcopy_over_unix() {
 fn start_postcopy(name: &str) -> (Source, VmmProcess, TempDir) {
     let dir = TempDir::new(name).unwrap();
     // A larger share than the success tests, so the kill lands well before the end.
-    let src = boot_source(&dir, name, "size=1G", "mem=768M rate=128");
-    let dest = empty_vmm(&format!("{name}-dest"));
-    let url = format!("unix:{}", dir.join("mig.sock").display());
-    let receiver = receive_in_background(&dest, &url, true);
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(r#"{{"destination_url":"{url}","postcopy":true}}"#)),
-        )
-        .unwrap();
+    let Started {
+        src,
+        dest,
+        receiver,
+    } = start_migration(
+        &dir,
+        name,
+        "size=1G",
+        "mem=768M rate=128",
+        true,
+        r#","postcopy":true"#,
+    );
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 204, "receive-migration: {body}");
     (src, dest, dir)
@@ -172,19 +173,18 @@ fn destination_killed_mid_postcopy_leaves_source_paused_and_resumable() {
 #[test]
 fn postcopy_sender_to_precopy_receiver_is_refused() {
     let dir = TempDir::new("pc-mismatch-a").unwrap();
-    let mut src = boot_source(&dir, "pc-mismatch-a", "size=256M", "rate=64");
-    let dest = empty_vmm("pc-mismatch-a-dest");
-    let url = format!("unix:{}", dir.join("mig.sock").display());
-    let receiver = receive_in_background(&dest, &url, false);
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(
-                r#"{{"destination_url":"{url}","memory_mode":"Postcopy"}}"#
-            )),
-        )
-        .unwrap();
+    let Started {
+        mut src,
+        dest,
+        receiver,
+    } = start_migration(
+        &dir,
+        "pc-mismatch-a",
+        "size=256M",
+        "rate=64",
+        false,
+        r#","memory_mode":"Postcopy""#,
+    );
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("postcopy=on"), "{body}");
@@ -197,18 +197,14 @@ fn postcopy_sender_to_precopy_receiver_is_refused() {
 #[test]
 fn precopy_sender_to_postcopy_receiver_is_refused() {
     let dir = TempDir::new("pc-mismatch-b").unwrap();
-    let mut src = boot_source(&dir, "pc-mismatch-b", "size=256M", "rate=64");
-    let dest = empty_vmm("pc-mismatch-b-dest");
-    let url = format!("unix:{}", dir.join("mig.sock").display());
+    // The destination must live until its receive call has answered.
+    let Started {
+        mut src,
+        dest: _dest,
+        receiver,
+    } = start_migration(&dir, "pc-mismatch-b", "size=256M", "rate=64", true, "");
+    // From the send: the receive call must not wait out the fault-connection timeout.
     let started = Instant::now();
-    let receiver = receive_in_background(&dest, &url, true);
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
-        )
-        .unwrap();
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("pre-copy"), "{body}");

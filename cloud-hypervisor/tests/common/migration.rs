@@ -46,6 +46,43 @@ pub fn receive_in_background(
     test_infra::migration::receive_status_in_background(dest, url, postcopy, MIGRATION_TIMEOUT)
 }
 
+/// A source and destination in the middle of a migration over a UNIX socket in `dir`.
+pub struct Started {
+    pub src: Source,
+    pub dest: VmmProcess,
+    /// The destination's receive call: HTTP status and body.
+    pub receiver: std::thread::JoinHandle<(u16, String)>,
+}
+
+/// Boots a 2-vCPU source (`guest` cmdline words, `memory` option), starts a destination
+/// receiving on `dir/mig.sock` (post-copy if `receive_postcopy`), and starts sending with
+/// the extra JSON fields `send_fields` (e.g. `,"downtime_ms":1`).
+pub fn start_migration(
+    dir: &TempDir,
+    name: &str,
+    memory: &str,
+    guest: &str,
+    receive_postcopy: bool,
+    send_fields: &str,
+) -> Started {
+    let src = boot_source(dir, name, memory, guest);
+    let dest = empty_vmm(&format!("{name}-dest"));
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &url, receive_postcopy);
+    src.vmm
+        .api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(r#"{{"destination_url":"{url}"{send_fields}}}"#)),
+        )
+        .unwrap();
+    Started {
+        src,
+        dest,
+        receiver,
+    }
+}
+
 pub fn free_port() -> u16 {
     test_infra::migration::free_tcp_port().unwrap()
 }
