@@ -187,7 +187,126 @@ impl UffdMemorySource for RemoteSource {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
     use super::*;
+    use crate::migration::postcopy::{self, Ended, ServeStats};
+
+    const GPA: u64 = 0x10_0000;
+    const SIZE: u64 = 1 << 20;
+
+    /// Source RAM with a recognizable byte per offset.
+    fn source_memory() -> GuestMemoryMmap {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(GPA), SIZE as usize)]).unwrap();
+        let pattern: Vec<u8> = (0..SIZE).map(|i| (i * 13 % 251) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(GPA)).unwrap();
+        mem
+    }
+
+    fn expected(offset: u64, len: usize) -> Vec<u8> {
+        (offset..offset + len as u64)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect()
+    }
+
+    /// The real source server on one end of each socket pair, this source on the other:
+    /// pages come back right over one connection (a peer that opens one) or two, and the
+    /// confirmation ends the source's serving.
+    #[test]
+    fn pulls_over_one_or_two_connections_and_confirms() {
+        for connections in [1usize, 2] {
+            let mem = source_memory();
+            let stats = ServeStats::default();
+            let (ours, theirs): (Vec<Stream>, Vec<Stream>) = (0..connections)
+                .map(|_| {
+                    let (a, b) = UnixStream::pair().unwrap();
+                    (Stream::Unix(a), Stream::Unix(b))
+                })
+                .unzip();
+            let ends = std::thread::scope(|s| {
+                let servers: Vec<_> = theirs
+                    .into_iter()
+                    .map(|mut stream| {
+                        let (mem, stats) = (&mem, &stats);
+                        s.spawn(move || postcopy::serve(&mut stream, mem, stats).unwrap())
+                    })
+                    .collect();
+                let source = RemoteSource::new(
+                    vec![RemoteRegion {
+                        gpa: GPA,
+                        size: SIZE,
+                    }],
+                    Some(&[(GPA + 0x2000, 0x3000)]),
+                    ours,
+                    true,
+                )
+                .unwrap();
+                assert_eq!(
+                    source.extents(0),
+                    &[Extent {
+                        offset: 0x2000,
+                        len: 0x3000
+                    }]
+                );
+                let want_chunk = if connections == 2 {
+                    BULK_CHUNK
+                } else {
+                    SHARED_CHUNK
+                };
+                assert_eq!(source.prefetch_chunk(), want_chunk);
+                let mut bulk = vec![0u8; 0x3000];
+                source.read(0, 0x2000, &mut bulk).unwrap();
+                assert_eq!(bulk, expected(0x2000, 0x3000));
+                let mut page = vec![0u8; 4096];
+                source.read_for_fault(0, 0x3000, &mut page).unwrap();
+                assert_eq!(page, expected(0x3000, 4096));
+                source.finished().unwrap();
+                servers
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            // The first connection carried the confirmation; a second one just closed.
+            assert_eq!(ends[0], Ended::Confirmed, "{connections} connections");
+            if connections == 2 {
+                assert_eq!(ends[1], Ended::Closed);
+            }
+            assert_eq!(
+                stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                0x3000 + 4096
+            );
+        }
+    }
+
+    /// A source that answers for memory outside its RAM gets an error answer, which the
+    /// pull reports instead of handing out wrong bytes.
+    #[test]
+    fn a_refused_pull_is_an_error() {
+        let mem = source_memory();
+        let stats = ServeStats::default();
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::scope(|s| {
+            let server = s.spawn(|| postcopy::serve(&mut Stream::Unix(b), &mem, &stats));
+            let source = RemoteSource::new(
+                vec![RemoteRegion {
+                    gpa: GPA + SIZE,
+                    size: SIZE,
+                }],
+                None,
+                vec![Stream::Unix(a)],
+                false,
+            )
+            .unwrap();
+            let mut page = vec![0u8; 4096];
+            let e = source.read_for_fault(0, 0, &mut page).unwrap_err();
+            assert!(e.to_string().contains("migration source"), "{e}");
+            source.stop();
+            assert_eq!(server.join().unwrap().unwrap(), Ended::Closed);
+        });
+    }
 
     #[test]
     fn extents_are_clipped_sorted_and_merged() {
