@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Bumped on any incompatible change to any component's state.
 pub const FORMAT_VERSION: u32 = 1;
@@ -69,10 +70,13 @@ pub trait Stateful {
     fn restore_state(&mut self, state: Self::State) -> Result<()>;
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Each component's node is kept as its raw JSON text until that component decodes it:
+/// no intermediate value tree is built, which is most of the cost of reading a state
+/// (it sits in a migration's downtime).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StateTree {
     pub format_version: u32,
-    pub components: BTreeMap<String, serde_json::Value>,
+    pub components: BTreeMap<String, Box<RawValue>>,
 }
 
 impl StateTree {
@@ -88,10 +92,11 @@ impl StateTree {
         if self.components.contains_key(&id) {
             return Err(StateError::Duplicate(id));
         }
-        let value = serde_json::to_value(state).map_err(|source| StateError::Encode {
-            id: id.clone(),
-            source,
-        })?;
+        let value =
+            serde_json::value::to_raw_value(state).map_err(|source| StateError::Encode {
+                id: id.clone(),
+                source,
+            })?;
         self.components.insert(id, value);
         Ok(())
     }
@@ -104,14 +109,21 @@ impl StateTree {
 
     /// Removes and decodes the node `id`.
     pub fn take<T: DeserializeOwned>(&mut self, id: &str) -> Result<T> {
-        let value = self
-            .components
-            .remove(id)
-            .ok_or_else(|| StateError::Missing(id.to_string()))?;
-        serde_json::from_value(value).map_err(|source| StateError::Decode {
-            id: id.to_string(),
-            source,
-        })
+        self.take_if_present(id)?
+            .ok_or_else(|| StateError::Missing(id.to_string()))
+    }
+
+    /// Removes and decodes the node `id` if the tree has one.
+    pub fn take_if_present<T: DeserializeOwned>(&mut self, id: &str) -> Result<Option<T>> {
+        let Some(raw) = self.components.remove(id) else {
+            return Ok(None);
+        };
+        serde_json::from_str(raw.get())
+            .map(Some)
+            .map_err(|source| StateError::Decode {
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Takes `component`'s node out of the tree and applies it.

@@ -95,7 +95,7 @@ pub enum Error {
     )]
     PostcopySender,
     #[error("the post-copy part of the state is malformed")]
-    BadPostcopyState(#[source] serde_json::Error),
+    BadPostcopyState(#[source] crate::state::StateError),
     #[error("cannot set up the fault connections")]
     FaultConnections(#[source] std::io::Error),
 }
@@ -462,10 +462,7 @@ impl Receiver {
         }
         let mut tree: StateTree = serde_json::from_slice(bytes).map_err(Error::BadState)?;
         let postcopy_state: Option<PostcopyState> = tree
-            .components
-            .remove(postcopy::STATE_ID)
-            .map(serde_json::from_value)
-            .transpose()
+            .take_if_present(postcopy::STATE_ID)
             .map_err(Error::BadPostcopyState)?;
         let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
         match (self.postcopy, faults.is_empty()) {
