@@ -428,8 +428,11 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
             })
             .collect()
     });
-    // A broken connection says more than the other one being closed in reaction.
-    if let Some(Err(e)) = ends.iter().find(|e| e.is_err()) {
+    // The confirmation is the verdict: every page is on the destination, whatever
+    // happened to the other connection as it closed. Otherwise a broken connection says
+    // more than one closed in reaction to it.
+    let confirmed = matches!(ends.first(), Some(Ok(Ended::Confirmed)));
+    if !confirmed && let Some(Err(e)) = ends.iter().find(|e| e.is_err()) {
         return Err(Error::PostcopyInterrupted { reason: e.clone() });
     }
     match ends.first() {
