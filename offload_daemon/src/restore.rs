@@ -304,16 +304,14 @@ pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result
                 expected: expected.len(),
             });
         }
-        for (got, want) in sums.iter().zip(expected) {
-            if (got.offset, got.len, got.crc32) != (want.offset, want.len, want.crc32) {
-                return Err(Error::ExtentChecksum {
-                    path: src.path.clone(),
-                    offset: want.offset,
-                    len: want.len,
-                    got: got.crc32,
-                    expected: want.crc32,
-                });
-            }
+        if let Some((offset, len, got, want)) = vmm::memsum::first_mismatch(sums, expected) {
+            return Err(Error::ExtentChecksum {
+                path: src.path.clone(),
+                offset,
+                len,
+                got,
+                expected: want,
+            });
         }
     }
     Ok(())

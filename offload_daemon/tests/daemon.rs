@@ -715,40 +715,28 @@ fn mismatched_modes_are_refused() {
     let dir = TempDir::new("od-mismatch").unwrap();
     let (_, snap) = take_snapshot(&dir, "od-mismatch-src");
 
-    let dest = empty_vmm("od-mismatch-precopy");
-    let sock = dir.join("precopy.sock");
-    let url = format!("unix:{}", sock.display());
-    let receiver = receive_in_background_with(&dest, &url, false);
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&sock),
-        "--input-dir",
-        s(&snap),
-        "--resume",
-        "--ondemand",
-    ]);
-    assert!(!out.status.success(), "{}", show(&out));
-    let (status, body) = receiver.join().unwrap();
-    assert_eq!(status, 500, "{body}");
-    assert!(body.contains("postcopy=on"), "{body}");
-    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
-
-    let dest = empty_vmm("od-mismatch-postcopy");
-    let sock = dir.join("postcopy.sock");
-    let url = format!("unix:{}", sock.display());
-    let receiver = receive_in_background_with(&dest, &url, true);
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&sock),
-        "--input-dir",
-        s(&snap),
-        "--resume",
-    ]);
-    assert!(!out.status.success(), "{}", show(&out));
-    let (status, body) = receiver.join().unwrap();
-    assert_eq!(status, 500, "{body}");
-    assert!(body.contains("no fault connection"), "{body}");
-    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+    // One pairing: the receiver's mode, the daemon's extra flags, the refusal's words.
+    let refused = |name: &str, postcopy: bool, extra: &[&str], needle: &str| {
+        let dest = empty_vmm(name);
+        let sock = dir.join(format!("{name}.sock"));
+        let url = format!("unix:{}", sock.display());
+        let receiver = receive_in_background_with(&dest, &url, postcopy);
+        let mut args = vec![
+            "restore",
+            "--socket",
+            s(&sock),
+            "--input-dir",
+            s(&snap),
+            "--resume",
+        ];
+        args.extend_from_slice(extra);
+        let out = run_daemon(&args);
+        assert!(!out.status.success(), "{name}: {}", show(&out));
+        let (status, body) = receiver.join().unwrap();
+        assert_eq!(status, 500, "{name}: {body}");
+        assert!(body.contains(needle), "{name}: {body}");
+        assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+    };
+    refused("od-mismatch-precopy", false, &["--ondemand"], "postcopy=on");
+    refused("od-mismatch-postcopy", true, &[], "no fault connection");
 }

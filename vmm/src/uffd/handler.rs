@@ -378,16 +378,29 @@ impl Shared {
         Ok(())
     }
 
-    fn fetch(&self, index: usize, offset: u64, buf: &mut [u8], fault: bool) -> std::io::Result<()> {
-        if fault {
-            self.source.read_for_fault(index, offset, buf)?;
+    /// Reads `buf.len()` bytes of mapping `index` at `offset` from the source (on its
+    /// fault path if `fault`) and copies the pages still missing into guest RAM.
+    fn fetch_in(
+        &self,
+        index: usize,
+        offset: u64,
+        buf: &mut [u8],
+        fault: bool,
+    ) -> Result<(), FillError> {
+        let read = if fault {
+            self.source.read_for_fault(index, offset, buf)
         } else {
-            self.source.read(index, offset, buf)?;
-        }
+            self.source.read(index, offset, buf)
+        };
+        read.map_err(|source| FillError::Read {
+            index,
+            offset,
+            source,
+        })?;
         self.progress
             .bytes_fetched
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(())
+        self.copy_in(index, offset, buf)
     }
 
     /// Puts the faulting page in place (which wakes the vCPU) and records how long that
@@ -414,13 +427,7 @@ impl Shared {
                 .min(extent.end())
                 .min(self.regions[index].size);
             let first = &mut buf[..PAGE_SIZE as usize];
-            self.fetch(index, offset, first, true)
-                .map_err(|source| FillError::Read {
-                    index,
-                    offset,
-                    source,
-                })?;
-            self.copy_in(index, offset, first)?;
+            self.fetch_in(index, offset, first, true)?;
             let rest_start = offset + PAGE_SIZE;
             if rest_start < block_end {
                 rest = Some((index, rest_start, block_end - rest_start));
@@ -481,13 +488,7 @@ impl Shared {
             return Ok(());
         };
         let rest = &mut buf[..len as usize];
-        self.fetch(index, offset, rest, true)
-            .map_err(|source| FillError::Read {
-                index,
-                offset,
-                source,
-            })?;
-        self.copy_in(index, offset, rest)
+        self.fetch_in(index, offset, rest, true)
     }
 
     /// Waits until the userfaultfd or the stop eventfd is readable.
@@ -523,15 +524,10 @@ impl Shared {
             if self.stopping() {
                 return;
             }
-            let faults: Vec<u64> = match self.uffd.read_events(&mut event_buf) {
-                Ok(iter) => iter
-                    .filter_map(|e| match e {
-                        Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
-                        _ => None,
-                    })
-                    .collect(),
+            let faults = match pending_faults(&self.uffd, &mut event_buf) {
+                Ok(f) => f,
                 Err(e) => {
-                    report(events, &FillError::Events(e.to_string()));
+                    report(events, &FillError::Events(e));
                     return;
                 }
             };
@@ -581,16 +577,7 @@ impl Shared {
                 let Some((pos, len)) = self.missing_span(index, pos, len) else {
                     continue;
                 };
-                let chunk = &mut buf[..len as usize];
-                let result = self
-                    .fetch(index, pos, chunk, false)
-                    .map_err(|source| FillError::Read {
-                        index,
-                        offset: pos,
-                        source,
-                    })
-                    .and_then(|()| self.copy_in(index, pos, chunk));
-                if let Err(e) = result {
+                if let Err(e) = self.fetch_in(index, pos, &mut buf[..len as usize], false) {
                     failed.store(true, Ordering::Relaxed);
                     report(events, &e);
                     return;
@@ -619,6 +606,19 @@ impl Shared {
             log::warn!("telling the memory source the restore is complete: {e}");
         }
         self.progress.mark_complete(self.source.origin());
+    }
+}
+
+/// The addresses of the page faults pending on `uffd` now (it is non-blocking).
+pub(super) fn pending_faults(uffd: &Uffd, buf: &mut EventBuffer) -> Result<Vec<u64>, String> {
+    match uffd.read_events(buf) {
+        Ok(iter) => Ok(iter
+            .filter_map(|e| match e {
+                Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
+                _ => None,
+            })
+            .collect()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

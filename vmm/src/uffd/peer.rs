@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd};
+use userfaultfd::{EventBuffer, RegisterMode, Uffd};
 use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
@@ -158,15 +158,8 @@ impl Filler {
                 return Ok(());
             }
             // Guest faults first, always.
-            let faults: Vec<u64> = match self.uffd.read_events(&mut events) {
-                Ok(iter) => iter
-                    .filter_map(|e| match e {
-                        Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
-                        _ => None,
-                    })
-                    .collect(),
-                Err(e) => return Err(FillError::Events(e.to_string())),
-            };
+            let faults = super::handler::pending_faults(&self.uffd, &mut events)
+                .map_err(FillError::Events)?;
             for addr in faults {
                 self.serve_fault(addr)?;
             }
