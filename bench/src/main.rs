@@ -87,6 +87,23 @@ impl Sample {
 }
 
 /// Every scenario, for each vCPU count.
+/// Waits until a freshly spawned guest answers on its API, booted, filled its memory
+/// (within `fill`) and printed `ticks` tick lines; returns the first of them.
+pub fn wait_ticking(
+    vmm: &mut test_infra::VmmProcess,
+    step: Duration,
+    fill: Duration,
+    ticks: usize,
+) -> anyhow::Result<test_infra::Tick> {
+    vmm.wait_api_ready(step)?;
+    let (boot_idx, _) = vmm.wait_boot(step)?;
+    let (ready_idx, _) = vmm.wait_ready(boot_idx + 1, fill)?;
+    let (_, seen) = vmm.wait_ticks(ticks, ready_idx + 1, step)?;
+    seen.into_iter()
+        .next()
+        .context("the guest printed no tick line")
+}
+
 fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
     let mut all: Vec<Box<dyn Scenario>> = Vec::new();
     for &n in cpus {

@@ -112,11 +112,7 @@ impl Scenario for Migrate {
             ))
             .serial_file(&serial)
             .spawn()?;
-        src.wait_api_ready(STEP_TIMEOUT)?;
-        let (boot_idx, _) = src.wait_boot(STEP_TIMEOUT)?;
-        let (ready_idx, _) = src.wait_ready(boot_idx + 1, STEP_TIMEOUT)?;
-        let (_, ticks) = src.wait_ticks(2, ready_idx + 1, STEP_TIMEOUT)?;
-        let nonce = ticks[0].nonce;
+        let nonce = crate::wait_ticking(&mut src, STEP_TIMEOUT, STEP_TIMEOUT, 2)?.nonce;
         // The guest's own pace before the migration, to compare the transfer against.
         let normal = if self.postcopy {
             let a = (tick_count(&serial)?, Instant::now());

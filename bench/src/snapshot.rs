@@ -259,11 +259,7 @@ impl Scenario for SnapshotRestore {
             .memory(format!("size={}M", self.ram_mib))
             .serial_file(&serial)
             .spawn()?;
-        src.wait_api_ready(STEP_TIMEOUT)?;
-        let (boot_idx, _) = src.wait_boot(STEP_TIMEOUT)?;
-        let (ready_idx, _) = src.wait_ready(boot_idx + 1, FILL_TIMEOUT)?;
-        let (_, ticks) = src.wait_ticks(1, ready_idx + 1, STEP_TIMEOUT)?;
-        let nonce = ticks[0].nonce;
+        let nonce = crate::wait_ticking(&mut src, STEP_TIMEOUT, FILL_TIMEOUT, 1)?.nonce;
 
         src.api_ok("PUT", "vm.pause", None)?;
         let snap = dir.join("snap");
