@@ -152,7 +152,12 @@ pub fn joined(pieces: &[PieceSum]) -> Vec<Extent> {
 pub fn read_checked(file: &File, p: &PieceSum, buf: &mut Vec<u8>) -> io::Result<()> {
     buf.resize(p.len as usize, 0);
     file.read_exact_at(buf, p.offset)?;
-    let got = crc32fast::hash(buf);
+    check(p, buf)
+}
+
+/// Checks `data`, the bytes of piece `p`, against its sum.
+pub fn check(p: &PieceSum, data: &[u8]) -> io::Result<()> {
+    let got = crc32fast::hash(data);
     if got != p.crc32 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -47,20 +47,27 @@ impl FileSource {
 }
 
 impl MemoryFile {
-    /// Checks every piece overlapping `[offset, offset+len)` not checked yet. Reading a
-    /// piece twice (here and for the copy) costs a page-cache copy; handing the guest an
-    /// unchecked byte would cost its integrity.
-    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Checks every piece overlapping `data` (the file's bytes at `offset`) not checked
+    /// yet: a piece that lies wholly inside `data` is checked there; one that sticks out
+    /// is read whole for its check (a fault block or a chunk's edge).
+    fn check(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset + data.len() as u64;
         let first = self.pieces.partition_point(|p| p.end() <= offset);
         let mut buf = Vec::new();
         for (p, checked) in self.pieces[first..].iter().zip(&self.checked[first..]) {
-            if p.offset >= offset + len {
+            if p.offset >= end {
                 break;
             }
             if checked.load(Ordering::Acquire) {
                 continue;
             }
-            memsum::read_checked(&self.file, p, &mut buf)
+            let result = if p.offset >= offset && p.end() <= end {
+                let lo = (p.offset - offset) as usize;
+                memsum::check(p, &data[lo..lo + p.len as usize])
+            } else {
+                memsum::read_checked(&self.file, p, &mut buf)
+            };
+            result
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
             checked.store(true, Ordering::Release);
         }
@@ -77,7 +84,8 @@ impl UffdMemorySource for FileSource {
         let f = self.files.get(index).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("no mapping {index}"))
         })?;
-        f.check(offset, buf.len() as u64)?;
-        f.file.read_exact_at(buf, offset)
+        // Read, then check: nothing reaches the guest before both are done.
+        f.file.read_exact_at(buf, offset)?;
+        f.check(offset, buf)
     }
 }
