@@ -181,20 +181,12 @@ pub fn write_extents(
     Ok(total_len(extents))
 }
 
-/// Copies the data extents of `file` (SEEK_DATA) into `region` at the same offsets; holes
-/// are not read and their pages in `region` are not touched. The file must be exactly
-/// `region.len()` bytes. Returns the bytes read.
+/// Copies `extents` (sorted, not overlapping) of `file` into `region` at the same
+/// offsets; nothing else of `region` is touched (holes are not read, their pages not
+/// allocated). Returns the bytes read.
 ///
 /// Chunks are read by up to `threads` threads: filling fresh memory is bound by the
 /// kernel's first-touch page faults, which run in parallel on several cores.
-pub fn read_data_extents(file: &File, region: &mut [u8], threads: usize) -> io::Result<u64> {
-    let len = region.len() as u64;
-    let extents = file_data_extents(file, 0, len)?;
-    read_extents(file, region, &extents, threads)
-}
-
-/// Copies `extents` (sorted, not overlapping) of `file` into `region` at the same
-/// offsets; nothing else of `region` is touched. Returns the bytes read.
 pub fn read_extents(
     file: &File,
     region: &mut [u8],
@@ -354,7 +346,7 @@ mod tests {
         for threads in [1, 3] {
             let mut back = vec![0u8; region.len()];
             assert_eq!(
-                read_data_extents(&f, &mut back, threads).unwrap(),
+                read_extents(&f, &mut back, &extents, threads).unwrap(),
                 PAGE_SIZE
             );
             assert_eq!(back, region);
