@@ -123,26 +123,46 @@ pub struct MemoryFileSum {
     pub extents: Vec<ExtentSum>,
 }
 
+/// Where `copy_extents` reads from: a memfd, or a snapshot file through
+/// `vmm::sparse::BulkFile` (O_DIRECT where the page cache does not hold the data).
+pub trait ReadAt: Sync {
+    fn read_all_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_all_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+impl ReadAt for vmm::sparse::BulkFile {
+    fn read_all_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset).map(drop)
+    }
+}
+
 /// One piece of memory data and its CRC32.
 pub use vmm::memsum::PieceSum as ExtentSum;
 
 /// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
-/// at `dst_base + offset` with pread/pwrite, and returns the CRC32 of each piece (the
+/// at `dst_base + offset` (reads through `src`, writes with pwrite), and returns the CRC32 of each piece (the
 /// extents cut on `SUM_GRID`). Nothing outside the extents is read or written, so holes
 /// stay holes on both sides (a pwrite into a memfd allocates only the pages it writes).
 ///
 /// Chunks (cut on a coarser grid) go to `threads` workers, each with a page-aligned
-/// buffer, so `dst` may be an O_DIRECT file and several reads and writes are in flight
-/// (what a disk, and first touch of fresh memfd pages, need to reach their speed).
+/// buffer, so `src` and `dst` may be O_DIRECT files and several reads and writes are in
+/// flight (what a disk, and first touch of fresh memfd pages, need to reach their speed).
+/// A bounce buffer beats reading straight into a mapping of a memfd: pwrite allocates
+/// shmem pages without a page fault each.
 pub fn copy_extents(
-    src: &File,
+    src: &impl ReadAt,
     src_base: u64,
     dst: &File,
     dst_base: u64,
     extents: &[Extent],
     threads: usize,
 ) -> io::Result<Vec<ExtentSum>> {
-    let chunks = vmm::memsum::cut(extents, COPY_CHUNK);
+    let chunks = vmm::sparse::cut(extents, COPY_CHUNK);
     let sums: Vec<std::sync::Mutex<Vec<ExtentSum>>> = chunks
         .iter()
         .map(|_| std::sync::Mutex::new(Vec::new()))
@@ -159,7 +179,7 @@ pub fn copy_extents(
             };
             // c.len <= COPY_CHUNK, the buffer's length.
             let chunk = &mut buf[..c.len as usize];
-            src.read_exact_at(chunk, src_base + c.offset)?;
+            src.read_all_at(chunk, src_base + c.offset)?;
             dst.write_all_at(chunk, dst_base + c.offset)?;
             *sums[i].lock().unwrap_or_else(|e| e.into_inner()) =
                 vmm::memsum::sum_pieces(c.offset, chunk);

@@ -209,7 +209,11 @@ fn fill_pieces(
         source,
     };
     buf.resize((end - start) as usize, 0);
-    slot.src.file.read_exact_at(buf, start).map_err(copy_err)?;
+    slot.src
+        .file
+        .file()
+        .read_exact_at(buf, start)
+        .map_err(copy_err)?;
     for (i, (p, _)) in range.zip(pieces) {
         let lo = (p.offset - start) as usize;
         slot.src.check_piece(i, &buf[lo..lo + p.len as usize])?;

@@ -229,7 +229,7 @@ pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
 /// its data extents, and the manifest's sums for them (if there is a manifest).
 pub(crate) struct SlotSource {
     pub path: PathBuf,
-    pub file: File,
+    pub file: vmm::sparse::BulkFile,
     /// The data, as extents (adjacent pieces joined): what a bulk copy reads.
     pub extents: Vec<Extent>,
     /// The data cut on the checksum grid, each piece with its sum from the manifest
@@ -278,7 +278,7 @@ fn load_slot(
         &memfd,
         m.file_offset,
         &src.extents,
-        layout::copy_threads(),
+        vmm::sparse::READ_THREADS,
     )
     .map_err(read_err)?;
     check_sums(&src, &sums)?;
@@ -393,7 +393,7 @@ pub(crate) fn slot_source(
     };
     Ok(SlotSource {
         path,
-        file,
+        file: vmm::sparse::BulkFile::new(file),
         extents,
         pieces,
         expected,

@@ -268,17 +268,18 @@ impl MemoryManager {
         sparse::write_extents(bytes, extents, file, io_threads())
     }
 
-    /// Fills `extents` of one mapping from `file` (same offsets); everything else is left
-    /// untouched, so its pages are never allocated. Only before the vCPUs start.
+    /// Fills `extents` of one mapping from `file` (same offsets) and returns the sums of
+    /// their pieces; everything else is left untouched, so its pages are never allocated.
+    /// Only before the vCPUs start.
     pub fn read_mapping(
         &self,
         m: &GuestRamMapping,
-        file: &File,
+        file: &sparse::BulkFile,
         extents: &[sparse::Extent],
-    ) -> std::io::Result<u64> {
+    ) -> std::io::Result<Vec<crate::memsum::PieceSum>> {
         // SAFETY: see `host_bytes`. No vCPU runs yet, and this is the only writer.
         let bytes = unsafe { self.host_bytes_mut(m)? };
-        sparse::read_extents(file, bytes, extents, io_threads())
+        crate::memsum::read_summed(file, bytes, extents)
     }
 
     /// CRC32 of each piece of `extents` of one mapping (see `memsum`). The VM must be

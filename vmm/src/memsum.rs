@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sparse::Extent;
+use crate::sparse::{BulkFile, Extent};
 
 /// A piece never crosses a multiple of this: small enough that checking the piece of a
 /// faulting page costs little, large enough that a manifest stays small (4 KiB of JSON
@@ -35,26 +35,9 @@ impl PieceSum {
     }
 }
 
-/// `extents` cut where they cross a multiple of `grid`.
-pub fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
-    let mut out = Vec::new();
-    for e in extents {
-        let mut pos = e.offset;
-        while pos < e.end() {
-            let end = ((pos / grid + 1) * grid).min(e.end());
-            out.push(Extent {
-                offset: pos,
-                len: end - pos,
-            });
-            pos = end;
-        }
-    }
-    out
-}
-
 /// `extents` cut on [`GRID`].
 pub fn pieces(extents: &[Extent]) -> Vec<Extent> {
-    cut(extents, GRID)
+    crate::sparse::cut(extents, GRID)
 }
 
 /// The sums of the pieces of `data`, which sits at `offset` inside one extent.
@@ -102,6 +85,30 @@ pub fn sum_region(region: &[u8], extents: &[Extent], threads: usize) -> Vec<Piec
             .flat_map(|t| t.join().unwrap_or_default())
             .collect()
     })
+}
+
+/// Reads `extents` of `file` into `region` (same offsets, see `sparse::read_extents`) and
+/// returns the sums of their pieces, in order, each computed right after its bytes landed
+/// while other reads are in flight.
+pub fn read_summed(
+    file: &BulkFile,
+    region: &mut [u8],
+    extents: &[Extent],
+) -> io::Result<Vec<PieceSum>> {
+    let sums = std::sync::Mutex::new(Vec::new());
+    crate::sparse::read_extents(
+        file,
+        region,
+        extents,
+        crate::sparse::READ_THREADS,
+        |offset, chunk| {
+            let got = sum_pieces(offset, chunk);
+            sums.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
+        },
+    )?;
+    let mut sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
+    sums.sort_unstable_by_key(|p| p.offset);
+    Ok(sums)
 }
 
 /// The first piece whose sum differs between `got` and `want` (or where the lists

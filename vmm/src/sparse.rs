@@ -5,7 +5,8 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use vmm_sys_util::seek_hole::SeekHole;
 
@@ -121,20 +122,35 @@ pub fn nonzero_extents(region: &[u8], extents: &[Extent]) -> Vec<Extent> {
     out
 }
 
-/// Chunk size for writes and reads: large enough for disk speed, small enough to keep a
-/// bounded amount of I/O in flight per call.
-const IO_CHUNK: u64 = 8 << 20;
+/// Chunk size for writes: large enough for disk speed, small enough to keep a bounded
+/// amount of I/O in flight per call.
+const WRITE_CHUNK: u64 = 8 << 20;
 
-/// `extents` cut into `(offset, len)` pieces of at most `IO_CHUNK`, in order.
-fn io_chunks(extents: &[Extent]) -> Vec<(u64, u64)> {
-    extents
-        .iter()
-        .flat_map(|e| {
-            (e.offset..e.end())
-                .step_by(IO_CHUNK as usize)
-                .map(move |pos| (pos, IO_CHUNK.min(e.end() - pos)))
-        })
-        .collect()
+/// Chunk size and concurrency for bulk reads. O_DIRECT reads of this host's virtual disk
+/// reach its speed only with several requests in flight: 4 x 4 MiB read a cold GiB at
+/// 0.93-1.02 GiB/s, 2 x 8 MiB at 0.65-0.82. The threads mostly wait, so more of them than
+/// cores costs nothing.
+const READ_CHUNK: u64 = 4 << 20;
+const _: () = assert!(READ_CHUNK.is_multiple_of(crate::memsum::GRID));
+pub const READ_THREADS: usize = 4;
+
+/// `extents` cut where they cross a multiple of `grid`. Cutting on a fixed grid rather
+/// than from each extent's start keeps every piece of a finer grid (`memsum`'s) inside
+/// one chunk.
+pub fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let end = ((pos / grid + 1) * grid).min(e.end());
+            out.push(Extent {
+                offset: pos,
+                len: end - pos,
+            });
+            pos = end;
+        }
+    }
+    out
 }
 
 /// Runs `work` on every item with up to `threads` threads pulling from one queue in
@@ -174,24 +190,110 @@ pub fn write_extents(
     file: &File,
     threads: usize,
 ) -> io::Result<u64> {
-    parallel(io_chunks(extents), threads, |(pos, len)| {
-        file.write_all_at(&region[pos as usize..(pos + len) as usize], pos)
+    parallel(cut(extents, WRITE_CHUNK), threads, |c| {
+        file.write_all_at(&region[c.offset as usize..c.end() as usize], c.offset)
     })?;
     file.set_len(region.len() as u64)?;
     Ok(total_len(extents))
 }
 
+/// A file to read in bulk into memory. Chunks the page cache already holds (a snapshot
+/// that was just copied, say) are copied from it; the rest is read with O_DIRECT straight
+/// into the destination, which spares a copy, keeps data read once out of the page cache
+/// and, on this host, reads a cold snapshot about a quarter faster.
+pub struct BulkFile {
+    file: File,
+    /// The same file opened with O_DIRECT; `None` where the filesystem has no O_DIRECT.
+    direct: Option<File>,
+}
+
+impl BulkFile {
+    pub fn new(file: File) -> BulkFile {
+        // A second open file description of the same inode: O_DIRECT is per description.
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .inspect_err(|e| log::debug!("no O_DIRECT reads ({e}); reading through the page cache"))
+            .ok();
+        BulkFile { file, direct }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads `buf` at `offset`; returns whether it bypassed the page cache.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let aligned = |x: u64| x.is_multiple_of(PAGE_SIZE);
+        match &self.direct {
+            Some(direct)
+                if aligned(offset)
+                    && aligned(buf.len() as u64)
+                    && aligned(buf.as_ptr() as u64)
+                    && !mostly_cached(&self.file, offset, buf.len() as u64) =>
+            {
+                direct.read_exact_at(buf, offset).map(|()| true)
+            }
+            _ => self.file.read_exact_at(buf, offset).map(|()| false),
+        }
+    }
+}
+
+/// Whether the page cache holds at least half of `[offset, offset + len)` of `file`;
+/// where that cannot be told, no.
+fn mostly_cached(file: &File, offset: u64, len: u64) -> bool {
+    cached_pages(file, offset, len).is_some_and(|n| n * PAGE_SIZE * 2 >= len)
+}
+
+/// How many pages of `[offset, offset + len)` of `file` the page cache holds, from
+/// cachestat(2) (Linux 6.5); `None` where the call is missing.
+fn cached_pages(file: &File, offset: u64, len: u64) -> Option<u64> {
+    #[repr(C)]
+    struct CachestatRange {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // libc has no constant for x86_64 yet; the number is the same on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and laid out as the
+    // kernel's struct cachestat_range and struct cachestat; the fd is open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    (rc == 0).then_some(stat.nr_cache)
+}
+
 /// Copies `extents` (sorted, not overlapping) of `file` into `region` at the same
 /// offsets; nothing else of `region` is touched (holes are not read, their pages not
-/// allocated). Returns the bytes read.
+/// allocated). `landed` sees each chunk as soon as it is in `region`, on the thread that
+/// read it (to checksum it while other reads are in flight). Returns the bytes read.
 ///
-/// Chunks are read by up to `threads` threads: filling fresh memory is bound by the
-/// kernel's first-touch page faults, which run in parallel on several cores.
+/// Chunks are read by up to `threads` threads: a disk needs several reads in flight, and
+/// filling fresh memory is bound by first-touch page faults, which run in parallel.
 pub fn read_extents(
-    file: &File,
+    file: &BulkFile,
     region: &mut [u8],
     extents: &[Extent],
     threads: usize,
+    landed: impl Fn(u64, &[u8]) + Sync,
 ) -> io::Result<u64> {
     if extents
         .last()
@@ -206,7 +308,11 @@ pub fn read_extents(
     let mut chunks: Vec<(u64, &mut [u8])> = Vec::new();
     let mut rest: &mut [u8] = region;
     let mut rest_start = 0u64;
-    for (pos, n) in io_chunks(extents) {
+    for Extent {
+        offset: pos,
+        len: n,
+    } in cut(extents, READ_CHUNK)
+    {
         let tail = std::mem::take(&mut rest);
         let (_, tail) = tail.split_at_mut((pos - rest_start) as usize);
         let (chunk, tail) = tail.split_at_mut(n as usize);
@@ -214,9 +320,19 @@ pub fn read_extents(
         rest = tail;
         rest_start = pos + n;
     }
+    let direct = std::sync::atomic::AtomicU64::new(0);
+    let count = chunks.len();
     parallel(chunks, threads, |(offset, chunk)| {
-        file.read_exact_at(chunk, offset)
+        if file.read_exact_at(chunk, offset)? {
+            direct.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        landed(offset, chunk);
+        Ok(())
     })?;
+    log::debug!(
+        "read {count} chunks, {} of them with O_DIRECT",
+        direct.into_inner()
+    );
     Ok(total_len(extents))
 }
 
@@ -343,14 +459,69 @@ mod tests {
         assert_eq!(write_extents(&region, &extents, &f, 2).unwrap(), PAGE_SIZE);
         assert_eq!(f.metadata().unwrap().len(), 16 * PAGE_SIZE);
         assert_eq!(file_data_extents(&f, 0, 16 * PAGE_SIZE).unwrap(), extents);
+        let f = BulkFile::new(f);
         for threads in [1, 3] {
             let mut back = vec![0u8; region.len()];
+            let seen = std::sync::atomic::AtomicU64::new(0);
+            let landed = |_, c: &[u8]| {
+                seen.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            };
             assert_eq!(
-                read_extents(&f, &mut back, &extents, threads).unwrap(),
+                read_extents(&f, &mut back, &extents, threads, landed).unwrap(),
                 PAGE_SIZE
             );
             assert_eq!(back, region);
+            assert_eq!(seen.into_inner(), PAGE_SIZE);
         }
+    }
+
+    /// A file on disk, out of the page cache, goes through O_DIRECT; once cached, through
+    /// the cache. Both give the file's bytes, holes untouched.
+    #[test]
+    fn bulk_reads_cold_and_cached_files() {
+        let dir = std::env::temp_dir().join(format!("sparse-bulk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory");
+        let len = 3 * READ_CHUNK as usize;
+        let data: Vec<u8> = (0..len).map(|i| (i / 4096 * 31 + i) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: plain advice on an open fd.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let cold = cached_pages(&f, 0, len as u64);
+        let bulk = BulkFile::new(f);
+        let extents = [
+            Extent {
+                offset: PAGE_SIZE,
+                len: READ_CHUNK + 2 * PAGE_SIZE,
+            },
+            Extent {
+                offset: 2 * READ_CHUNK + 8 * PAGE_SIZE,
+                len: 16 * PAGE_SIZE,
+            },
+        ];
+        for pass in ["cold", "cached"] {
+            let mut back = vec![0u8; len];
+            read_extents(&bulk, &mut back, &extents, 4, |_, _| {}).unwrap();
+            for e in &extents {
+                let r = e.offset as usize..e.end() as usize;
+                assert!(back[r.clone()] == data[r], "{pass}: extent {e:?} differs");
+            }
+            assert!(back[..PAGE_SIZE as usize].iter().all(|&b| b == 0));
+            std::fs::read(&path).unwrap();
+        }
+        // Where cachestat exists (this host's kernel), the passes really were cold, then
+        // cached.
+        if let Some(cold) = cold {
+            assert!(
+                cold < 4,
+                "{cold} pages stayed cached after POSIX_FADV_DONTNEED"
+            );
+            assert!(mostly_cached(bulk.file(), 0, len as u64));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -404,12 +404,10 @@ impl Snapshot {
             let path = self.dir.join(memory_file_name(m.slot));
             let file = File::open(&path).map_err(io("cannot open", &path))?;
             let extents = memsum::joined(pieces);
-            total += memory
-                .read_mapping(m, &file, &extents)
-                .map_err(io("cannot read", &path))?;
             let got = memory
-                .sum_mapping(m, &extents)
-                .map_err(io("cannot checksum guest RAM for", &path))?;
+                .read_mapping(m, &sparse::BulkFile::new(file), &extents)
+                .map_err(io("cannot read", &path))?;
+            total += sparse::total_len(&extents);
             if let Some((offset, len, got, want)) = memsum::first_mismatch(&got, pieces) {
                 return Err(Error::Corrupt {
                     path,
