@@ -161,7 +161,7 @@ fn scenarios(cpus: &[u8]) -> Vec<Box<dyn Scenario>> {
             }));
         }
     }
-    for (ram_gib, touched_mib) in [(1, 256), (1, 768), (4, 3072)] {
+    for (ram_gib, touched_mib) in [(1, 256), (1, 768), (4, 3072), (8, 256), (8, 6144)] {
         all.push(Box::new(offload::Offload {
             ram_mib: ram_gib << 10,
             touched_mib,

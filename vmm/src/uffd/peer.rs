@@ -7,9 +7,9 @@
 //! still be mid-write, so no page is mapped before the peer has answered for it.
 //!
 //! One thread owns the fault connection (the protocol allows one request in flight): a
-//! guest fault always goes first; otherwise it asks for the next 2 MiB of RAM, and maps
-//! exactly the pages the peer wrote (SEEK_DATA on the memfd), so never-written pages stay
-//! unallocated holes. When every chunk has been asked for, RAM is unregistered and the
+//! guest fault always goes first; otherwise it asks for the next 2 MiB of RAM (more where
+//! RAM turns out empty), and maps exactly the pages the peer wrote (SEEK_DATA on the
+//! memfd), so never-written pages stay unallocated holes. When every chunk has been asked for, RAM is unregistered and the
 //! connection closed, which tells the peer it is done.
 
 use std::fs::File;
@@ -29,8 +29,13 @@ use crate::migration::transport::Stream;
 use crate::sparse::{self, PAGE_SIZE};
 use crate::vmm::VmmEvent;
 
-/// Bytes asked for per background request.
+/// Bytes asked for per background request where the last one held data.
 const CHUNK: u64 = 2 << 20;
+/// Where requests come back empty (RAM the guest never wrote), each asks for twice as
+/// much as the one before, up to this: a round trip costs 100-250 us here with the vCPUs
+/// busy, so walking 8 GiB of mostly empty RAM in 2 MiB steps took 0.6-1 s. The cap bounds
+/// how long a guest fault can wait behind a request that does meet data.
+const MAX_EMPTY_CHUNK: u64 = 32 << 20;
 
 /// One guest RAM mapping backed by a peer's memfd.
 #[derive(Debug)]
@@ -153,6 +158,7 @@ impl Filler {
     fn run(mut self) -> Result<(), FillError> {
         let mut events = EventBuffer::new(64);
         let mut cursor = (0usize, 0u64); // region, offset of the next chunk to ask for
+        let mut chunk = CHUNK;
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 return Ok(());
@@ -165,8 +171,12 @@ impl Filler {
             }
             match self.regions.get(cursor.0) {
                 Some(r) => {
-                    let len = CHUNK.min(r.size - cursor.1);
-                    self.fill_chunk(cursor.0, cursor.1, len)?;
+                    let len = chunk.min(r.size - cursor.1);
+                    chunk = if self.fill_chunk(cursor.0, cursor.1, len)? {
+                        CHUNK
+                    } else {
+                        (chunk * 2).min(MAX_EMPTY_CHUNK)
+                    };
                     cursor.1 += len;
                     if cursor.1 >= self.regions[cursor.0].size {
                         cursor = (cursor.0 + 1, 0);
@@ -212,8 +222,9 @@ impl Filler {
         Ok(())
     }
 
-    /// Asks for `len` bytes at `offset` of region `index` and maps what the peer wrote.
-    fn fill_chunk(&mut self, index: usize, offset: u64, len: u64) -> Result<(), FillError> {
+    /// Asks for `len` bytes at `offset` of region `index` and maps what the peer wrote;
+    /// returns whether there was any.
+    fn fill_chunk(&mut self, index: usize, offset: u64, len: u64) -> Result<bool, FillError> {
         let (gpa, host, file_offset) = {
             let r = &self.regions[index];
             (r.gpa + offset, r.host + offset, r.file_offset + offset)
@@ -221,10 +232,10 @@ impl Filler {
         self.ask(gpa, len)?;
         let extents = sparse::file_data_extents(&self.regions[index].memfd, file_offset, len)
             .map_err(FillError::Extents)?;
-        for e in extents {
+        for e in &extents {
             self.map(host + e.offset, e.len)?;
         }
-        Ok(())
+        Ok(!extents.is_empty())
     }
 
     /// UFFDIO_CONTINUE over `[addr, addr+len)`, skipping pages already mapped.
