@@ -278,7 +278,7 @@ fn load_slot(
         &memfd,
         m.file_offset,
         &src.extents,
-        vmm::sparse::READ_THREADS,
+        layout::COPY_THREADS,
     )
     .map_err(read_err)?;
     check_sums(&src, &sums)?;

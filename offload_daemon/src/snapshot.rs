@@ -317,7 +317,7 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
             &file,
             0,
             &extents,
-            layout::copy_threads(),
+            layout::COPY_THREADS,
         )
         .map_err(write_err("copying guest memory to", &path))?;
         file.sync_all().map_err(write_err("fsyncing", &path))?;
