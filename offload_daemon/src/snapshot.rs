@@ -311,15 +311,9 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         let extents = vmm::sparse::file_data_extents(fd, m.file_offset, m.size).map_err(
             write_err("finding data extents of the memory fd for", &path),
         )?;
-        let extents = layout::copy_extents(
-            fd,
-            m.file_offset,
-            &file,
-            0,
-            &extents,
-            layout::COPY_THREADS,
-        )
-        .map_err(write_err("copying guest memory to", &path))?;
+        let extents =
+            layout::copy_extents(fd, m.file_offset, &file, 0, &extents, layout::COPY_THREADS)
+                .map_err(write_err("copying guest memory to", &path))?;
         file.sync_all().map_err(write_err("fsyncing", &path))?;
         data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
         ram_bytes += m.size;

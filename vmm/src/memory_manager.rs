@@ -198,7 +198,7 @@ impl MemoryManager {
 
     /// Data extents of every mapping as guest-physical ranges, from metadata only
     /// (SEEK_DATA on shared RAM, pagemap on private RAM): safe while vCPUs run, unlike
-    /// `data_extents`, which also reads page contents to drop zero pages.
+    /// `write_mapping`, which also reads page contents to drop zero pages.
     pub fn mapped_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
         let mut ranges = Vec::new();
         for (i, m) in self.mappings.iter().enumerate() {
@@ -241,10 +241,15 @@ impl MemoryManager {
             })
     }
 
-    /// Data extents of one mapping, relative to its start, with all-zero pages dropped.
-    /// Shared RAM lives in the memfd (SEEK_DATA); private RAM is anonymous memory
-    /// (pagemap). The VM must be paused.
-    pub fn data_extents(&self, m: &GuestRamMapping) -> std::io::Result<Vec<sparse::Extent>> {
+    /// Writes one mapping's data into `file` (sparse, sized to the mapping): the pages
+    /// that may hold data (SEEK_DATA on shared RAM's memfd, pagemap on private RAM) less
+    /// the all-zero ones. Returns the extents written, relative to the mapping, and the
+    /// sums of their pieces. The VM must be paused.
+    pub fn write_mapping(
+        &self,
+        m: &GuestRamMapping,
+        file: &File,
+    ) -> std::io::Result<(Vec<sparse::Extent>, Vec<crate::memsum::PieceSum>)> {
         let index = self.mappings.iter().position(|x| x == m);
         let candidates = match index.and_then(|i| self.backing.get(i)) {
             Some(file) => sparse::file_data_extents(file, m.file_offset, m.size)?,
@@ -252,20 +257,7 @@ impl MemoryManager {
         };
         // SAFETY: see `host_bytes`; the slice is only read here.
         let bytes = unsafe { self.host_bytes(m)? };
-        Ok(sparse::nonzero_extents(bytes, &candidates))
-    }
-
-    /// Writes one mapping's data extents into `file` (sparse, sized to the mapping).
-    /// Returns the bytes written. The VM must be paused.
-    pub fn write_mapping(
-        &self,
-        m: &GuestRamMapping,
-        extents: &[sparse::Extent],
-        file: &File,
-    ) -> std::io::Result<u64> {
-        // SAFETY: see `host_bytes`; the slice is only read here.
-        let bytes = unsafe { self.host_bytes(m)? };
-        sparse::write_extents(bytes, extents, file, io_threads())
+        crate::memsum::write_summed(bytes, &candidates, file, sparse::WRITE_THREADS)
     }
 
     /// Fills `extents` of one mapping from `file` (same offsets) and returns the sums of
@@ -280,24 +272,6 @@ impl MemoryManager {
         // SAFETY: see `host_bytes`. No vCPU runs yet, and this is the only writer.
         let bytes = unsafe { self.host_bytes_mut(m)? };
         crate::memsum::read_summed(file, bytes, extents)
-    }
-
-    /// CRC32 of each piece of `extents` of one mapping (see `memsum`). The VM must be
-    /// paused or not started.
-    pub fn sum_mapping(
-        &self,
-        m: &GuestRamMapping,
-        extents: &[sparse::Extent],
-    ) -> std::io::Result<Vec<crate::memsum::PieceSum>> {
-        if extents.last().is_some_and(|e| e.end() > m.size) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "an extent lies outside the mapping",
-            ));
-        }
-        // SAFETY: see `host_bytes`; the slice is only read here.
-        let bytes = unsafe { self.host_bytes(m)? };
-        Ok(crate::memsum::sum_region(bytes, extents, io_threads()))
     }
 
     /// The host view of one mapping.
@@ -442,12 +416,6 @@ fn advise_huge_pages(host: *mut u8, size: u64) {
             std::io::Error::last_os_error()
         );
     }
-}
-
-/// Threads for bulk memory I/O: one per core (up to 4); snapshot and copy restore run
-/// while no vCPU does, so the cores are free.
-fn io_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Splits `size` bytes of RAM around the 32-bit MMIO hole.

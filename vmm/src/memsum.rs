@@ -58,33 +58,22 @@ pub fn sum_pieces(offset: u64, data: &[u8]) -> Vec<PieceSum> {
     .collect()
 }
 
-/// The sums of every piece of `extents` of `region` (offsets relative to it), computed
-/// by up to `threads` threads, in order.
-pub fn sum_region(region: &[u8], extents: &[Extent], threads: usize) -> Vec<PieceSum> {
-    let pieces = pieces(extents);
-    let per = pieces.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = pieces
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|p| PieceSum {
-                            offset: p.offset,
-                            len: p.len,
-                            crc32: crc32fast::hash(&region[p.offset as usize..p.end() as usize]),
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            // A summing thread cannot panic short of a bug; an empty part then fails
-            // the comparison, which reports the mismatch.
-            .flat_map(|t| t.join().unwrap_or_default())
-            .collect()
-    })
+/// Writes the data of `candidates` of `region` to `file` (see `sparse::write_data`) and
+/// returns the extents written with the sums of their pieces, in order.
+pub fn write_summed(
+    region: &[u8],
+    candidates: &[Extent],
+    file: &File,
+    threads: usize,
+) -> io::Result<(Vec<Extent>, Vec<PieceSum>)> {
+    let sums = std::sync::Mutex::new(Vec::new());
+    let extents = crate::sparse::write_data(region, candidates, file, threads, |offset, run| {
+        let got = sum_pieces(offset, run);
+        sums.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
+    })?;
+    let mut sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
+    sums.sort_unstable_by_key(|p| p.offset);
+    Ok((extents, sums))
 }
 
 /// Reads `extents` of `file` into `region` (same offsets, see `sparse::read_extents`) and
@@ -207,33 +196,61 @@ mod tests {
         );
     }
 
+    /// Written and read back across several I/O chunks: the sums are those of the grid
+    /// pieces of the data actually written (zero pages dropped), both ways, and a flipped
+    /// byte shows up in exactly its piece.
     #[test]
-    fn region_sums_match_piece_sums_and_spot_a_flip() {
-        let mut region: Vec<u8> = (0..4 * GRID).map(|i| (i * 7 % 251) as u8).collect();
-        let extents = [
+    fn written_and_read_sums_match_piece_sums_and_spot_a_flip() {
+        const MIB: u64 = 1 << 20;
+        let mut region: Vec<u8> = (0..20 * MIB).map(|i| (i * 7 % 251) as u8 | 1).collect();
+        // A zero page inside a candidate extent is dropped from what is written.
+        region[(9 * MIB) as usize..(9 * MIB + 4096) as usize].fill(0);
+        let candidates = [
             Extent {
                 offset: 4096,
                 len: GRID,
             },
             Extent {
-                offset: 2 * GRID,
-                len: GRID + 4096,
+                offset: 2 * MIB,
+                len: 15 * MIB + 4096,
             },
         ];
-        let sums = sum_region(&region, &extents, 3);
-        let mut by_piece = sum_pieces(4096, &region[4096..4096 + GRID as usize]);
-        by_piece.extend(sum_pieces(
-            2 * GRID,
-            &region[2 * GRID as usize..(3 * GRID + 4096) as usize],
-        ));
+        let data = [
+            candidates[0],
+            Extent {
+                offset: 2 * MIB,
+                len: 7 * MIB,
+            },
+            Extent {
+                offset: 9 * MIB + 4096,
+                len: 8 * MIB,
+            },
+        ];
+        let by_piece: Vec<PieceSum> = data
+            .iter()
+            .flat_map(|e| sum_pieces(e.offset, &region[e.offset as usize..e.end() as usize]))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("memsum-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |region: &[u8], name: &str| {
+            let file = File::create_new(dir.join(name)).unwrap();
+            write_summed(region, &candidates, &file, 3).unwrap()
+        };
+        let (extents, sums) = write(&region, "a");
+        assert_eq!(extents, data.to_vec());
         assert_eq!(sums, by_piece);
         assert!(check_layout(&sums, region.len() as u64).is_ok());
-        assert_eq!(first_mismatch(&sums, &by_piece), None);
-        region[(2 * GRID + 5) as usize] ^= 1;
-        let again = sum_region(&region, &extents, 2);
+        assert_eq!(joined(&sums), extents);
+
+        let file = BulkFile::new(File::open(dir.join("a")).unwrap());
+        let mut back = vec![0u8; region.len()];
+        assert_eq!(read_summed(&file, &mut back, &extents).unwrap(), sums);
+
+        region[(2 * MIB + 5) as usize] ^= 2;
+        let (_, again) = write(&region, "b");
         let bad = first_mismatch(&again, &sums).unwrap();
-        assert_eq!((bad.0, bad.1), (2 * GRID, GRID));
-        assert_eq!(joined(&sums), extents.to_vec());
+        assert_eq!((bad.0, bad.1), (2 * MIB, GRID));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

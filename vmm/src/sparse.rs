@@ -122,9 +122,11 @@ pub fn nonzero_extents(region: &[u8], extents: &[Extent]) -> Vec<Extent> {
     out
 }
 
-/// Chunk size for writes: large enough for disk speed, small enough to keep a bounded
-/// amount of I/O in flight per call.
+/// Chunk size and concurrency for bulk writes: large enough for disk speed, small enough
+/// to keep a bounded amount of I/O in flight. Each thread also scans and checksums its
+/// chunk, so more threads than cores keep writes in flight meanwhile.
 const WRITE_CHUNK: u64 = 8 << 20;
+pub const WRITE_THREADS: usize = 4;
 
 /// Chunk size and concurrency for bulk reads. O_DIRECT reads of this host's virtual disk
 /// reach its speed only with several requests in flight: 4 x 4 MiB read a cold GiB at
@@ -180,21 +182,49 @@ fn parallel<T: Send>(
     })
 }
 
-/// Writes `extents` of `region` to `file` at the same offsets and sizes the file to
-/// `region.len()`, so everything else stays a hole. Returns the bytes written. With
-/// `threads` > 1 several writes are in flight, which a virtual disk needs to reach its
-/// speed with O_DIRECT.
-pub fn write_extents(
+/// Writes the data of `candidates` (the extents of `region` that may hold data, from
+/// SEEK_DATA or pagemap) to `file` at the same offsets, drops all-zero pages (they stay
+/// holes), and sizes the file to `region.len()`. Returns the extents written, in order.
+///
+/// `threads` threads take a chunk each: scan it for zero pages, write its runs of data,
+/// and hand each run to `written` (to checksum it) while other writes are in flight; so
+/// guest RAM is read once by the CPU, right after the disk read it. Several writes in
+/// flight are what a virtual disk needs to reach its speed with O_DIRECT.
+pub fn write_data(
     region: &[u8],
-    extents: &[Extent],
+    candidates: &[Extent],
     file: &File,
     threads: usize,
-) -> io::Result<u64> {
-    parallel(cut(extents, WRITE_CHUNK), threads, |c| {
-        file.write_all_at(&region[c.offset as usize..c.end() as usize], c.offset)
+    written: impl Fn(u64, &[u8]) + Sync,
+) -> io::Result<Vec<Extent>> {
+    if candidates
+        .last()
+        .is_some_and(|e| e.end() > region.len() as u64)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an extent lies outside the region",
+        ));
+    }
+    let runs = std::sync::Mutex::new(Vec::new());
+    parallel(cut(candidates, WRITE_CHUNK), threads, |c| {
+        let data = nonzero_extents(region, &[c]);
+        for run in &data {
+            let bytes = &region[run.offset as usize..run.end() as usize];
+            file.write_all_at(bytes, run.offset)?;
+            written(run.offset, bytes);
+        }
+        runs.lock().unwrap_or_else(|e| e.into_inner()).extend(data);
+        Ok(())
     })?;
     file.set_len(region.len() as u64)?;
-    Ok(total_len(extents))
+    let mut runs = runs.into_inner().unwrap_or_else(|e| e.into_inner());
+    runs.sort_unstable_by_key(|r| r.offset);
+    let mut extents = Vec::with_capacity(runs.len());
+    for r in runs {
+        push_merged(&mut extents, r.offset, r.len);
+    }
+    Ok(extents)
 }
 
 /// A file to read in bulk into memory. Chunks the page cache already holds (a snapshot
@@ -456,7 +486,14 @@ mod tests {
             }],
         );
         let f = memfd();
-        assert_eq!(write_extents(&region, &extents, &f, 2).unwrap(), PAGE_SIZE);
+        let all = [Extent {
+            offset: 0,
+            len: 16 * PAGE_SIZE,
+        }];
+        assert_eq!(
+            write_data(&region, &all, &f, 2, |_, _| {}).unwrap(),
+            extents
+        );
         assert_eq!(f.metadata().unwrap().len(), 16 * PAGE_SIZE);
         assert_eq!(file_data_extents(&f, 0, 16 * PAGE_SIZE).unwrap(), extents);
         let f = BulkFile::new(f);

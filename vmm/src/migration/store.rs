@@ -179,31 +179,17 @@ fn write_contents(
         let path = dir.join(memory_file_name(m.slot));
         let file = create_direct_file(&path)?;
         let t = Instant::now();
-        let extents = memory
-            .data_extents(m)
-            .map_err(io("cannot find the data pages of guest RAM for", &path))?;
-        let t_extents = t.elapsed();
-        let written = memory
-            .write_mapping(m, &extents, &file)
+        let (extents, piece_sums) = memory
+            .write_mapping(m, &file)
             .map_err(io("cannot write", &path))?;
+        let written = sparse::total_len(&extents);
         let t_write = t.elapsed();
-        // The checksums come from guest RAM (the VM is paused) while the disk syncs.
-        let (piece_sums, synced) = std::thread::scope(|s| {
-            let sync = s.spawn(|| file.sync_all());
-            let piece_sums = memory.sum_mapping(m, &extents);
-            let synced = sync
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")));
-            (piece_sums, synced)
-        });
-        synced.map_err(io("cannot fsync", &path))?;
-        let piece_sums = piece_sums.map_err(io("cannot checksum guest RAM for", &path))?;
+        file.sync_all().map_err(io("cannot fsync", &path))?;
         log::debug!(
-            "slot {}: {} extents, {written} bytes: extents {t_extents:?}, write {:?}, \
-             fsync and checksums {:?}",
+            "slot {}: {} extents, {written} bytes: zero scan, write and checksums \
+             {t_write:?}, fsync {:?}",
             m.slot,
             extents.len(),
-            t_write - t_extents,
             t.elapsed() - t_write
         );
         data_bytes.push(written);
