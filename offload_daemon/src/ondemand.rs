@@ -68,24 +68,43 @@ pub enum ServeError {
 
 pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeError> {
     let started = Instant::now();
-    let meta = restore::load_meta(input_dir)?;
-    let mut slots = Vec::with_capacity(meta.mappings.len());
-    for m in &meta.mappings {
-        slots.push(Slot {
+    let (config, state) = restore::read_config_state(input_dir)?;
+    let mappings = restore::parse_config_state(&config, &state)?;
+    let memfds = mappings
+        .iter()
+        .map(|m| Ok((m.slot, restore::empty_memfd(m)?)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    // The manifest (over a megabyte of JSON for a few GiB of data) is read and checked
+    // while the VMM builds the VM from the config, which takes about as long. Config and
+    // state are checked against it before State is sent: a damaged snapshot still never
+    // runs, the VMM just learns it one step later.
+    let (main, sources) = std::thread::scope(|s| {
+        let checking = s.spawn(|| {
+            let manifest = restore::load_manifest(input_dir, &config, &state)?;
+            mappings
+                .iter()
+                .map(|m| restore::slot_source(input_dir, m, manifest.as_ref()))
+                .collect::<Result<Vec<_>, Error>>()
+        });
+        let main = restore::send_prefix(socket, &memfds, &config);
+        let sources = checking.join().unwrap_or(Err(Error::CheckPanicked));
+        (main, sources)
+    });
+    let sources = sources?;
+    let main = main?;
+    let slots: Vec<Slot> = mappings
+        .iter()
+        .zip(sources)
+        .zip(memfds)
+        .map(|((m, src), (_, memfd))| Slot {
             mapping: *m,
-            src: restore::slot_source(input_dir, m, meta.manifest.as_ref())?,
-            memfd: restore::empty_memfd(m)?,
+            src,
+            memfd,
             pages: (0..m.size.div_ceil(PAGE_SIZE))
                 .map(|_| AtomicU8::new(UNTOUCHED))
                 .collect(),
-        });
-    }
-    let memfds: Vec<(u32, std::fs::File)> = slots
-        .iter()
-        .map(|s| Ok((s.mapping.slot, s.memfd.try_clone()?)))
-        .collect::<std::io::Result<_>>()
-        .map_err(|e| ServeError::Restore(Error::Memfd { slot: 0, source: e }))?;
-    let main = restore::send_prefix(socket, &memfds, &meta.config)?;
+        })
+        .collect();
     let mut fault = UnixStream::connect(socket)
         .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
     write_role(&mut fault, ConnectionRole::Fault).map_err(ServeError::Protocol)?;
@@ -97,7 +116,7 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
     let failed = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         let filler = s.spawn(|| background_fill(&slots, &failed, &fault_handle));
-        let served = restore::send_suffix(&main, &meta.state, resume)
+        let served = restore::send_suffix(&main, &state, resume)
             .map_err(ServeError::from)
             .and_then(|()| {
                 log::info!(

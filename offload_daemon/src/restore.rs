@@ -93,6 +93,8 @@ pub enum Error {
         got: usize,
         expected: usize,
     },
+    #[error("checking the snapshot failed: a thread panicked")]
+    CheckPanicked,
     #[error("cannot create the memfd for slot {slot}")]
     Memfd {
         slot: u32,
@@ -187,9 +189,35 @@ fn load(dir: &Path) -> Result<Loaded, Error> {
     })
 }
 
+/// Reads and checks everything but memory: config and state against the manifest first,
+/// so a damaged file is reported as such rather than as whatever it fails to parse as.
 pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
-    let config = read_small(&dir.join(CONFIG_FILE))?;
-    let state = read_small(&dir.join(STATE_FILE))?;
+    let (config, state) = read_config_state(dir)?;
+    let manifest = load_manifest(dir, &config, &state)?;
+    let mappings = parse_config_state(&config, &state)?;
+    Ok(Meta {
+        config,
+        state,
+        manifest,
+        mappings,
+    })
+}
+
+/// The raw bytes of `migration_config.json` and `state.json`.
+pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    Ok((
+        read_small(&dir.join(CONFIG_FILE))?,
+        read_small(&dir.join(STATE_FILE))?,
+    ))
+}
+
+/// The manifest, with `config` and `state` checked against it; `None` (with a warning)
+/// where there is none.
+pub(crate) fn load_manifest(
+    dir: &Path,
+    config: &[u8],
+    state: &[u8],
+) -> Result<Option<Manifest>, Error> {
     let manifest = match read_small(&dir.join(MANIFEST_FILE)) {
         Ok(bytes) => {
             let path = dir.join(MANIFEST_FILE);
@@ -210,19 +238,21 @@ pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
         Err(e) => return Err(e),
     };
     if let Some(m) = &manifest {
-        check_file(CONFIG_FILE, &config, m.config)?;
-        check_file(STATE_FILE, &state, m.state)?;
+        check_file(CONFIG_FILE, config, m.config)?;
+        check_file(STATE_FILE, state, m.state)?;
     }
+    Ok(manifest)
+}
+
+/// The guest RAM mappings of `config`, once `state` is known to be JSON at all.
+pub(crate) fn parse_config_state(
+    config: &[u8],
+    state: &[u8],
+) -> Result<Vec<GuestRamMappingData>, Error> {
     // Without a manifest this still catches most truncations; the VMM would reject the
     // State anyway, but only after the memory was sent.
-    serde_json::from_slice::<serde::de::IgnoredAny>(&state).map_err(Error::StateNotJson)?;
-    let mappings = layout::guest_ram_mappings(&config)?;
-    Ok(Meta {
-        config,
-        state,
-        manifest,
-        mappings,
-    })
+    serde_json::from_slice::<serde::de::IgnoredAny>(state).map_err(Error::StateNotJson)?;
+    Ok(layout::guest_ram_mappings(config)?)
 }
 
 /// One slot's memory file, checked against the config and the manifest: the open file,

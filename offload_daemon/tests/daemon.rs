@@ -708,6 +708,53 @@ fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
     );
 }
 
+/// On demand, the manifest is checked while the VMM builds the VM from the config; a
+/// state.json that does not match it (still valid JSON) is refused before State is sent:
+/// the VMM's receive fails promptly, no VM runs, and the VMM stays usable.
+#[test]
+fn ondemand_restore_refuses_a_state_that_does_not_match_the_manifest() {
+    let dir = TempDir::new("od-bad-state").unwrap();
+    let (_, snap) = take_snapshot(&dir, "od-bad-state-src");
+    let path = snap.join("state.json");
+    let mut state = std::fs::read(&path).unwrap();
+    let at = state.len() / 2
+        + state[state.len() / 2..]
+            .windows(3)
+            .position(|w| w == b",0,")
+            .expect("a zero in the second half of state.json");
+    state[at + 1] = b'1';
+    std::fs::write(&path, &state).unwrap();
+
+    let dest = empty_vmm("od-bad-state-dest");
+    let sock = dir.join("od-bad-state.sock");
+    let receiver = receive_in_background_with(&dest, &format!("unix:{}", sock.display()), true);
+    let started = Instant::now();
+    let out = run_daemon(&[
+        "restore",
+        "--socket",
+        s(&sock),
+        "--input-dir",
+        s(&snap),
+        "--resume",
+        "--ondemand",
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state.json does not match the manifest"),
+        "{}",
+        show(&out)
+    );
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("closed the connection"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the VMM took {:?} to give up",
+        started.elapsed()
+    );
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+}
+
 /// A precopy receiver paired with an on-demand daemon refuses (it would otherwise run
 /// the guest on empty memfds), and so does an on-demand receiver with an eager daemon.
 #[test]
