@@ -339,7 +339,7 @@ fn damaged_snapshots_are_refused() {
     let (last, snap) = snapshot_and_kill(&dir, src);
 
     type Damage = fn(&Path);
-    let cases: [(&str, Damage, &str); 7] = [
+    let cases: [(&str, Damage, &str); 8] = [
         (
             "truncated memory",
             |d| truncate(&d.join("memory-0"), 4096),
@@ -372,10 +372,24 @@ fn damaged_snapshots_are_refused() {
             "wrong version",
             |d| {
                 let p = d.join("snapshot.json");
-                let text = fs::read_to_string(&p).unwrap();
-                fs::write(&p, text.replace("\"version\": 2", "\"version\": 99")).unwrap();
+                let mut manifest: serde_json::Value =
+                    serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+                manifest["version"] = 99.into();
+                fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
             },
             "version 99",
+        ),
+        (
+            // Found beside building the VM, which is then dropped.
+            "bad memory piece",
+            |d| {
+                let p = d.join("snapshot.json");
+                let mut manifest: serde_json::Value =
+                    serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+                manifest["memory"][0][0]["len"] = 0.into();
+                fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
+            },
+            "memory piece",
         ),
         (
             "garbage manifest",

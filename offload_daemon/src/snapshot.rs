@@ -330,7 +330,8 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         memory,
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
-    let manifest_json = serde_json::to_vec_pretty(&manifest)
+    // Compact: a restore reads it before the VM runs (2.4 MB pretty at 6 GiB of data).
+    let manifest_json = serde_json::to_vec(&manifest)
         .map_err(|e| write_err("serializing", &manifest_path)(io::Error::other(e)))?;
     write_file_synced(&manifest_path, &manifest_json)?;
     sync_dir(&tmp)?;

@@ -70,6 +70,8 @@ pub enum Error {
     Corrupt { path: PathBuf, reason: String },
     #[error("the snapshot's memory layout does not match its config")]
     LayoutMismatch,
+    #[error("checking the snapshot's memory layout failed: a thread panicked")]
+    Panicked,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -104,6 +106,18 @@ struct Manifest {
     memory_data_bytes: Vec<u64>,
     /// Per mapping: the data, cut in pieces on the `memsum` grid, each with its CRC32.
     memory: Vec<Vec<PieceSum>>,
+}
+
+/// [`Manifest`] as read back: the piece lists (most of it: 1.3 MB at 6 GiB of data) stay
+/// raw until [`Snapshot::memory`] parses them, beside building the VM.
+#[derive(Deserialize)]
+struct ManifestHead<'a> {
+    version: u32,
+    config: FileDigest,
+    state: FileDigest,
+    mappings: Vec<GuestRamMapping>,
+    #[serde(borrow)]
+    memory: &'a serde_json::value::RawValue,
 }
 
 /// What a snapshot wrote.
@@ -208,8 +222,10 @@ fn write_contents(
         memory_data_bytes: data_bytes.clone(),
         memory: sums,
     };
+    // Compact: at 6 GiB of data the pretty form is 2.4 MB, which a restore reads and
+    // parses before the VM can run.
     let manifest_json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Encode("the manifest", e))?;
+        serde_json::to_vec(&manifest).map_err(|e| Error::Encode("the manifest", e))?;
     write_file(&dir.join(MANIFEST_FILE), &manifest_json)?;
     Ok(SnapshotStats {
         memory_data_bytes: data_bytes.iter().sum(),
@@ -241,22 +257,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io("cannot fsync directory", dir))
 }
 
-/// A snapshot directory whose manifest, config, state and memory files have been checked.
+/// A snapshot directory whose manifest, config, state and memory file sizes have been
+/// checked; [`Snapshot::memory`] checks the rest.
 #[derive(Debug)]
 pub struct Snapshot {
     pub dir: PathBuf,
     pub config: VmConfig,
     pub state: StateTree,
     mappings: Vec<GuestRamMapping>,
-    /// Per mapping, the checked layout of its data pieces.
-    memory: Vec<Vec<PieceSum>>,
+    /// The manifest as read, and where in it the piece lists are (not parsed yet;
+    /// kept in place, as copying a megabyte is not free on a host where fresh memory is
+    /// slow to touch).
+    manifest: Vec<u8>,
+    memory: std::ops::Range<usize>,
 }
 
-/// Reads and checks everything but the memory contents: a snapshot that fails here is
-/// refused before any VM is built.
+/// The memory of a [`Snapshot`]: per mapping, the checked layout of its data pieces.
+#[derive(Debug)]
+pub struct SnapshotMemory {
+    dir: PathBuf,
+    mappings: Vec<GuestRamMapping>,
+    pieces: Vec<Vec<PieceSum>>,
+}
+
+/// Reads and checks everything but the memory contents and its piece lists: a snapshot
+/// that fails here is refused before any VM is built; one whose piece lists fail
+/// [`Snapshot::memory`] before the VM runs.
 pub fn load(dir: &Path) -> Result<Snapshot> {
     let manifest_bytes = read_json_file(dir, MANIFEST_FILE)?;
-    let manifest: Manifest =
+    let manifest: ManifestHead =
         serde_json::from_slice(&manifest_bytes).map_err(|source| Error::Decode {
             what: "snapshot manifest",
             path: dir.join(MANIFEST_FILE),
@@ -265,6 +294,16 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
     if manifest.version != MANIFEST_VERSION {
         return Err(Error::Version(manifest.version));
     }
+    // The raw value borrows from `manifest_bytes`: its offset there.
+    let raw = manifest.memory.get();
+    let memory = (raw.as_ptr() as usize)
+        .checked_sub(manifest_bytes.as_ptr() as usize)
+        .map(|start| start..start + raw.len())
+        .filter(|r| r.end <= manifest_bytes.len())
+        .ok_or(Error::Corrupt {
+            path: dir.join(MANIFEST_FILE),
+            reason: "the memory piece lists cannot be located".into(),
+        })?;
     let config_bytes = read_json_file(dir, CONFIG_FILE)?;
     check_digest(&dir.join(CONFIG_FILE), &config_bytes, &manifest.config)?;
     let state_bytes = read_json_file(dir, STATE_FILE)?;
@@ -281,28 +320,8 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
             path: dir.join(STATE_FILE),
             source,
         })?;
-    if manifest.memory.len() != manifest.mappings.len() {
-        return Err(Error::Corrupt {
-            path: dir.join(MANIFEST_FILE),
-            reason: format!(
-                "{} memory checksum lists for {} mappings",
-                manifest.memory.len(),
-                manifest.mappings.len()
-            ),
-        });
-    }
-    for (m, pieces) in manifest.mappings.iter().zip(&manifest.memory) {
+    for m in &manifest.mappings {
         let path = dir.join(memory_file_name(m.slot));
-        if let Err(p) = memsum::check_layout(pieces, m.size) {
-            return Err(Error::Corrupt {
-                path: dir.join(MANIFEST_FILE),
-                reason: format!(
-                    "memory piece {}+{} of slot {} is empty, out of order, crosses the \
-                     checksum grid or lies outside the slot",
-                    p.offset, p.len, m.slot
-                ),
-            });
-        }
         let meta = fs::metadata(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::Incomplete(dir.to_path_buf(), "a memory file")
@@ -322,7 +341,8 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
         config,
         state,
         mappings: manifest.mappings,
-        memory: manifest.memory,
+        memory,
+        manifest: manifest_bytes,
     })
 }
 
@@ -359,6 +379,46 @@ fn check_digest(path: &Path, bytes: &[u8], want: &FileDigest) -> Result<()> {
 }
 
 impl Snapshot {
+    /// Parses and checks the manifest's piece lists: one per mapping, each piece inside
+    /// one grid cell of its mapping, in order. Takes a few milliseconds at several GiB of
+    /// data, so a restore runs it beside building the VM.
+    pub fn memory(&self) -> Result<SnapshotMemory> {
+        let corrupt = |reason| Error::Corrupt {
+            path: self.dir.join(MANIFEST_FILE),
+            reason,
+        };
+        let raw = self.manifest.get(self.memory.clone()).unwrap_or_default();
+        let pieces: Vec<Vec<PieceSum>> =
+            serde_json::from_slice(raw).map_err(|source| Error::Decode {
+                what: "snapshot manifest",
+                path: self.dir.join(MANIFEST_FILE),
+                source,
+            })?;
+        if pieces.len() != self.mappings.len() {
+            return Err(corrupt(format!(
+                "{} memory checksum lists for {} mappings",
+                pieces.len(),
+                self.mappings.len()
+            )));
+        }
+        for (m, list) in self.mappings.iter().zip(&pieces) {
+            if let Err(p) = memsum::check_layout(list, m.size) {
+                return Err(corrupt(format!(
+                    "memory piece {}+{} of slot {} is empty, out of order, crosses the \
+                     checksum grid or lies outside the slot",
+                    p.offset, p.len, m.slot
+                )));
+            }
+        }
+        Ok(SnapshotMemory {
+            dir: self.dir.clone(),
+            mappings: self.mappings.clone(),
+            pieces,
+        })
+    }
+}
+
+impl SnapshotMemory {
     /// Checks that `memory` (built from this snapshot's config) has the snapshot's layout.
     pub fn check_layout(&self, memory: &MemoryManager) -> Result<()> {
         if memory.mappings() == self.mappings.as_slice() {
@@ -374,7 +434,7 @@ impl Snapshot {
         let files: Vec<(PathBuf, Vec<PieceSum>)> = self
             .mappings
             .iter()
-            .zip(&self.memory)
+            .zip(&self.pieces)
             .map(|(m, pieces)| (self.dir.join(memory_file_name(m.slot)), pieces.clone()))
             .collect();
         crate::uffd::file::FileSource::open(files)
@@ -386,7 +446,7 @@ impl Snapshot {
     pub fn fill_memory(&self, memory: &MemoryManager) -> Result<u64> {
         self.check_layout(memory)?;
         let mut total = 0;
-        for (m, pieces) in memory.mappings().iter().zip(&self.memory) {
+        for (m, pieces) in memory.mappings().iter().zip(&self.pieces) {
             let path = self.dir.join(memory_file_name(m.slot));
             let file = File::open(&path).map_err(io("cannot open", &path))?;
             let extents = memsum::joined(pieces);

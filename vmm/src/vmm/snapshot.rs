@@ -85,14 +85,22 @@ impl Vmm {
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
         let snapshot = store::load(&params.source).map_err(snapshot_error)?;
         let t_load = start.elapsed();
-        let mut vm =
-            Vm::new_for_restore(&snapshot.config, self.events.clone()).map_err(RestoreError::Vm)?;
+        // The memory piece lists (a megabyte of JSON at a few GiB of data) are parsed and
+        // checked while the VM is built; both take milliseconds.
+        let events = self.events.clone();
+        let (vm, memory) = std::thread::scope(|s| {
+            let memory = s.spawn(|| snapshot.memory());
+            let vm = Vm::new_for_restore(&snapshot.config, events);
+            (vm, memory.join().unwrap_or(Err(store::Error::Panicked)))
+        });
+        let memory = memory.map_err(snapshot_error)?;
+        let mut vm = vm.map_err(RestoreError::Vm)?;
         let t_create = start.elapsed();
         let bytes = match params.mode {
-            MemoryRestoreMode::Copy => snapshot.fill_memory(vm.memory()).map_err(snapshot_error)?,
+            MemoryRestoreMode::Copy => memory.fill_memory(vm.memory()).map_err(snapshot_error)?,
             MemoryRestoreMode::OnDemand => {
-                snapshot.check_layout(vm.memory()).map_err(snapshot_error)?;
-                let source = snapshot.memory_source().map_err(RestoreError::OpenMemory)?;
+                memory.check_layout(vm.memory()).map_err(snapshot_error)?;
+                let source = memory.memory_source().map_err(RestoreError::OpenMemory)?;
                 vm.enable_on_demand(Arc::new(source))
                     .map_err(RestoreError::Vm)?;
                 0
