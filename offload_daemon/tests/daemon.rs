@@ -38,6 +38,15 @@ fn show(out: &Output) -> String {
     )
 }
 
+/// Asserts that the daemon's stderr mentions `needle`.
+fn expect_stderr(out: &Output, needle: &str) {
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(needle),
+        "expected {needle:?}: {}",
+        show(out)
+    );
+}
+
 fn run_daemon(args: &[&str]) -> Output {
     std::process::Command::new(daemon_bin())
         .args(args)
@@ -237,11 +246,7 @@ fn snapshot_then_eager_restore_carries_on() {
         s(&snap),
     ]);
     assert!(out.status.success(), "restore: {}", show(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("manifest.json is missing"),
-        "{}",
-        show(&out)
-    );
+    expect_stderr(&out, "manifest.json is missing");
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 204, "receive-migration: {body}");
     assert_eq!(dest.vm_state().unwrap(), "Paused");
@@ -286,12 +291,7 @@ fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
         "restore accepted a damaged snapshot: {}",
         show(&out)
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(needle),
-        "expected {needle:?}: {}",
-        show(&out)
-    );
+    expect_stderr(&out, needle);
     match listener.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("restore connected before refusing: {other:?}"),
@@ -358,11 +358,7 @@ fn socket_lock_and_output_dir_are_enforced() {
         s(&dir.join("out2")),
     ]);
     assert!(!out.status.success(), "{}", show(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("another daemon holds"),
-        "{}",
-        show(&out)
-    );
+    expect_stderr(&out, "another daemon holds");
     assert!(
         sock.exists(),
         "the refused daemon removed the first one's socket"
@@ -403,11 +399,7 @@ fn socket_lock_and_output_dir_are_enforced() {
         s(&full),
     ]);
     assert!(!out.status.success(), "{}", show(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("exists and is not empty"),
-        "{}",
-        show(&out)
-    );
+    expect_stderr(&out, "exists and is not empty");
     assert!(!dir.join("e.sock").exists());
 }
 
@@ -739,11 +731,7 @@ fn ondemand_restore_refuses_a_state_that_does_not_match_the_manifest() {
         "--ondemand",
     ]);
     assert!(!out.status.success(), "{}", show(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("state.json does not match the manifest"),
-        "{}",
-        show(&out)
-    );
+    expect_stderr(&out, "state.json does not match the manifest");
     let (status, body) = receiver.join().unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("closed the connection"), "{body}");

@@ -182,6 +182,17 @@ fn parallel<T: Send>(
     })
 }
 
+/// Refuses `extents` (sorted) that reach beyond a region of `len` bytes.
+fn check_inside(extents: &[Extent], len: usize) -> io::Result<()> {
+    if extents.last().is_some_and(|e| e.end() > len as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an extent lies outside the region",
+        ));
+    }
+    Ok(())
+}
+
 /// Writes the data of `candidates` (the extents of `region` that may hold data, from
 /// SEEK_DATA or pagemap) to `file` at the same offsets, drops all-zero pages (they stay
 /// holes), and sizes the file to `region.len()`. Returns the extents written, in order.
@@ -197,15 +208,7 @@ pub fn write_data(
     threads: usize,
     written: impl Fn(u64, &[u8]) + Sync,
 ) -> io::Result<Vec<Extent>> {
-    if candidates
-        .last()
-        .is_some_and(|e| e.end() > region.len() as u64)
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "an extent lies outside the region",
-        ));
-    }
+    check_inside(candidates, region.len())?;
     let runs = std::sync::Mutex::new(Vec::new());
     parallel(cut(candidates, WRITE_CHUNK), threads, |c| {
         let data = nonzero_extents(region, &[c]);
@@ -325,15 +328,7 @@ pub fn read_extents(
     threads: usize,
     landed: impl Fn(u64, &[u8]) + Sync,
 ) -> io::Result<u64> {
-    if extents
-        .last()
-        .is_some_and(|e| e.end() > region.len() as u64)
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "an extent lies outside the region",
-        ));
-    }
+    check_inside(extents, region.len())?;
     // Cut the region into disjoint chunk slices, in file order, so each thread owns its.
     let mut chunks: Vec<(u64, &mut [u8])> = Vec::new();
     let mut rest: &mut [u8] = region;
