@@ -173,7 +173,7 @@ impl SnapshotRestore {
 }
 
 #[derive(Clone, Copy)]
-enum Cache {
+pub enum Cache {
     Cold,
     Warm,
 }
@@ -187,7 +187,7 @@ impl Cache {
     }
 
     /// Drops the page cache (needs root), or reads the memory files into it.
-    fn prepare(self, snap: &Path) -> anyhow::Result<()> {
+    pub fn prepare(self, snap: &Path) -> anyhow::Result<()> {
         match self {
             Cache::Cold => {
                 std::process::Command::new("sync").status()?;
