@@ -182,7 +182,7 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
     let pieces = &slot.src.pieces;
     let first = pieces.partition_point(|(p, _)| p.end() <= start);
     let mut any_data = false;
-    let mut buf = Vec::new();
+    let mut buf = PageBuf::default();
     for (i, (p, _)) in pieces.iter().enumerate().skip(first) {
         if p.offset >= end {
             break;
@@ -212,7 +212,7 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
 fn fill_pieces(
     slot: &Slot,
     range: std::ops::Range<usize>,
-    buf: &mut Vec<u8>,
+    buf: &mut PageBuf,
 ) -> Result<(), ServeError> {
     let pieces = &slot.src.pieces[range.clone()];
     let (Some((first, _)), Some((last, _))) = (pieces.first(), pieces.last()) else {
@@ -227,17 +227,32 @@ fn fill_pieces(
         len: end - start,
         source,
     };
-    buf.resize((end - start) as usize, 0);
-    slot.src
-        .file
-        .file()
-        .read_exact_at(buf, start)
-        .map_err(copy_err)?;
+    let buf = buf.get((end - start) as usize);
+    slot.src.file.read_exact_at(buf, start).map_err(copy_err)?;
     for (i, (p, _)) in range.zip(pieces) {
         let lo = (p.offset - start) as usize;
         slot.src.check_piece(i, &buf[lo..lo + p.len as usize])?;
     }
     write_unclaimed(slot, start, buf).map_err(copy_err)
+}
+
+/// A reusable page-aligned buffer, so reads can bypass the page cache (O_DIRECT) when
+/// it does not hold the data: that spares allocating a page-cache copy of every page on
+/// top of the memfd's.
+#[derive(Default)]
+struct PageBuf {
+    raw: Vec<u8>,
+}
+
+impl PageBuf {
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        let page = PAGE_SIZE as usize;
+        if self.raw.len() < len + page {
+            self.raw = vec![0u8; len + page];
+        }
+        let skew = self.raw.as_ptr().align_offset(page);
+        &mut self.raw[skew..skew + len]
+    }
 }
 
 fn all_done(slot: &Slot, offset: u64, len: u64) -> bool {
@@ -304,7 +319,7 @@ fn background_fill(
     fault: &UnixStream,
 ) -> Result<(), ServeError> {
     const CHUNK: u64 = 1 << 20;
-    let mut buf = Vec::with_capacity(CHUNK as usize);
+    let mut buf = PageBuf::default();
     for slot in slots {
         let pieces = &slot.src.pieces;
         let mut i = 0;
