@@ -182,7 +182,7 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
     let pieces = &slot.src.pieces;
     let first = pieces.partition_point(|(p, _)| p.end() <= start);
     let mut any_data = false;
-    let mut buf = PageBuf::default();
+    let mut buf = vmm::sparse::PageBuf::default();
     for (i, (p, _)) in pieces.iter().enumerate().skip(first) {
         if p.offset >= end {
             break;
@@ -212,7 +212,7 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
 fn fill_pieces(
     slot: &Slot,
     range: std::ops::Range<usize>,
-    buf: &mut PageBuf,
+    buf: &mut vmm::sparse::PageBuf,
 ) -> Result<(), ServeError> {
     let pieces = &slot.src.pieces[range.clone()];
     let (Some((first, _)), Some((last, _))) = (pieces.first(), pieces.last()) else {
@@ -234,25 +234,6 @@ fn fill_pieces(
         slot.src.check_piece(i, &buf[lo..lo + p.len as usize])?;
     }
     write_unclaimed(slot, start, buf).map_err(copy_err)
-}
-
-/// A reusable page-aligned buffer, so reads can bypass the page cache (O_DIRECT) when
-/// it does not hold the data: that spares allocating a page-cache copy of every page on
-/// top of the memfd's.
-#[derive(Default)]
-struct PageBuf {
-    raw: Vec<u8>,
-}
-
-impl PageBuf {
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        let page = PAGE_SIZE as usize;
-        if self.raw.len() < len + page {
-            self.raw = vec![0u8; len + page];
-        }
-        let skew = self.raw.as_ptr().align_offset(page);
-        &mut self.raw[skew..skew + len]
-    }
 }
 
 fn all_done(slot: &Slot, offset: u64, len: u64) -> bool {
@@ -319,7 +300,7 @@ fn background_fill(
     fault: &UnixStream,
 ) -> Result<(), ServeError> {
     const CHUNK: u64 = 1 << 20;
-    let mut buf = PageBuf::default();
+    let mut buf = vmm::sparse::PageBuf::default();
     for slot in slots {
         let pieces = &slot.src.pieces;
         let mut i = 0;

@@ -230,6 +230,24 @@ pub fn write_data(
     Ok(extents)
 }
 
+/// A reusable page-aligned buffer: what [`BulkFile`] needs to read with O_DIRECT.
+#[derive(Default)]
+pub struct PageBuf {
+    raw: Vec<u8>,
+}
+
+impl PageBuf {
+    /// `len` bytes starting on a page boundary (contents unspecified).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
+        let page = PAGE_SIZE as usize;
+        if self.raw.len() < len + page {
+            self.raw = vec![0u8; len + page];
+        }
+        let skew = self.raw.as_ptr().align_offset(page);
+        &mut self.raw[skew..skew + len]
+    }
+}
+
 /// A file to read in bulk into memory. Chunks the page cache already holds (a snapshot
 /// that was just copied, say) are copied from it; the rest is read with O_DIRECT straight
 /// into the destination, which spares a copy, keeps data read once out of the page cache

@@ -5,17 +5,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::UffdMemorySource;
 use crate::memsum::{self, PieceSum};
-use crate::sparse::Extent;
+use crate::sparse::{BulkFile, Extent};
 
 struct MemoryFile {
     path: PathBuf,
-    file: File,
+    /// Read with O_DIRECT where the page cache does not hold the data: each page then
+    /// costs one fresh page of memory (the guest's), not two.
+    file: BulkFile,
     extents: Vec<Extent>,
     pieces: Vec<PieceSum>,
     /// Per piece: checked already.
@@ -32,7 +33,7 @@ impl FileSource {
         let files = files
             .into_iter()
             .map(|(path, pieces)| {
-                let file = File::open(&path)?;
+                let file = BulkFile::new(File::open(&path)?);
                 Ok(MemoryFile {
                     extents: memsum::joined(&pieces),
                     checked: pieces.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -65,7 +66,7 @@ impl MemoryFile {
                 let lo = (p.offset - offset) as usize;
                 memsum::check(p, &data[lo..lo + p.len as usize])
             } else {
-                memsum::read_checked(&self.file, p, &mut buf)
+                memsum::read_checked(self.file.file(), p, &mut buf)
             };
             result
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;

@@ -511,7 +511,9 @@ impl Shared {
     }
 
     fn fault_loop(&self, events: &Sender<VmmEvent>) {
-        let mut buf = vec![0u8; FAULT_BLOCK as usize];
+        // Page-aligned, so a file source may read into it with O_DIRECT.
+        let mut block = crate::sparse::PageBuf::default();
+        let buf = block.get(FAULT_BLOCK as usize);
         let mut event_buf = EventBuffer::new(64);
         while !self.stopping() {
             if !self.wait() {
@@ -536,8 +538,8 @@ impl Shared {
                 // The block right away: a guest walking memory touches the neighbours
                 // next, and each of them faulting costs more than fetching them now.
                 let result = self
-                    .serve_fault(addr, read_at, &mut buf)
-                    .and_then(|block| block.map_or(Ok(()), |b| self.fill_block(b, &mut buf)));
+                    .serve_fault(addr, read_at, &mut *buf)
+                    .and_then(|block| block.map_or(Ok(()), |b| self.fill_block(b, &mut *buf)));
                 if let Err(e) = result {
                     report(events, &e);
                     return;
@@ -563,7 +565,8 @@ impl Shared {
         let next = AtomicU64::new(0);
         let failed = AtomicBool::new(false);
         let worker = || {
-            let mut buf = vec![0u8; chunk_size as usize];
+            let mut chunk = crate::sparse::PageBuf::default();
+            let buf = chunk.get(chunk_size as usize);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(&(index, pos, len)) = chunks.get(i) else {
