@@ -36,8 +36,6 @@ pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 /// of them than cores costs little. The chunk is a multiple of `SUM_GRID`.
 const COPY_CHUNK: u64 = 4 << 20;
 pub const COPY_THREADS: usize = 4;
-/// O_DIRECT wants page-aligned buffers, offsets and lengths (extents are whole pages).
-const PAGE: u64 = 4096;
 
 pub fn memory_file_name(slot: u32) -> String {
     format!("memory-{slot}")
@@ -148,9 +146,10 @@ impl ReadAt for vmm::sparse::BulkFile {
 pub use vmm::memsum::PieceSum as ExtentSum;
 
 /// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
-/// at `dst_base + offset` (reads through `src`, writes with pwrite), and returns the CRC32 of each piece (the
-/// extents cut on `SUM_GRID`). Nothing outside the extents is read or written, so holes
-/// stay holes on both sides (a pwrite into a memfd allocates only the pages it writes).
+/// at `dst_base + offset` (reads through `src`, writes with pwrite), and returns the
+/// CRC32 of each piece (the extents cut on `SUM_GRID`). Nothing outside the extents is
+/// read or written, so holes stay holes on both sides (a pwrite into a memfd allocates
+/// only the pages it writes).
 ///
 /// Chunks (cut on a coarser grid) go to `threads` workers, each with a page-aligned
 /// buffer, so `src` and `dst` may be O_DIRECT files and several reads and writes are in
@@ -166,26 +165,19 @@ pub fn copy_extents(
     threads: usize,
 ) -> io::Result<Vec<ExtentSum>> {
     let chunks = vmm::sparse::cut(extents, COPY_CHUNK);
-    let sums: Vec<std::sync::Mutex<Vec<ExtentSum>>> = chunks
-        .iter()
-        .map(|_| std::sync::Mutex::new(Vec::new()))
-        .collect();
+    let sums = vmm::memsum::PieceSums::default();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let worker = || -> io::Result<()> {
-        let mut raw = vec![0u8; (COPY_CHUNK + PAGE) as usize];
-        let skew = raw.as_ptr().align_offset(PAGE as usize);
-        let buf = &mut raw[skew..skew + COPY_CHUNK as usize];
+        let mut buf = vmm::sparse::PageBuf::default();
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(c) = chunks.get(i) else {
                 return Ok(());
             };
-            // c.len <= COPY_CHUNK, the buffer's length.
-            let chunk = &mut buf[..c.len as usize];
+            let chunk = buf.get(c.len as usize);
             src.read_all_at(chunk, src_base + c.offset)?;
             dst.write_all_at(chunk, dst_base + c.offset)?;
-            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) =
-                vmm::memsum::sum_pieces(c.offset, chunk);
+            sums.add(c.offset, chunk);
         }
     };
     std::thread::scope(|s| {
@@ -195,10 +187,7 @@ pub fn copy_extents(
                 .unwrap_or_else(|_| Err(io::Error::other("a copy thread panicked")))
         })
     })?;
-    Ok(sums
-        .into_iter()
-        .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .collect())
+    Ok(sums.into_sorted())
 }
 
 #[cfg(test)]

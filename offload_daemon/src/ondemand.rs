@@ -180,10 +180,10 @@ fn write_range(slots: &[Slot], gpa: u64, len: u64) -> Result<(), ServeError> {
     let end = start + len;
     let copy_err = |source| ServeError::Copy { gpa, len, source };
     let pieces = &slot.src.pieces;
-    let first = pieces.partition_point(|(p, _)| p.end() <= start);
+    let first = pieces.partition_point(|p| p.end() <= start);
     let mut any_data = false;
     let mut buf = vmm::sparse::PageBuf::default();
-    for (i, (p, _)) in pieces.iter().enumerate().skip(first) {
+    for (i, p) in pieces.iter().enumerate().skip(first) {
         if p.offset >= end {
             break;
         }
@@ -215,7 +215,7 @@ fn fill_pieces(
     buf: &mut vmm::sparse::PageBuf,
 ) -> Result<(), ServeError> {
     let pieces = &slot.src.pieces[range.clone()];
-    let (Some((first, _)), Some((last, _))) = (pieces.first(), pieces.last()) else {
+    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
         return Ok(());
     };
     let (start, end) = (first.offset, last.end());
@@ -229,7 +229,7 @@ fn fill_pieces(
     };
     let buf = buf.get((end - start) as usize);
     slot.src.file.read_exact_at(buf, start).map_err(copy_err)?;
-    for (i, (p, _)) in range.zip(pieces) {
+    for (i, p) in range.zip(pieces) {
         let lo = (p.offset - start) as usize;
         slot.src.check_piece(i, &buf[lo..lo + p.len as usize])?;
     }
@@ -308,11 +308,11 @@ fn background_fill(
             if failed.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let start = pieces[i].0.offset;
+            let start = pieces[i].offset;
             let mut j = i + 1;
             while j < pieces.len()
-                && pieces[j].0.offset == pieces[j - 1].0.end()
-                && pieces[j].0.end() - start <= CHUNK
+                && pieces[j].offset == pieces[j - 1].end()
+                && pieces[j].end() - start <= CHUNK
             {
                 j += 1;
             }

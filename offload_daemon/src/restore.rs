@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use vm_migration::RequestHeader;
 use vmm::migration::config::GuestRamMappingData;
-use vmm::sparse::Extent;
 
 use crate::layout::{
     self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, MAX_JSON_FILE, Manifest, STATE_FILE,
@@ -255,28 +254,26 @@ pub(crate) fn parse_config_state(
     Ok(layout::guest_ram_mappings(config)?)
 }
 
-/// One slot's memory file, checked against the config and the manifest: the open file,
-/// its data extents, and the manifest's sums for them (if there is a manifest).
+/// One slot's memory file, checked against the config and the manifest: the open file
+/// and its data, cut on the checksum grid, with the manifest's sums.
 pub(crate) struct SlotSource {
     pub path: PathBuf,
     pub file: vmm::sparse::BulkFile,
-    /// The data, as extents (adjacent pieces joined): what a bulk copy reads.
-    pub extents: Vec<Extent>,
-    /// The data cut on the checksum grid, each piece with its sum from the manifest
-    /// (`None` without a manifest).
-    pub pieces: Vec<(Extent, Option<u32>)>,
-    pub expected: Option<Vec<layout::ExtentSum>>,
+    /// The data pieces in order. Without a manifest: the file's own data extents cut the
+    /// same way, with nothing to check them against (`has_sums` false, `crc32` 0).
+    pub pieces: Vec<layout::ExtentSum>,
+    pub has_sums: bool,
 }
 
 impl SlotSource {
     /// Checks `data`, the bytes of piece `i`, against the manifest.
     pub fn check_piece(&self, i: usize, data: &[u8]) -> Result<(), Error> {
-        let (piece, want) = self.pieces[i];
-        let Some(want) = want else {
+        if !self.has_sums {
             return Ok(());
-        };
+        }
+        let piece = self.pieces[i];
         let got = crc32fast::hash(data);
-        if got == want {
+        if got == piece.crc32 {
             return Ok(());
         }
         Err(Error::ExtentChecksum {
@@ -284,7 +281,7 @@ impl SlotSource {
             offset: piece.offset,
             len: piece.len,
             got,
-            expected: want,
+            expected: piece.crc32,
         })
     }
 }
@@ -307,7 +304,7 @@ fn load_slot(
         0,
         &memfd,
         m.file_offset,
-        &src.extents,
+        &vmm::memsum::joined(&src.pieces),
         layout::COPY_THREADS,
     )
     .map_err(read_err)?;
@@ -326,7 +323,8 @@ pub(crate) fn empty_memfd(m: &GuestRamMappingData) -> Result<File, Error> {
 
 /// Compares the sums of copied extents with the manifest's.
 pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result<(), Error> {
-    if let Some(expected) = &src.expected {
+    if src.has_sums {
+        let expected = &src.pieces;
         if sums.len() != expected.len() {
             return Err(Error::PieceCount {
                 path: src.path.clone(),
@@ -370,7 +368,7 @@ pub(crate) fn slot_source(
             expected: m.size,
         });
     }
-    let expected = match manifest {
+    let pieces = match manifest {
         Some(man) => {
             let entry = man
                 .memory
@@ -392,41 +390,27 @@ pub(crate) fn slot_source(
                     size: m.size,
                 }
             })?;
-            Some(entry.extents.clone())
-        }
-        None => None,
-    };
-    // The manifest's extents are the data the snapshot had, even if the file was since
-    // copied densely; without one, the file's own data extents.
-    let (extents, pieces) = match &expected {
-        Some(sums) => {
-            let mut extents: Vec<Extent> = Vec::new();
-            for s in sums {
-                match extents.last_mut() {
-                    Some(last) if last.end() == s.offset => last.len += s.len,
-                    _ => extents.push(s.extent()),
-                }
-            }
-            (
-                extents,
-                sums.iter().map(|s| (s.extent(), Some(s.crc32))).collect(),
-            )
+            // The manifest's pieces are the data the snapshot had, even if the file was
+            // since copied densely.
+            entry.extents.clone()
         }
         None => {
             let extents = vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?;
-            let pieces = vmm::memsum::pieces(&extents)
+            vmm::memsum::pieces(&extents)
                 .into_iter()
-                .map(|p| (p, None))
-                .collect();
-            (extents, pieces)
+                .map(|p| layout::ExtentSum {
+                    offset: p.offset,
+                    len: p.len,
+                    crc32: 0,
+                })
+                .collect()
         }
     };
     Ok(SlotSource {
         path,
         file: vmm::sparse::BulkFile::new(file),
-        extents,
         pieces,
-        expected,
+        has_sums: manifest.is_some(),
     })
 }
 

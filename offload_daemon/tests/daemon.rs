@@ -47,6 +47,29 @@ fn expect_stderr(out: &Output, needle: &str) {
     );
 }
 
+/// Waits for a running daemon to exit non-zero with `needle` in its output (`what`
+/// names the case in a failure).
+fn expect_daemon_failed(daemon: &mut DaemonProcess, needle: &str, what: &str) {
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{what}: {status:?}\n{}",
+        daemon.output()
+    );
+    assert!(
+        daemon.output().contains(needle),
+        "{what}: expected {needle:?}: {}",
+        daemon.output()
+    );
+}
+
+/// `offload_daemon restore` arguments for `snap` and `sock`, then `extra` flags.
+fn restore_args<'a>(sock: &'a Path, snap: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["restore", "--socket", s(sock), "--input-dir", s(snap)];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn run_daemon(args: &[&str]) -> Output {
     std::process::Command::new(daemon_bin())
         .args(args)
@@ -203,14 +226,11 @@ fn snapshot_then_eager_restore_carries_on() {
     let url = format!("unix:{}", dir.join("restore.sock").display());
     let receiver = receive_in_background(&dest, &url);
     let started = Instant::now();
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&dir.join("restore.sock")),
-        "--input-dir",
-        s(&snap),
-        "--resume",
-    ]);
+    let out = run_daemon(&restore_args(
+        &dir.join("restore.sock"),
+        &snap,
+        &["--resume"],
+    ));
     assert!(out.status.success(), "restore: {}", show(&out));
     eprintln!("eager restore through the daemon: {:?}", started.elapsed());
     let (status, body) = receiver.join().unwrap();
@@ -238,13 +258,7 @@ fn snapshot_then_eager_restore_carries_on() {
     let mut dest = empty_vmm("offload-eager-dest2");
     let url = format!("unix:{}", dir.join("restore2.sock").display());
     let receiver = receive_in_background(&dest, &url);
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&dir.join("restore2.sock")),
-        "--input-dir",
-        s(&snap),
-    ]);
+    let out = run_daemon(&restore_args(&dir.join("restore2.sock"), &snap, &[]));
     assert!(out.status.success(), "restore: {}", show(&out));
     expect_stderr(&out, "manifest.json is missing");
     let (status, body) = receiver.join().unwrap();
@@ -278,14 +292,7 @@ fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
     let sock = dir.join(format!("fake-{needle}.sock").replace(' ', "_"));
     let listener = UnixListener::bind(&sock).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&sock),
-        "--input-dir",
-        s(snap),
-        "--resume",
-    ]);
+    let out = run_daemon(&restore_args(&sock, snap, &["--resume"]));
     assert!(
         !out.status.success(),
         "restore accepted a damaged snapshot: {}",
@@ -434,13 +441,7 @@ fn inline_memory_is_refused_and_source_keeps_running() {
         ])
         .unwrap();
     assert!(out.status.success(), "send-migration: {}", show(&out));
-    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "daemon: {status:?}\n{}",
-        daemon.output()
-    );
-    assert!(daemon.output().contains("local=on"), "{}", daemon.output());
+    expect_daemon_failed(&mut daemon, "local=on", "daemon");
     assert!(!snap.exists());
     expect_source_survives(&mut src);
 }
@@ -521,17 +522,7 @@ fn protocol_violations_and_abandon_leave_no_snapshot() {
         vm_migration::send_request(&mut conn, last, &payload).unwrap();
         let answer = vm_migration::read_response(&mut conn).unwrap();
         assert_eq!(answer.status, last_status, "{name}");
-        let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
-        assert!(
-            status.is_some_and(|s| !s.success()),
-            "{name}: {status:?}\n{}",
-            daemon.output()
-        );
-        assert!(
-            daemon.output().contains(needle),
-            "{name}: {}",
-            daemon.output()
-        );
+        expect_daemon_failed(&mut daemon, needle, name);
         assert!(!out.exists(), "{name}");
     }
 }
@@ -547,15 +538,7 @@ fn ondemand_restore(dir: &TempDir, snap: &Path, name: &str) -> (VmmProcess, Daem
     let receiver = receive_in_background_with(&dest, &url, true);
     let daemon = DaemonProcess::spawn(
         daemon_bin(),
-        [
-            "restore",
-            "--socket",
-            s(&sock),
-            "--input-dir",
-            s(snap),
-            "--resume",
-            "--ondemand",
-        ],
+        restore_args(&sock, snap, &["--resume", "--ondemand"]),
         &dir.join(format!("{name}-daemon.log")),
     )
     .unwrap();
@@ -681,17 +664,7 @@ fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
         "{}",
         dest.stderr()
     );
-    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "daemon: {status:?}\n{}",
-        daemon.output()
-    );
-    assert!(
-        daemon.output().contains("checksum mismatch in"),
-        "{}",
-        daemon.output()
-    );
+    expect_daemon_failed(&mut daemon, "checksum mismatch in", "daemon");
     let log = std::fs::read_to_string(&serial).unwrap();
     let restored = &log[before..];
     assert!(
@@ -721,15 +694,7 @@ fn ondemand_restore_refuses_a_state_that_does_not_match_the_manifest() {
     let sock = dir.join("od-bad-state.sock");
     let receiver = receive_in_background_with(&dest, &format!("unix:{}", sock.display()), true);
     let started = Instant::now();
-    let out = run_daemon(&[
-        "restore",
-        "--socket",
-        s(&sock),
-        "--input-dir",
-        s(&snap),
-        "--resume",
-        "--ondemand",
-    ]);
+    let out = run_daemon(&restore_args(&sock, &snap, &["--resume", "--ondemand"]));
     assert!(!out.status.success(), "{}", show(&out));
     expect_stderr(&out, "state.json does not match the manifest");
     let (status, body) = receiver.join().unwrap();
@@ -756,16 +721,9 @@ fn mismatched_modes_are_refused() {
         let sock = dir.join(format!("{name}.sock"));
         let url = format!("unix:{}", sock.display());
         let receiver = receive_in_background_with(&dest, &url, postcopy);
-        let mut args = vec![
-            "restore",
-            "--socket",
-            s(&sock),
-            "--input-dir",
-            s(&snap),
-            "--resume",
-        ];
-        args.extend_from_slice(extra);
-        let out = run_daemon(&args);
+        let mut flags = vec!["--resume"];
+        flags.extend_from_slice(extra);
+        let out = run_daemon(&restore_args(&sock, &snap, &flags));
         assert!(!out.status.success(), "{name}: {}", show(&out));
         let (status, body) = receiver.join().unwrap();
         assert_eq!(status, 500, "{name}: {body}");

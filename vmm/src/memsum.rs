@@ -27,6 +27,10 @@ pub struct PieceSum {
 }
 
 impl PieceSum {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+
     pub fn extent(&self) -> Extent {
         Extent {
             offset: self.offset,
@@ -58,6 +62,25 @@ pub fn sum_pieces(offset: u64, data: &[u8]) -> Vec<PieceSum> {
     .collect()
 }
 
+/// The sums of chunks of data summed on several threads, in any order.
+#[derive(Default)]
+pub struct PieceSums(std::sync::Mutex<Vec<PieceSum>>);
+
+impl PieceSums {
+    /// Adds the sums of the pieces of `data`, which sits at `offset` inside one extent.
+    pub fn add(&self, offset: u64, data: &[u8]) {
+        let got = sum_pieces(offset, data);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
+    }
+
+    /// Every sum added, in offset order.
+    pub fn into_sorted(self) -> Vec<PieceSum> {
+        let mut sums = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        sums.sort_unstable_by_key(|p| p.offset);
+        sums
+    }
+}
+
 /// Writes the data of `candidates` of `region` to `file` (see `sparse::write_data`) and
 /// returns the extents written with the sums of their pieces, in order.
 pub fn write_summed(
@@ -66,14 +89,11 @@ pub fn write_summed(
     file: &File,
     threads: usize,
 ) -> io::Result<(Vec<Extent>, Vec<PieceSum>)> {
-    let sums = std::sync::Mutex::new(Vec::new());
+    let sums = PieceSums::default();
     let extents = crate::sparse::write_data(region, candidates, file, threads, |offset, run| {
-        let got = sum_pieces(offset, run);
-        sums.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
+        sums.add(offset, run)
     })?;
-    let mut sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
-    sums.sort_unstable_by_key(|p| p.offset);
-    Ok((extents, sums))
+    Ok((extents, sums.into_sorted()))
 }
 
 /// Reads `extents` of `file` into `region` (same offsets, see `sparse::read_extents`) and
@@ -84,20 +104,15 @@ pub fn read_summed(
     region: &mut [u8],
     extents: &[Extent],
 ) -> io::Result<Vec<PieceSum>> {
-    let sums = std::sync::Mutex::new(Vec::new());
+    let sums = PieceSums::default();
     crate::sparse::read_extents(
         file,
         region,
         extents,
         crate::sparse::READ_THREADS,
-        |offset, chunk| {
-            let got = sum_pieces(offset, chunk);
-            sums.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
-        },
+        |offset, chunk| sums.add(offset, chunk),
     )?;
-    let mut sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
-    sums.sort_unstable_by_key(|p| p.offset);
-    Ok(sums)
+    Ok(sums.into_sorted())
 }
 
 /// The first piece whose sum differs between `got` and `want` (or where the lists
@@ -134,14 +149,7 @@ pub fn check_layout(pieces: &[PieceSum], size: u64) -> Result<(), PieceSum> {
 
 /// Adjacent pieces joined back into extents: what a bulk copy reads.
 pub fn joined(pieces: &[PieceSum]) -> Vec<Extent> {
-    let mut out: Vec<Extent> = Vec::new();
-    for p in pieces {
-        match out.last_mut() {
-            Some(last) if last.end() == p.offset => last.len += p.len,
-            _ => out.push(p.extent()),
-        }
-    }
-    out
+    crate::sparse::merged(pieces.iter().map(PieceSum::extent).collect())
 }
 
 /// Reads piece `p` of `file` into `buf` and checks it against its sum.
@@ -166,12 +174,6 @@ pub fn check(p: &PieceSum, data: &[u8]) -> io::Result<()> {
         ));
     }
     Ok(())
-}
-
-impl PieceSum {
-    pub fn end(&self) -> u64 {
-        self.offset + self.len
-    }
 }
 
 #[cfg(test)]

@@ -89,6 +89,22 @@ fn push_merged(extents: &mut Vec<Extent>, offset: u64, len: u64) {
     }
 }
 
+/// `extents` (in any order, possibly overlapping) sorted, with overlapping and adjacent
+/// ones joined.
+pub fn merged(mut extents: Vec<Extent>) -> Vec<Extent> {
+    extents.sort_unstable_by_key(|e| e.offset);
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        match out.last_mut() {
+            Some(last) if e.offset <= last.end() => {
+                last.len = last.end().max(e.end()) - last.offset;
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
 /// Whether a page holds only zero bytes. ORs 64-byte blocks so the compiler can vectorize.
 pub fn is_zero(bytes: &[u8]) -> bool {
     bytes.chunks(64).all(|block| {
@@ -221,13 +237,7 @@ pub fn write_data(
         Ok(())
     })?;
     file.set_len(region.len() as u64)?;
-    let mut runs = runs.into_inner().unwrap_or_else(|e| e.into_inner());
-    runs.sort_unstable_by_key(|r| r.offset);
-    let mut extents = Vec::with_capacity(runs.len());
-    for r in runs {
-        push_merged(&mut extents, r.offset, r.len);
-    }
-    Ok(extents)
+    Ok(merged(runs.into_inner().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// A reusable page-aligned buffer: what [`BulkFile`] needs to read with O_DIRECT.

@@ -518,19 +518,16 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     Ok(())
 }
 
-/// Sorted, non-overlapping, adjacent ranges joined.
-fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (gpa, len) in ranges {
-        match out.last_mut() {
-            Some((start, n)) if gpa <= *start + *n => {
-                *n = (*n).max(gpa + len - *start);
-            }
-            _ => out.push((gpa, len)),
-        }
-    }
-    out
+/// `(gpa, len)` ranges sorted, with overlapping and adjacent ones joined.
+fn merge_ranges(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let extents = ranges
+        .into_iter()
+        .map(|(offset, len)| crate::sparse::Extent { offset, len })
+        .collect();
+    crate::sparse::merged(extents)
+        .into_iter()
+        .map(|e| (e.offset, e.len))
+        .collect()
 }
 
 /// Fault connections a post-copy source opens: one for faults, one for the bulk pull.

@@ -9,8 +9,8 @@
 //! One thread owns the fault connection (the protocol allows one request in flight): a
 //! guest fault always goes first; otherwise it asks for the next 2 MiB of RAM (more where
 //! RAM turns out empty), and maps exactly the pages the peer wrote (SEEK_DATA on the
-//! memfd), so never-written pages stay unallocated holes. When every chunk has been asked for, RAM is unregistered and the
-//! connection closed, which tells the peer it is done.
+//! memfd), so never-written pages stay unallocated holes. When every chunk has been asked
+//! for, RAM is unregistered and the connection closed, which tells the peer it is done.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -111,29 +111,19 @@ impl RemoteSource {
 /// merged extents relative to the region's start.
 fn extents_in(region: &RemoteRegion, ranges: &[(u64, u64)]) -> Vec<Extent> {
     let end = region.gpa + region.size;
-    let mut out: Vec<Extent> = ranges
-        .iter()
-        .filter_map(|&(gpa, len)| {
-            let s = gpa.max(region.gpa);
-            let e = gpa.saturating_add(len).min(end);
-            (s < e).then(|| Extent {
-                offset: s - region.gpa,
-                len: e - s,
+    crate::sparse::merged(
+        ranges
+            .iter()
+            .filter_map(|&(gpa, len)| {
+                let s = gpa.max(region.gpa);
+                let e = gpa.saturating_add(len).min(end);
+                (s < e).then(|| Extent {
+                    offset: s - region.gpa,
+                    len: e - s,
+                })
             })
-        })
-        .collect();
-    out.sort_by_key(|e| e.offset);
-    let mut merged: Vec<Extent> = Vec::with_capacity(out.len());
-    for e in out {
-        match merged.last_mut() {
-            Some(last) if e.offset <= last.end() => {
-                let new_end = last.end().max(e.end());
-                last.len = new_end - last.offset;
-            }
-            _ => merged.push(e),
-        }
-    }
-    merged
+            .collect(),
+    )
 }
 
 impl UffdMemorySource for RemoteSource {
