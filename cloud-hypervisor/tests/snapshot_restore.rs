@@ -339,7 +339,7 @@ fn damaged_snapshots_are_refused() {
     let (last, snap) = snapshot_and_kill(&dir, src);
 
     type Damage = fn(&Path);
-    let cases: [(&str, Damage, &str); 8] = [
+    let cases: [(&str, Damage, &str); 11] = [
         (
             "truncated memory",
             |d| truncate(&d.join("memory-0"), 4096),
@@ -380,16 +380,36 @@ fn damaged_snapshots_are_refused() {
             "version 99",
         ),
         (
-            // Found beside building the VM, which is then dropped.
+            // Found beside building the VM, which is then dropped. The checksums file's
+            // own digest is updated, so only the layout check can catch it.
             "bad memory piece",
+            |d| {
+                let mut pieces = memory_pieces(d, 0);
+                pieces[0].len = 0;
+                rewrite_sums(d, 0, &pieces);
+            },
+            "memory piece",
+        ),
+        (
+            "bit-flipped checksums",
+            |d| flip_bit(&d.join("memory-0.sums")),
+            "CRC32",
+        ),
+        (
+            "missing checksums",
+            |d| fs::remove_file(d.join("memory-0.sums")).unwrap(),
+            "memory-0.sums is missing",
+        ),
+        (
+            "version 3 without checksum files",
             |d| {
                 let p = d.join("snapshot.json");
                 let mut manifest: serde_json::Value =
                     serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-                manifest["memory"][0][0]["len"] = 0.into();
+                manifest.as_object_mut().unwrap().remove("memory_sums");
                 fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
             },
-            "memory piece",
+            "wrong form",
         ),
         (
             "garbage manifest",
@@ -422,23 +442,69 @@ fn damaged_snapshots_are_refused() {
             "{what}"
         );
     }
-    // The same VMM restores the intact snapshot afterwards.
-    vmm.api_ok(
-        "PUT",
-        "vm.restore",
-        Some(&restore_body(&snap, "Copy", true)),
-    )
-    .unwrap();
+    // The same VMM restores the intact snapshot afterwards, in the older format (version
+    // 2, piece sums inside the manifest), which it still reads.
+    let old = dir.join("version-2");
+    copy_dir(&snap, &old);
+    to_version_2(&old);
+    vmm.api_ok("PUT", "vm.restore", Some(&restore_body(&old, "Copy", true)))
+        .unwrap();
     vmm.follow_serial(dir.join("serial.log"));
     expect_continues(&mut vmm, &last, 2);
 }
 
 /// Flips one byte in the middle of a data piece of memory-0, far from the first pages.
 fn flip_memory_byte(dir: &Path) {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("snapshot.json")).unwrap()).unwrap();
-    let offset = test_infra::damage::middle_of_pieces(&manifest["memory"][0]).unwrap();
+    let pieces = memory_pieces(dir, 0);
+    let piece = pieces[pieces.len() / 2];
+    let offset = piece.offset + piece.len / 2;
     test_infra::damage::flip_byte(&dir.join("memory-0"), offset, 0x20).unwrap();
+}
+
+/// Rewrites a snapshot in format version 2: the piece sums as JSON in the manifest.
+fn to_version_2(dir: &Path) {
+    let p = dir.join("snapshot.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    let slots: Vec<u32> = manifest["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["slot"].as_u64().unwrap() as u32)
+        .collect();
+    let lists: Vec<serde_json::Value> = slots
+        .iter()
+        .map(|&slot| {
+            let pieces = memory_pieces(dir, slot);
+            fs::remove_file(dir.join(format!("memory-{slot}.sums"))).unwrap();
+            pieces
+                .iter()
+                .map(|p| serde_json::json!({"offset": p.offset, "len": p.len, "crc32": p.crc32}))
+                .collect()
+        })
+        .collect();
+    let m = manifest.as_object_mut().unwrap();
+    m.remove("memory_sums");
+    m.insert("memory".into(), lists.into());
+    m.insert("version".into(), 2.into());
+    fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+/// Replaces memory-<slot>.sums with `pieces` and records its new digest in the manifest.
+fn rewrite_sums(dir: &Path, slot: u32, pieces: &[vmm::memsum::PieceSum]) {
+    let sums = vmm::memsum::encode(pieces).unwrap();
+    fs::write(dir.join(format!("memory-{slot}.sums")), &sums).unwrap();
+    let p = dir.join("snapshot.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    let digest = &mut manifest["memory_sums"][slot as usize];
+    digest["size"] = sums.len().into();
+    digest["crc32"] = crc32fast::hash(&sums).into();
+    fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+/// The data pieces of memory-<slot>, from its checksums file.
+fn memory_pieces(dir: &Path, slot: u32) -> Vec<vmm::memsum::PieceSum> {
+    let sums = fs::read(dir.join(format!("memory-{slot}.sums"))).unwrap();
+    vmm::memsum::decode(&sums).unwrap()
 }
 
 /// On-demand restore of a snapshot with a damaged memory piece: the piece is checked

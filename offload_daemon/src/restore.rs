@@ -71,17 +71,10 @@ pub enum Error {
         len: u64,
         expected: u64,
     },
-    #[error(
-        "checksum mismatch in {} at bytes {offset}..{}: crc32 {got:08x}, manifest {expected:08x}",
-        path.display(),
-        offset + len
-    )]
+    #[error("{}: {mismatch}", path.display())]
     ExtentChecksum {
         path: PathBuf,
-        offset: u64,
-        len: u64,
-        got: u32,
-        expected: u32,
+        mismatch: vmm::memsum::Mismatch,
     },
     #[error(
         "{} holds {got} pieces of data, the manifest {expected}: the file changed since the snapshot",
@@ -278,10 +271,12 @@ impl SlotSource {
         }
         Err(Error::ExtentChecksum {
             path: self.path.clone(),
-            offset: piece.offset,
-            len: piece.len,
-            got,
-            expected: piece.crc32,
+            mismatch: vmm::memsum::Mismatch {
+                offset: piece.offset,
+                len: piece.len,
+                got,
+                want: piece.crc32,
+            },
         })
     }
 }
@@ -332,13 +327,10 @@ pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result
                 expected: expected.len(),
             });
         }
-        if let Some((offset, len, got, want)) = vmm::memsum::first_mismatch(sums, expected) {
+        if let Some(mismatch) = vmm::memsum::first_mismatch(sums, expected) {
             return Err(Error::ExtentChecksum {
                 path: src.path.clone(),
-                offset,
-                len,
-                got,
-                expected: want,
+                mismatch,
             });
         }
     }

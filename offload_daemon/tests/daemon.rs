@@ -318,7 +318,7 @@ fn damaged_snapshots_are_refused_before_connecting() {
     let flipped = dir.join("flipped");
     copy_snapshot(&snap, &flipped);
     test_infra::damage::flip_byte(&flipped.join("memory-0"), offset, 0x40).unwrap();
-    expect_refused(&dir, &flipped, "checksum mismatch in");
+    expect_refused(&dir, &flipped, "checksum mismatch at bytes");
 
     // state.json cut in half.
     let cut = dir.join("cut-state");
@@ -664,7 +664,7 @@ fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
         "{}",
         dest.stderr()
     );
-    expect_daemon_failed(&mut daemon, "checksum mismatch in", "daemon");
+    expect_daemon_failed(&mut daemon, "checksum mismatch at bytes", "daemon");
     let log = std::fs::read_to_string(&serial).unwrap();
     let restored = &log[before..];
     assert!(

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::sparse::{BulkFile, Extent};
 
 /// A piece never crosses a multiple of this: small enough that checking the piece of a
-/// faulting page costs little, large enough that a manifest stays small (4 KiB of JSON
-/// per 64 MiB of data).
+/// faulting page costs little, large enough that the sums stay small (4 KiB per 64 MiB
+/// of data).
 pub const GRID: u64 = 256 << 10;
 
 /// One piece of data and the CRC32 of its bytes.
@@ -115,19 +115,94 @@ pub fn read_summed(
     Ok(sums.into_sorted())
 }
 
+/// Where the sums of data as read differ from a manifest's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    pub offset: u64,
+    pub len: u64,
+    pub got: u32,
+    pub want: u32,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checksum mismatch at bytes {}..{}: crc32 {:08x}, manifest {:08x}",
+            self.offset,
+            self.offset + self.len,
+            self.got,
+            self.want
+        )
+    }
+}
+
 /// The first piece whose sum differs between `got` and `want` (or where the lists
-/// differ in shape), as `(offset, len, got crc, want crc)`.
-pub fn first_mismatch(got: &[PieceSum], want: &[PieceSum]) -> Option<(u64, u64, u32, u32)> {
+/// differ in shape; a missing sum counts as 0).
+pub fn first_mismatch(got: &[PieceSum], want: &[PieceSum]) -> Option<Mismatch> {
+    let at = |p: &PieceSum, got, want| Mismatch {
+        offset: p.offset,
+        len: p.len,
+        got,
+        want,
+    };
     for (g, w) in got.iter().zip(want) {
         if g != w {
-            return Some((w.offset, w.len, g.crc32, w.crc32));
+            return Some(at(w, g.crc32, w.crc32));
         }
     }
     match got.len().cmp(&want.len()) {
         std::cmp::Ordering::Equal => None,
-        std::cmp::Ordering::Less => want.get(got.len()).map(|w| (w.offset, w.len, 0, w.crc32)),
-        std::cmp::Ordering::Greater => got.get(want.len()).map(|g| (g.offset, g.len, g.crc32, 0)),
+        std::cmp::Ordering::Less => want.get(got.len()).map(|w| at(w, 0, w.crc32)),
+        std::cmp::Ordering::Greater => got.get(want.len()).map(|g| at(g, g.crc32, 0)),
     }
+}
+
+/// Bytes per piece in the binary form of a piece list: offset (u64), length (u32) and
+/// CRC32 (u32), little-endian.
+pub const RECORD_LEN: usize = 16;
+
+/// The binary form of a piece list, as snapshot directories store it: at 6 GiB of data
+/// 400 KB that decode in a fraction of a millisecond, where the same list as JSON objects
+/// (1.3 MB) took several milliseconds to parse on the way to resuming a restored VM.
+pub fn encode(pieces: &[PieceSum]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(pieces.len() * RECORD_LEN);
+    for p in pieces {
+        let len = u32::try_from(p.len).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory piece at {} of {} bytes is too long",
+                    p.offset, p.len
+                ),
+            )
+        })?;
+        out.extend_from_slice(&p.offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&p.crc32.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Reads back what [`encode`] wrote; `None` if `bytes` is not a whole number of records.
+/// The layout still needs [`check_layout`].
+pub fn decode(bytes: &[u8]) -> Option<Vec<PieceSum>> {
+    if !bytes.len().is_multiple_of(RECORD_LEN) {
+        return None;
+    }
+    bytes
+        .chunks_exact(RECORD_LEN)
+        .map(|r| {
+            let (offset, r) = r.split_first_chunk::<8>()?;
+            let (len, r) = r.split_first_chunk::<4>()?;
+            let (crc32, _) = r.split_first_chunk::<4>()?;
+            Some(PieceSum {
+                offset: u64::from_le_bytes(*offset),
+                len: u32::from_le_bytes(*len).into(),
+                crc32: u32::from_le_bytes(*crc32),
+            })
+        })
+        .collect()
 }
 
 /// Checks that a manifest's pieces are sane for a region of `size` bytes: non-empty, in
@@ -163,15 +238,13 @@ pub fn read_checked(file: &File, p: &PieceSum, buf: &mut Vec<u8>) -> io::Result<
 pub fn check(p: &PieceSum, data: &[u8]) -> io::Result<()> {
     let got = crc32fast::hash(data);
     if got != p.crc32 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "checksum mismatch at bytes {}..{}: crc32 {got:08x}, manifest {:08x}",
-                p.offset,
-                p.end(),
-                p.crc32
-            ),
-        ));
+        let m = Mismatch {
+            offset: p.offset,
+            len: p.len,
+            got,
+            want: p.crc32,
+        };
+        return Err(io::Error::new(io::ErrorKind::InvalidData, m.to_string()));
     }
     Ok(())
 }
@@ -251,8 +324,39 @@ mod tests {
         region[(2 * MIB + 5) as usize] ^= 2;
         let (_, again) = write(&region, "b");
         let bad = first_mismatch(&again, &sums).unwrap();
-        assert_eq!((bad.0, bad.1), (2 * MIB, GRID));
+        assert_eq!((bad.offset, bad.len), (2 * MIB, GRID));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn binary_sums_round_trip() {
+        let list = [
+            PieceSum {
+                offset: 0,
+                len: 4096,
+                crc32: 0xdead_beef,
+            },
+            PieceSum {
+                offset: (5 << 30) + GRID,
+                len: GRID,
+                crc32: 7,
+            },
+        ];
+        let bytes = encode(&list).unwrap();
+        assert_eq!(bytes.len(), 2 * RECORD_LEN);
+        assert_eq!(
+            &bytes[..16],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0xef, 0xbe, 0xad, 0xde]
+        );
+        assert_eq!(decode(&bytes).unwrap(), list);
+        assert_eq!(decode(&[]).unwrap(), vec![]);
+        assert!(decode(&bytes[..17]).is_none());
+        let too_long = PieceSum {
+            offset: 0,
+            len: 1 << 32,
+            crc32: 0,
+        };
+        assert!(encode(&[too_long]).is_err());
     }
 
     #[test]

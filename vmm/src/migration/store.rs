@@ -4,9 +4,11 @@
 //! <dir>/config.json    the VmConfig
 //! <dir>/state.json     the state tree (format-versioned)
 //! <dir>/memory-<slot>  one sparse file per guest RAM mapping, exactly its size
-//! <dir>/snapshot.json  manifest: mappings, file sizes and CRC32s of the JSON files,
-//!                      CRC32 of each piece of memory data (see `memsum`)
+//! <dir>/memory-<slot>.sums  CRC32 of each piece of that file's data (`memsum::encode`)
+//! <dir>/snapshot.json  manifest: mappings, sizes and CRC32s of the other files
 //! ```
+//!
+//! Version 2 snapshots (piece sums inside `snapshot.json` as JSON) are still read.
 //!
 //! A snapshot is written into a hidden sibling directory, every file and the directory
 //! fsynced, and only then renamed to its final name: a crash mid-way never leaves a
@@ -28,14 +30,20 @@ use crate::state::StateTree;
 pub const CONFIG_FILE: &str = "config.json";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "snapshot.json";
-/// 2 added the memory checksums.
-const MANIFEST_VERSION: u32 = 2;
+/// 2 added the memory checksums, 3 moved them into binary `.sums` files.
+const MANIFEST_VERSION: u32 = 3;
+/// The oldest version this VMM still restores.
+const OLDEST_VERSION: u32 = 2;
 /// Config and state are a few hundred KiB even with many vCPUs; refuse anything absurd
 /// before parsing it.
 const JSON_LIMIT: u64 = 64 << 20;
 
 pub fn memory_file_name(slot: u32) -> String {
     format!("memory-{slot}")
+}
+
+pub fn sums_file_name(slot: u32) -> String {
+    format!("memory-{slot}.sums")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,16 +69,17 @@ pub enum Error {
         source: serde_json::Error,
     },
     #[error("{0} is not a complete snapshot: {1} is missing")]
-    Incomplete(PathBuf, &'static str),
+    Incomplete(PathBuf, String),
     #[error(
-        "snapshot format version {0} is not supported (this VMM reads version {MANIFEST_VERSION})"
+        "snapshot format version {0} is not supported (this VMM reads versions \
+         {OLDEST_VERSION} to {MANIFEST_VERSION})"
     )]
     Version(u32),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("the snapshot's memory layout does not match its config")]
     LayoutMismatch,
-    #[error("checking the snapshot's memory layout failed: a thread panicked")]
+    #[error("reading the snapshot failed: a thread panicked")]
     Panicked,
 }
 
@@ -104,20 +113,23 @@ struct Manifest {
     mappings: Vec<GuestRamMapping>,
     /// Bytes of data (non-hole) per mapping, for information and progress reporting.
     memory_data_bytes: Vec<u64>,
-    /// Per mapping: the data, cut in pieces on the `memsum` grid, each with its CRC32.
-    memory: Vec<Vec<PieceSum>>,
+    /// Per mapping: its `.sums` file (the data cut in pieces on the `memsum` grid, each
+    /// with its CRC32).
+    memory_sums: Vec<FileDigest>,
 }
 
-/// [`Manifest`] as read back: the piece lists (most of it: 1.3 MB at 6 GiB of data) stay
-/// raw until [`Snapshot::memory`] parses them, beside building the VM.
+/// [`Manifest`] as read back, of version 3 (`memory_sums`) or 2 (`memory`, the piece
+/// lists as JSON, left raw until the version is known to be 2).
 #[derive(Deserialize)]
 struct ManifestHead<'a> {
     version: u32,
     config: FileDigest,
     state: FileDigest,
     mappings: Vec<GuestRamMapping>,
-    #[serde(borrow)]
-    memory: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    memory_sums: Option<Vec<FileDigest>>,
+    #[serde(borrow, default)]
+    memory: Option<&'a serde_json::value::RawValue>,
 }
 
 /// What a snapshot wrote.
@@ -188,7 +200,7 @@ fn write_contents(
     memory: &MemoryManager,
 ) -> Result<SnapshotStats> {
     let mut data_bytes = Vec::new();
-    let mut sums = Vec::new();
+    let mut sums_files = Vec::new();
     for m in memory.mappings() {
         let path = dir.join(memory_file_name(m.slot));
         let file = create_direct_file(&path)?;
@@ -207,7 +219,13 @@ fn write_contents(
             t.elapsed() - t_write
         );
         data_bytes.push(written);
-        sums.push(piece_sums);
+        let sums = memsum::encode(&piece_sums).map_err(|e| Error::Io {
+            step: "cannot encode the memory checksums of",
+            path: path.clone(),
+            source: e,
+        })?;
+        write_file(&dir.join(sums_file_name(m.slot)), &sums)?;
+        sums_files.push(FileDigest::of(&sums));
     }
     let config_json =
         serde_json::to_vec_pretty(config).map_err(|e| Error::Encode("the VM config", e))?;
@@ -220,10 +238,8 @@ fn write_contents(
         state: FileDigest::of(&state_json),
         mappings: memory.mappings().to_vec(),
         memory_data_bytes: data_bytes.clone(),
-        memory: sums,
+        memory_sums: sums_files,
     };
-    // Compact: at 6 GiB of data the pretty form is 2.4 MB, which a restore reads and
-    // parses before the VM can run.
     let manifest_json =
         serde_json::to_vec(&manifest).map_err(|e| Error::Encode("the manifest", e))?;
     write_file(&dir.join(MANIFEST_FILE), &manifest_json)?;
@@ -257,19 +273,23 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io("cannot fsync directory", dir))
 }
 
-/// A snapshot directory whose manifest, config, state and memory file sizes have been
-/// checked; [`Snapshot::memory`] checks the rest.
+/// The first step of a restore: the snapshot's VM config, read and parsed, so the VM can
+/// be built while [`SnapshotConfig::load`] reads and checks everything else on another
+/// thread (reading a megabyte of manifest from a cold disk takes milliseconds). Nothing
+/// of the VM runs before both are done.
+#[derive(Debug)]
+pub struct SnapshotConfig {
+    dir: PathBuf,
+    pub config: VmConfig,
+    bytes: Vec<u8>,
+}
+
+/// A snapshot whose manifest, config, state, memory file sizes and memory piece lists
+/// have been checked; the memory contents are checked as they are read.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub dir: PathBuf,
-    pub config: VmConfig,
     pub state: StateTree,
-    mappings: Vec<GuestRamMapping>,
-    /// The manifest as read, and where in it the piece lists are (not parsed yet;
-    /// kept in place, as copying a megabyte is not free on a host where fresh memory is
-    /// slow to touch).
-    manifest: Vec<u8>,
-    memory: std::ops::Range<usize>,
+    pub memory: SnapshotMemory,
 }
 
 /// The memory of a [`Snapshot`]: per mapping, the checked layout of its data pieces.
@@ -280,77 +300,150 @@ pub struct SnapshotMemory {
     pieces: Vec<Vec<PieceSum>>,
 }
 
-/// Reads and checks everything but the memory contents and its piece lists: a snapshot
-/// that fails here is refused before any VM is built; one whose piece lists fail
-/// [`Snapshot::memory`] before the VM runs.
-pub fn load(dir: &Path) -> Result<Snapshot> {
-    let manifest_bytes = read_json_file(dir, MANIFEST_FILE)?;
+/// Reads and parses the snapshot's `config.json`. A config that does not parse is
+/// checked against the manifest first, so damage is reported as damage.
+pub fn open(dir: &Path) -> Result<SnapshotConfig> {
+    let bytes = read_file(dir, CONFIG_FILE)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(config) => Ok(SnapshotConfig {
+            dir: dir.to_path_buf(),
+            config,
+            bytes,
+        }),
+        Err(source) => {
+            let manifest_bytes = read_file(dir, MANIFEST_FILE)?;
+            let manifest = parse_head(dir, &manifest_bytes)?;
+            check_digest(&dir.join(CONFIG_FILE), &bytes, &manifest.config)?;
+            Err(Error::Decode {
+                what: "VM config",
+                path: dir.join(CONFIG_FILE),
+                source,
+            })
+        }
+    }
+}
+
+fn parse_head<'a>(dir: &Path, manifest_bytes: &'a [u8]) -> Result<ManifestHead<'a>> {
     let manifest: ManifestHead =
-        serde_json::from_slice(&manifest_bytes).map_err(|source| Error::Decode {
+        serde_json::from_slice(manifest_bytes).map_err(|source| Error::Decode {
             what: "snapshot manifest",
             path: dir.join(MANIFEST_FILE),
             source,
         })?;
-    if manifest.version != MANIFEST_VERSION {
+    if !(OLDEST_VERSION..=MANIFEST_VERSION).contains(&manifest.version) {
         return Err(Error::Version(manifest.version));
     }
-    // The raw value borrows from `manifest_bytes`: its offset there.
-    let raw = manifest.memory.get();
-    let memory = (raw.as_ptr() as usize)
-        .checked_sub(manifest_bytes.as_ptr() as usize)
-        .map(|start| start..start + raw.len())
-        .filter(|r| r.end <= manifest_bytes.len())
-        .ok_or(Error::Corrupt {
-            path: dir.join(MANIFEST_FILE),
-            reason: "the memory piece lists cannot be located".into(),
-        })?;
-    let config_bytes = read_json_file(dir, CONFIG_FILE)?;
-    check_digest(&dir.join(CONFIG_FILE), &config_bytes, &manifest.config)?;
-    let state_bytes = read_json_file(dir, STATE_FILE)?;
-    check_digest(&dir.join(STATE_FILE), &state_bytes, &manifest.state)?;
-    let config: VmConfig =
-        serde_json::from_slice(&config_bytes).map_err(|source| Error::Decode {
-            what: "VM config",
-            path: dir.join(CONFIG_FILE),
-            source,
-        })?;
-    let state: StateTree =
-        serde_json::from_slice(&state_bytes).map_err(|source| Error::Decode {
-            what: "VM state",
-            path: dir.join(STATE_FILE),
-            source,
-        })?;
-    for m in &manifest.mappings {
-        let path = dir.join(memory_file_name(m.slot));
-        let meta = fs::metadata(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Incomplete(dir.to_path_buf(), "a memory file")
-            } else {
-                io("cannot inspect", &path)(e)
-            }
-        })?;
-        if meta.len() != m.size {
-            return Err(Error::Corrupt {
-                path,
-                reason: format!("{} bytes, expected {}", meta.len(), m.size),
-            });
-        }
-    }
-    Ok(Snapshot {
-        dir: dir.to_path_buf(),
-        config,
-        state,
-        mappings: manifest.mappings,
-        memory,
-        manifest: manifest_bytes,
-    })
+    Ok(manifest)
 }
 
-fn read_json_file(dir: &Path, name: &'static str) -> Result<Vec<u8>> {
+impl SnapshotConfig {
+    /// Reads and checks everything but the memory contents: the manifest, the config's
+    /// and the state's digests, the state, the memory file sizes and the piece lists
+    /// (each piece inside one grid cell of its mapping, in order).
+    pub fn load(&self) -> Result<Snapshot> {
+        let dir = self.dir.as_path();
+        let manifest_bytes = read_file(dir, MANIFEST_FILE)?;
+        let manifest = parse_head(dir, &manifest_bytes)?;
+        check_digest(&dir.join(CONFIG_FILE), &self.bytes, &manifest.config)?;
+        let state_bytes = read_file(dir, STATE_FILE)?;
+        check_digest(&dir.join(STATE_FILE), &state_bytes, &manifest.state)?;
+        let state: StateTree =
+            serde_json::from_slice(&state_bytes).map_err(|source| Error::Decode {
+                what: "VM state",
+                path: dir.join(STATE_FILE),
+                source,
+            })?;
+        for m in &manifest.mappings {
+            let path = dir.join(memory_file_name(m.slot));
+            let meta = fs::metadata(&path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::Incomplete(dir.to_path_buf(), memory_file_name(m.slot))
+                } else {
+                    io("cannot inspect", &path)(e)
+                }
+            })?;
+            if meta.len() != m.size {
+                return Err(Error::Corrupt {
+                    path,
+                    reason: format!("{} bytes, expected {}", meta.len(), m.size),
+                });
+            }
+        }
+        let corrupt = |reason| Error::Corrupt {
+            path: dir.join(MANIFEST_FILE),
+            reason,
+        };
+        let pieces = match (manifest.memory_sums, manifest.memory) {
+            (Some(files), None) if manifest.version >= 3 => {
+                if files.len() != manifest.mappings.len() {
+                    return Err(corrupt(format!(
+                        "{} memory checksum files for {} mappings",
+                        files.len(),
+                        manifest.mappings.len()
+                    )));
+                }
+                let mut pieces = Vec::with_capacity(files.len());
+                for (m, digest) in manifest.mappings.iter().zip(&files) {
+                    let name = sums_file_name(m.slot);
+                    let path = dir.join(&name);
+                    let bytes = read_file(dir, &name)?;
+                    check_digest(&path, &bytes, digest)?;
+                    pieces.push(memsum::decode(&bytes).ok_or_else(|| Error::Corrupt {
+                        path,
+                        reason: format!("{} bytes is not a whole number of records", bytes.len()),
+                    })?);
+                }
+                pieces
+            }
+            (None, Some(raw)) if manifest.version == 2 => {
+                serde_json::from_str::<Vec<Vec<PieceSum>>>(raw.get()).map_err(|source| {
+                    Error::Decode {
+                        what: "snapshot manifest",
+                        path: dir.join(MANIFEST_FILE),
+                        source,
+                    }
+                })?
+            }
+            _ => {
+                return Err(corrupt(format!(
+                    "a version {} manifest lists its memory checksums in the wrong form",
+                    manifest.version
+                )));
+            }
+        };
+        if pieces.len() != manifest.mappings.len() {
+            return Err(corrupt(format!(
+                "{} memory checksum lists for {} mappings",
+                pieces.len(),
+                manifest.mappings.len()
+            )));
+        }
+        for (m, list) in manifest.mappings.iter().zip(&pieces) {
+            if let Err(p) = memsum::check_layout(list, m.size) {
+                return Err(corrupt(format!(
+                    "memory piece {}+{} of slot {} is empty, out of order, crosses the \
+                     checksum grid or lies outside the slot",
+                    p.offset, p.len, m.slot
+                )));
+            }
+        }
+        Ok(Snapshot {
+            state,
+            memory: SnapshotMemory {
+                dir: dir.to_path_buf(),
+                mappings: manifest.mappings,
+                pieces,
+            },
+        })
+    }
+}
+
+/// A small file of the snapshot (JSON or checksums), whole.
+fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>> {
     let path = dir.join(name);
     let mut file = File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Incomplete(dir.to_path_buf(), name)
+            Error::Incomplete(dir.to_path_buf(), name.to_string())
         } else {
             io("cannot open", &path)(e)
         }
@@ -376,46 +469,6 @@ fn check_digest(path: &Path, bytes: &[u8], want: &FileDigest) -> Result<()> {
         });
     }
     Ok(())
-}
-
-impl Snapshot {
-    /// Parses and checks the manifest's piece lists: one per mapping, each piece inside
-    /// one grid cell of its mapping, in order. Takes a few milliseconds at several GiB of
-    /// data, so a restore runs it beside building the VM.
-    pub fn memory(&self) -> Result<SnapshotMemory> {
-        let corrupt = |reason| Error::Corrupt {
-            path: self.dir.join(MANIFEST_FILE),
-            reason,
-        };
-        let raw = self.manifest.get(self.memory.clone()).unwrap_or_default();
-        let pieces: Vec<Vec<PieceSum>> =
-            serde_json::from_slice(raw).map_err(|source| Error::Decode {
-                what: "snapshot manifest",
-                path: self.dir.join(MANIFEST_FILE),
-                source,
-            })?;
-        if pieces.len() != self.mappings.len() {
-            return Err(corrupt(format!(
-                "{} memory checksum lists for {} mappings",
-                pieces.len(),
-                self.mappings.len()
-            )));
-        }
-        for (m, list) in self.mappings.iter().zip(&pieces) {
-            if let Err(p) = memsum::check_layout(list, m.size) {
-                return Err(corrupt(format!(
-                    "memory piece {}+{} of slot {} is empty, out of order, crosses the \
-                     checksum grid or lies outside the slot",
-                    p.offset, p.len, m.slot
-                )));
-            }
-        }
-        Ok(SnapshotMemory {
-            dir: self.dir.clone(),
-            mappings: self.mappings.clone(),
-            pieces,
-        })
-    }
 }
 
 impl SnapshotMemory {
@@ -454,14 +507,10 @@ impl SnapshotMemory {
                 .read_mapping(m, &sparse::BulkFile::new(file), &extents)
                 .map_err(io("cannot read", &path))?;
             total += sparse::total_len(&extents);
-            if let Some((offset, len, got, want)) = memsum::first_mismatch(&got, pieces) {
+            if let Some(mismatch) = memsum::first_mismatch(&got, pieces) {
                 return Err(Error::Corrupt {
                     path,
-                    reason: format!(
-                        "checksum mismatch at bytes {offset}..{}: crc32 {got:08x}, manifest \
-                         {want:08x}",
-                        offset + len
-                    ),
+                    reason: mismatch.to_string(),
                 });
             }
         }

@@ -83,17 +83,19 @@ impl Vmm {
         event_monitor::event("vm", "restoring", None);
         let start = Instant::now();
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
-        let snapshot = store::load(&params.source).map_err(snapshot_error)?;
+        let opened = store::open(&params.source).map_err(snapshot_error)?;
         let t_load = start.elapsed();
-        // The memory piece lists (a megabyte of JSON at a few GiB of data) are parsed and
-        // checked while the VM is built; both take milliseconds.
+        // The VM is built from the config while the manifest, state and memory piece
+        // lists are read and checked beside it; a damaged snapshot still fails before
+        // the VM runs, and the VM is then dropped.
         let events = self.events.clone();
-        let (vm, memory) = std::thread::scope(|s| {
-            let memory = s.spawn(|| snapshot.memory());
-            let vm = Vm::new_for_restore(&snapshot.config, events);
-            (vm, memory.join().unwrap_or(Err(store::Error::Panicked)))
+        let (vm, snapshot) = std::thread::scope(|s| {
+            let snapshot = s.spawn(|| opened.load());
+            let vm = Vm::new_for_restore(&opened.config, events);
+            (vm, snapshot.join().unwrap_or(Err(store::Error::Panicked)))
         });
-        let memory = memory.map_err(snapshot_error)?;
+        let snapshot = snapshot.map_err(snapshot_error)?;
+        let memory = snapshot.memory;
         let mut vm = vm.map_err(RestoreError::Vm)?;
         let t_create = start.elapsed();
         let bytes = match params.mode {
@@ -110,7 +112,7 @@ impl Vmm {
         vm.apply_state(snapshot.state).map_err(RestoreError::Vm)?;
         vm.start(!params.resume).map_err(RestoreError::Vm)?;
         log::debug!(
-            "restore: load {t_load:?}, create {:?}, memory {:?}, state+start {:?}",
+            "restore: config {t_load:?}, build VM and check snapshot {:?}, memory {:?}, state+start {:?}",
             t_create - t_load,
             t_memory - t_create,
             start.elapsed() - t_memory
