@@ -11,7 +11,8 @@ use vm_migration::RequestHeader;
 use vmm::migration::config::GuestRamMappingData;
 
 use crate::layout::{
-    self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, MAX_JSON_FILE, Manifest, STATE_FILE,
+    self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, MAX_JSON_FILE, Manifest,
+    OLDEST_MANIFEST_VERSION, STATE_FILE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +31,23 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("manifest version {0} is not supported (this daemon writes {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not supported (this daemon reads versions \
+         {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})"
+    )]
     ManifestVersion(u32),
+    #[error(
+        "the manifest entry of slot {0} has its memory checksums in the wrong form for \
+         its version"
+    )]
+    ManifestSumsForm(u32),
+    #[error("{} is not a whole number of checksum records (truncated?)", path.display())]
+    SumsRecords { path: PathBuf },
     #[error(
         "{file} does not match the manifest: {len} bytes, crc32 {crc32:08x}; expected {expected_len} bytes, crc32 {expected_crc32:08x}"
     )]
     FileChecksum {
-        file: &'static str,
+        file: String,
         len: u64,
         crc32: u32,
         expected_len: u64,
@@ -146,11 +157,11 @@ fn read_small(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn check_file(file: &'static str, bytes: &[u8], expected: layout::FileSum) -> Result<(), Error> {
+fn check_file(file: &str, bytes: &[u8], expected: layout::FileSum) -> Result<(), Error> {
     let got = layout::FileSum::of(bytes);
     if got != expected {
         return Err(Error::FileChecksum {
-            file,
+            file: file.to_string(),
             len: got.len,
             crc32: got.crc32,
             expected_len: expected.len,
@@ -215,7 +226,7 @@ pub(crate) fn load_manifest(
             let path = dir.join(MANIFEST_FILE);
             let m: Manifest = serde_json::from_slice(&bytes)
                 .map_err(|source| Error::BadManifest { path, source })?;
-            if m.version != MANIFEST_VERSION {
+            if !(OLDEST_MANIFEST_VERSION..=MANIFEST_VERSION).contains(&m.version) {
                 return Err(Error::ManifestVersion(m.version));
             }
             Some(m)
@@ -337,6 +348,26 @@ pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result
     Ok(())
 }
 
+/// The pieces a manifest entry lists: from its `.sums` file (version 3, checked against
+/// the entry), or inline (version 2).
+fn manifest_pieces(
+    dir: &Path,
+    entry: &layout::MemoryFileSum,
+    version: u32,
+) -> Result<Vec<layout::ExtentSum>, Error> {
+    match (entry.sums, &entry.extents) {
+        (Some(sums), None) if version >= 3 => {
+            let name = layout::sums_file_name(entry.slot);
+            let path = dir.join(&name);
+            let bytes = read_small(&path)?;
+            check_file(&name, &bytes, sums)?;
+            vmm::memsum::decode(&bytes).ok_or(Error::SumsRecords { path })
+        }
+        (None, Some(extents)) if version == 2 => Ok(extents.clone()),
+        _ => Err(Error::ManifestSumsForm(entry.slot)),
+    }
+}
+
 /// Opens and checks slot `m`'s memory file (size, manifest entry, extent bounds).
 pub(crate) fn slot_source(
     dir: &Path,
@@ -374,17 +405,16 @@ pub(crate) fn slot_source(
                     config: m.size,
                 });
             }
-            vmm::memsum::check_layout(&entry.extents, m.size).map_err(|e| {
-                Error::ManifestExtent {
-                    slot: m.slot,
-                    offset: e.offset,
-                    len: e.len,
-                    size: m.size,
-                }
+            let pieces = manifest_pieces(dir, entry, man.version)?;
+            vmm::memsum::check_layout(&pieces, m.size).map_err(|e| Error::ManifestExtent {
+                slot: m.slot,
+                offset: e.offset,
+                len: e.len,
+                size: m.size,
             })?;
             // The manifest's pieces are the data the snapshot had, even if the file was
             // since copied densely.
-            entry.extents.clone()
+            pieces
         }
         None => {
             let extents = vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?;
@@ -472,5 +502,70 @@ pub(crate) fn send_suffix(stream: &UnixStream, state: &[u8], resume: bool) -> Re
             RequestHeader::complete_paused(),
             &[],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layout::{ExtentSum, FileSum, MemoryFileSum};
+
+    fn piece(offset: u64) -> ExtentSum {
+        ExtentSum {
+            offset,
+            len: 4096,
+            crc32: offset as u32 ^ 0x5a5a,
+        }
+    }
+
+    #[test]
+    fn manifest_pieces_from_sums_files_and_inline() {
+        let dir = std::env::temp_dir().join(format!("od-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pieces = vec![piece(0), piece(1 << 20)];
+        let bytes = vmm::memsum::encode(&pieces).unwrap();
+        std::fs::write(dir.join("memory-0.sums"), &bytes).unwrap();
+        let v3 = MemoryFileSum {
+            slot: 0,
+            size: 2 << 20,
+            sums: Some(FileSum::of(&bytes)),
+            extents: None,
+        };
+        assert_eq!(manifest_pieces(&dir, &v3, 3).unwrap(), pieces);
+        // Version 2 lists the pieces inline; each version only in its own form.
+        let v2 = MemoryFileSum {
+            sums: None,
+            extents: Some(pieces.clone()),
+            ..v3.clone()
+        };
+        assert_eq!(manifest_pieces(&dir, &v2, 2).unwrap(), pieces);
+        assert!(matches!(
+            manifest_pieces(&dir, &v2, 3),
+            Err(Error::ManifestSumsForm(0))
+        ));
+        assert!(matches!(
+            manifest_pieces(&dir, &v3, 2),
+            Err(Error::ManifestSumsForm(0))
+        ));
+        // A sums file that does not match its digest, or is cut mid-record.
+        std::fs::write(dir.join("memory-0.sums"), &bytes[..20]).unwrap();
+        assert!(matches!(
+            manifest_pieces(&dir, &v3, 3),
+            Err(Error::FileChecksum { .. })
+        ));
+        let cut = MemoryFileSum {
+            sums: Some(FileSum::of(&bytes[..20])),
+            ..v3.clone()
+        };
+        assert!(matches!(
+            manifest_pieces(&dir, &cut, 3),
+            Err(Error::SumsRecords { .. })
+        ));
+        std::fs::remove_file(dir.join("memory-0.sums")).unwrap();
+        assert!(matches!(
+            manifest_pieces(&dir, &v3, 3),
+            Err(Error::Missing(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -317,10 +317,14 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         file.sync_all().map_err(write_err("fsyncing", &path))?;
         data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
         ram_bytes += m.size;
+        let sums_path = tmp.join(layout::sums_file_name(m.slot));
+        let sums = vmm::memsum::encode(&extents).map_err(write_err("encoding", &sums_path))?;
+        write_file_synced(&sums_path, &sums)?;
         memory.push(layout::MemoryFileSum {
             slot: m.slot,
             size: m.size,
-            extents,
+            sums: Some(layout::FileSum::of(&sums)),
+            extents: None,
         });
     }
     let manifest = layout::Manifest {
@@ -330,7 +334,6 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         memory,
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
-    // Compact: a restore reads it before the VM runs (2.4 MB pretty at 6 GiB of data).
     let manifest_json = serde_json::to_vec(&manifest)
         .map_err(|e| write_err("serializing", &manifest_path)(io::Error::other(e)))?;
     write_file_synced(&manifest_path, &manifest_json)?;

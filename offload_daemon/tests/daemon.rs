@@ -305,20 +305,30 @@ fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
     }
 }
 
+/// The data pieces of memory-<slot>, from its checksums file.
+fn memory_pieces(snap: &Path, slot: u32) -> Vec<vmm::memsum::PieceSum> {
+    let sums = std::fs::read(snap.join(format!("memory-{slot}.sums"))).unwrap();
+    vmm::memsum::decode(&sums).unwrap()
+}
+
 #[test]
 fn damaged_snapshots_are_refused_before_connecting() {
     let dir = TempDir::new("offload-damaged").unwrap();
     let (_, snap) = take_snapshot(&dir, "offload-damaged-src");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
-    let extent = &manifest["memory"][0]["extents"][0];
-    let offset = extent["offset"].as_u64().unwrap() + extent["len"].as_u64().unwrap() / 2;
+    let first = memory_pieces(&snap, 0)[0];
+    let offset = first.offset + first.len / 2;
 
     // One flipped byte inside a data extent of memory-0.
     let flipped = dir.join("flipped");
     copy_snapshot(&snap, &flipped);
     test_infra::damage::flip_byte(&flipped.join("memory-0"), offset, 0x40).unwrap();
     expect_refused(&dir, &flipped, "checksum mismatch at bytes");
+
+    // A flipped bit in the memory checksums.
+    let sums = dir.join("flipped-sums");
+    copy_snapshot(&snap, &sums);
+    test_infra::damage::flip_byte(&sums.join("memory-0.sums"), 9, 0x01).unwrap();
+    expect_refused(&dir, &sums, "memory-0.sums does not match the manifest");
 
     // state.json cut in half.
     let cut = dir.join("cut-state");
@@ -649,10 +659,10 @@ fn daemon_killed_during_ondemand_stops_the_vm() {
 fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
     let dir = TempDir::new("od-damaged").unwrap();
     let (_, snap) = take_snapshot_with(&dir, "od-damaged-src", "mem=96M tick=100 rate=0");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
     // A piece in the middle of the guest's workload region, far from the first pages.
-    let offset = test_infra::damage::middle_of_pieces(&manifest["memory"][0]["extents"]).unwrap();
+    let pieces = memory_pieces(&snap, 0);
+    let piece = pieces[pieces.len() / 2];
+    let offset = piece.offset + piece.len / 2;
     test_infra::damage::flip_byte(&snap.join("memory-0"), offset, 0x40).unwrap();
     let serial = dir.join("serial.log");
     let before = std::fs::read_to_string(&serial).unwrap().len();

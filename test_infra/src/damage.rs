@@ -15,11 +15,3 @@ pub fn flip_byte(path: &Path, offset: u64, mask: u8) -> std::io::Result<()> {
     b[0] ^= mask;
     f.write_all_at(&b, offset)
 }
-
-/// The offset of the byte in the middle of the middle piece of a manifest's piece list
-/// (`[{"offset", "len", ...}, ...]`): inside the data, far from the first pages.
-pub fn middle_of_pieces(pieces: &serde_json::Value) -> Option<u64> {
-    let pieces = pieces.as_array()?;
-    let piece = pieces.get(pieces.len() / 2)?;
-    Some(piece["offset"].as_u64()? + piece["len"].as_u64()? / 2)
-}
