@@ -35,7 +35,7 @@ struct Cli {
     /// boot=<vcpus>
     #[arg(long, value_name = "OPTIONS", default_value = "boot=1")]
     cpus: String,
-    /// size=<bytes>[K|M|G],shared=on|off
+    /// size=<bytes>[K|M|G],shared=on|off,thp=on|off
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M")]
     memory: String,
     /// off|null|tty|file=<path>

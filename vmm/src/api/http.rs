@@ -530,6 +530,7 @@ mod tests {
             memory: MemoryConfig {
                 size: 1 << 20,
                 shared: false,
+                thp: false,
             },
             payload: PayloadConfig {
                 kernel: None,

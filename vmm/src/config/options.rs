@@ -377,7 +377,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 
 const CPUS_KEYS: &[Key] = &[value("boot")];
-const MEMORY_KEYS: &[Key] = &[value("size"), value("shared")];
+const MEMORY_KEYS: &[Key] = &[value("size"), value("shared"), value("thp")];
 const CONSOLE_KEYS: &[Key] = &[flag("off"), flag("tty"), flag("null"), value("file")];
 const EVENT_MONITOR_KEYS: &[Key] = &[value("path")];
 const API_SOCKET_KEYS: &[Key] = &[value("path")];
@@ -423,7 +423,7 @@ pub fn parse_cpus(input: &str) -> Result<CpusConfig, OptionsError> {
     })
 }
 
-/// `--memory size=<n>[K|M|G],shared=on|off`.
+/// `--memory size=<n>[K|M|G],shared=on|off,thp=on|off`.
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, OptionsError> {
     let opts = Options::parse("memory", MEMORY_KEYS, input)?;
     let size = opts
@@ -437,7 +437,8 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, OptionsError> {
         ));
     }
     let shared = opts.convert::<Toggle>("shared")?.is_some_and(|t| t.0);
-    Ok(MemoryConfig { size, shared })
+    let thp = opts.convert::<Toggle>("thp")?.is_some_and(|t| t.0);
+    Ok(MemoryConfig { size, shared, thp })
 }
 
 fn parse_console_like(group: &'static str, input: &str) -> Result<ConsoleConfig, OptionsError> {
@@ -691,14 +692,16 @@ mod tests {
             parse_memory("size=1G,shared=on").unwrap(),
             MemoryConfig {
                 size: 1 << 30,
-                shared: true
+                shared: true,
+                thp: false
             }
         );
         assert_eq!(
-            parse_memory("shared=off").unwrap(),
+            parse_memory("shared=off,thp=on").unwrap(),
             MemoryConfig {
                 size: DEFAULT_MEMORY_SIZE,
-                shared: false
+                shared: false,
+                thp: true
             }
         );
         assert_eq!(parse_memory("size=8K").unwrap().size, 8192);

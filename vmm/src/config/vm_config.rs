@@ -26,6 +26,10 @@ pub struct MemoryConfig {
     pub size: u64,
     /// MAP_SHARED guest RAM (needed later for local migration and offload).
     pub shared: bool,
+    /// Transparent huge pages for private guest RAM (Cloud Hypervisor's `thp`). Off by
+    /// default here, unlike Cloud Hypervisor (see the README, "Guest memory").
+    #[serde(default)]
+    pub thp: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
