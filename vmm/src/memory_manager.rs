@@ -428,6 +428,37 @@ fn advise_huge_pages(host: *mut u8, size: u64, huge: bool) {
     }
 }
 
+/// Allocates the pages of `gpa..gpa+len` of `mem` for writing in one call, before a bulk
+/// copy into them (see [`populate_host_range`]). Best effort: a range that is not inside
+/// one region just leaves the copy to fault its pages in. Never for memory registered with
+/// userfaultfd, where populating would raise faults.
+pub fn populate_for_write(mem: &GuestMemoryMmap, gpa: u64, len: usize) {
+    use vm_memory::GuestMemoryBackend;
+    if let Ok(slice) = mem.get_slice(GuestAddress(gpa), len) {
+        populate_host_range(slice.ptr_guard_mut().as_ptr(), len);
+    }
+}
+
+/// MADV_POPULATE_WRITE on the pages under `host..host+len`: a copy that faults each
+/// fresh page in on its own was measured 20-25% slower here (2 threads filling 2 GiB of
+/// fresh memory from the page cache: 2.3 GiB/s faulting, 2.9 populating first). Best
+/// effort: a kernel without the advice (before 5.14) leaves the copy to fault.
+pub fn populate_host_range(host: *mut u8, len: usize) {
+    let skew = host as usize % PAGE_BYTES;
+    // SAFETY: madvise only reads the address range; MADV_POPULATE_WRITE allocates pages
+    // that are not there yet and never changes contents. A range that is not mapped
+    // makes it fail with ENOMEM, which is ignored.
+    unsafe {
+        libc::madvise(
+            host.wrapping_sub(skew).cast(),
+            len + skew,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+}
+
+const PAGE_BYTES: usize = 4096;
+
 /// Splits `size` bytes of RAM around the 32-bit MMIO hole.
 fn layout_ram(size: u64) -> Vec<GuestRamMapping> {
     let low = size.min(layout::RAM_32BIT_END);

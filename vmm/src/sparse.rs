@@ -376,6 +376,7 @@ pub fn read_extents(
     let direct = std::sync::atomic::AtomicU64::new(0);
     let count = chunks.len();
     parallel(chunks, threads, |(offset, chunk)| {
+        crate::memory_manager::populate_host_range(chunk.as_mut_ptr(), chunk.len());
         if file.read_exact_at(chunk, offset)? {
             direct.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

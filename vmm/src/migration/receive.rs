@@ -130,6 +130,7 @@ fn receive_memory(
                 range.gpa,
             )),
         })?;
+        crate::memory_manager::populate_for_write(mem, range.gpa, len);
         stream
             .read_into_guest(mem, range.gpa, len)
             .map_err(|source| Error::GuestMemory {
