@@ -143,7 +143,7 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_small(path: &Path) -> Result<Vec<u8>, Error> {
+fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
     let mut file = File::open(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => Error::Missing(path.to_path_buf()),
         _ => Error::Read {
@@ -151,7 +151,7 @@ fn read_small(path: &Path) -> Result<Vec<u8>, Error> {
             source,
         },
     })?;
-    vmm::sparse::read_capped(&mut file, MAX_JSON_FILE).map_err(|source| Error::Read {
+    vmm::sparse::read_capped(&mut file, limit).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })
@@ -209,8 +209,8 @@ pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
 /// The raw bytes of `migration_config.json` and `state.json`.
 pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
     Ok((
-        read_small(&dir.join(CONFIG_FILE))?,
-        read_small(&dir.join(STATE_FILE))?,
+        read_small(&dir.join(CONFIG_FILE), MAX_JSON_FILE)?,
+        read_small(&dir.join(STATE_FILE), MAX_JSON_FILE)?,
     ))
 }
 
@@ -221,7 +221,7 @@ pub(crate) fn load_manifest(
     config: &[u8],
     state: &[u8],
 ) -> Result<Option<Manifest>, Error> {
-    let manifest = match read_small(&dir.join(MANIFEST_FILE)) {
+    let manifest = match read_small(&dir.join(MANIFEST_FILE), MAX_JSON_FILE) {
         Ok(bytes) => {
             let path = dir.join(MANIFEST_FILE);
             let m: Manifest = serde_json::from_slice(&bytes)
@@ -359,7 +359,7 @@ fn manifest_pieces(
         (Some(sums), None) if version >= 3 => {
             let name = layout::sums_file_name(entry.slot);
             let path = dir.join(&name);
-            let bytes = read_small(&path)?;
+            let bytes = read_small(&path, vmm::memsum::encoded_limit(entry.size))?;
             check_file(&name, &bytes, sums)?;
             vmm::memsum::decode(&bytes).ok_or(Error::SumsRecords { path })
         }
@@ -560,6 +560,16 @@ mod tests {
         assert!(matches!(
             manifest_pieces(&dir, &cut, 3),
             Err(Error::SumsRecords { .. })
+        ));
+        // Longer than a slot of that size can need: refused before it is read.
+        let tiny = MemoryFileSum {
+            size: 0,
+            ..v3.clone()
+        };
+        std::fs::write(dir.join("memory-0.sums"), &bytes).unwrap();
+        assert!(matches!(
+            manifest_pieces(&dir, &tiny, 3),
+            Err(Error::Read { .. })
         ));
         std::fs::remove_file(dir.join("memory-0.sums")).unwrap();
         assert!(matches!(

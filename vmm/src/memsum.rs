@@ -184,6 +184,12 @@ pub fn encode(pieces: &[PieceSum]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The largest encoded list a mapping of `size` bytes can have (one piece per page), so
+/// a reader can refuse an absurd file before reading it.
+pub fn encoded_limit(size: u64) -> u64 {
+    (size / crate::sparse::PAGE_SIZE + 1).saturating_mul(RECORD_LEN as u64)
+}
+
 /// Reads back what [`encode`] wrote; `None` if `bytes` is not a whole number of records.
 /// The layout still needs [`check_layout`].
 pub fn decode(bytes: &[u8]) -> Option<Vec<PieceSum>> {
@@ -357,6 +363,8 @@ mod tests {
             crc32: 0,
         };
         assert!(encode(&[too_long]).is_err());
+        // A mapping of two pages holds at most two pieces.
+        assert_eq!(encoded_limit(8192), 3 * RECORD_LEN as u64);
     }
 
     #[test]

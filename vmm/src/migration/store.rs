@@ -303,7 +303,7 @@ pub struct SnapshotMemory {
 /// Reads and parses the snapshot's `config.json`. A config that does not parse is
 /// checked against the manifest first, so damage is reported as damage.
 pub fn open(dir: &Path) -> Result<SnapshotConfig> {
-    let bytes = read_file(dir, CONFIG_FILE)?;
+    let bytes = read_file(dir, CONFIG_FILE, JSON_LIMIT)?;
     match serde_json::from_slice(&bytes) {
         Ok(config) => Ok(SnapshotConfig {
             dir: dir.to_path_buf(),
@@ -311,7 +311,7 @@ pub fn open(dir: &Path) -> Result<SnapshotConfig> {
             bytes,
         }),
         Err(source) => {
-            let manifest_bytes = read_file(dir, MANIFEST_FILE)?;
+            let manifest_bytes = read_file(dir, MANIFEST_FILE, JSON_LIMIT)?;
             let manifest = parse_head(dir, &manifest_bytes)?;
             check_digest(&dir.join(CONFIG_FILE), &bytes, &manifest.config)?;
             Err(Error::Decode {
@@ -342,10 +342,10 @@ impl SnapshotConfig {
     /// (each piece inside one grid cell of its mapping, in order).
     pub fn load(&self) -> Result<Snapshot> {
         let dir = self.dir.as_path();
-        let manifest_bytes = read_file(dir, MANIFEST_FILE)?;
+        let manifest_bytes = read_file(dir, MANIFEST_FILE, JSON_LIMIT)?;
         let manifest = parse_head(dir, &manifest_bytes)?;
         check_digest(&dir.join(CONFIG_FILE), &self.bytes, &manifest.config)?;
-        let state_bytes = read_file(dir, STATE_FILE)?;
+        let state_bytes = read_file(dir, STATE_FILE, JSON_LIMIT)?;
         check_digest(&dir.join(STATE_FILE), &state_bytes, &manifest.state)?;
         let state: StateTree =
             serde_json::from_slice(&state_bytes).map_err(|source| Error::Decode {
@@ -386,7 +386,7 @@ impl SnapshotConfig {
                 for (m, digest) in manifest.mappings.iter().zip(&files) {
                     let name = sums_file_name(m.slot);
                     let path = dir.join(&name);
-                    let bytes = read_file(dir, &name)?;
+                    let bytes = read_file(dir, &name, memsum::encoded_limit(m.size))?;
                     check_digest(&path, &bytes, digest)?;
                     pieces.push(memsum::decode(&bytes).ok_or_else(|| Error::Corrupt {
                         path,
@@ -438,8 +438,8 @@ impl SnapshotConfig {
     }
 }
 
-/// A small file of the snapshot (JSON or checksums), whole.
-fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>> {
+/// A small file of the snapshot (JSON or checksums), whole, if at most `limit` bytes.
+fn read_file(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
     let path = dir.join(name);
     let mut file = File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -448,7 +448,7 @@ fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>> {
             io("cannot open", &path)(e)
         }
     })?;
-    sparse::read_capped(&mut file, JSON_LIMIT).map_err(io("cannot read", &path))
+    sparse::read_capped(&mut file, limit).map_err(io("cannot read", &path))
 }
 
 fn check_digest(path: &Path, bytes: &[u8], want: &FileDigest) -> Result<()> {
