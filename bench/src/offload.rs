@@ -119,7 +119,7 @@ impl Scenario for Offload {
         // cache holds it otherwise depends on what ran before (the daemon writes and
         // reads with O_DIRECT, but serves on-demand pages through the cache).
         // Eager restore into a fresh VMM waiting in receive-migration.
-        Cache::Cold.prepare(&snap)?;
+        Cache::Cold.prepare(&snap, &ctx.bins)?;
         std::fs::read(&daemon)?;
         let mut dest = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-offload-dst")
@@ -166,10 +166,9 @@ impl Scenario for Offload {
 
         // On-demand restore: the VM resumes before its memory is back.
         std::fs::rename(&serial, dir.join("serial.eager.log"))?;
-        Cache::Cold.prepare(&snap)?;
-        // The daemon's own binary stays cached, as on a host that runs it routinely (the
-        // running VMM's is mapped, so dropping the cache keeps it): time to resume is
-        // about the snapshot, not about loading a program from disk.
+        Cache::Cold.prepare(&snap, &ctx.bins)?;
+        // The daemon's binary stays cached too, as on a host that runs it routinely:
+        // time to resume is about the snapshot, not about loading a program from disk.
         std::fs::read(&daemon)?;
         let mut od = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-offload-od")
