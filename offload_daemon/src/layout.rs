@@ -42,13 +42,8 @@ pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 const COPY_CHUNK: u64 = 4 << 20;
 pub const COPY_THREADS: usize = 4;
 
-pub fn sums_file_name(slot: u32) -> String {
-    format!("memory-{slot}.sums")
-}
-
-pub fn memory_file_name(slot: u32) -> String {
-    format!("memory-{slot}")
-}
+/// The memory and checksum files are named as in `vm.snapshot`'s directories.
+pub use vmm::migration::store::{memory_file_name, sums_file_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -444,7 +444,7 @@ pub fn populate_for_write(mem: &GuestMemoryMmap, gpa: u64, len: usize) {
 /// fresh memory from the page cache: 2.3 GiB/s faulting, 2.9 populating first). Best
 /// effort: a kernel without the advice (before 5.14) leaves the copy to fault.
 pub fn populate_host_range(host: *mut u8, len: usize) {
-    let skew = host as usize % PAGE_BYTES;
+    let skew = host as usize % sparse::PAGE_SIZE as usize;
     // SAFETY: madvise only reads the address range; MADV_POPULATE_WRITE allocates pages
     // that are not there yet and never changes contents. A range that is not mapped
     // makes it fail with ENOMEM, which is ignored.
@@ -456,8 +456,6 @@ pub fn populate_host_range(host: *mut u8, len: usize) {
         )
     };
 }
-
-const PAGE_BYTES: usize = 4096;
 
 /// Splits `size` bytes of RAM around the 32-bit MMIO hole.
 fn layout_ram(size: u64) -> Vec<GuestRamMapping> {

@@ -369,48 +369,8 @@ impl SnapshotConfig {
                 });
             }
         }
-        let corrupt = |reason| Error::Corrupt {
-            path: dir.join(MANIFEST_FILE),
-            reason,
-        };
-        let pieces = match (manifest.memory_sums, manifest.memory) {
-            (Some(files), None) if manifest.version >= 3 => {
-                if files.len() != manifest.mappings.len() {
-                    return Err(corrupt(format!(
-                        "{} memory checksum files for {} mappings",
-                        files.len(),
-                        manifest.mappings.len()
-                    )));
-                }
-                let mut pieces = Vec::with_capacity(files.len());
-                for (m, digest) in manifest.mappings.iter().zip(&files) {
-                    let name = sums_file_name(m.slot);
-                    let path = dir.join(&name);
-                    let bytes = read_file(dir, &name, memsum::encoded_limit(m.size))?;
-                    check_digest(&path, &bytes, digest)?;
-                    pieces.push(memsum::decode(&bytes).ok_or_else(|| Error::Corrupt {
-                        path,
-                        reason: format!("{} bytes is not a whole number of records", bytes.len()),
-                    })?);
-                }
-                pieces
-            }
-            (None, Some(raw)) if manifest.version == 2 => {
-                serde_json::from_str::<Vec<Vec<PieceSum>>>(raw.get()).map_err(|source| {
-                    Error::Decode {
-                        what: "snapshot manifest",
-                        path: dir.join(MANIFEST_FILE),
-                        source,
-                    }
-                })?
-            }
-            _ => {
-                return Err(corrupt(format!(
-                    "a version {} manifest lists its memory checksums in the wrong form",
-                    manifest.version
-                )));
-            }
-        };
+        let corrupt = |reason| corrupt_manifest(dir, reason);
+        let pieces = read_pieces(dir, &manifest)?;
         if pieces.len() != manifest.mappings.len() {
             return Err(corrupt(format!(
                 "{} memory checksum lists for {} mappings",
@@ -435,6 +395,54 @@ impl SnapshotConfig {
                 pieces,
             },
         })
+    }
+}
+
+fn corrupt_manifest(dir: &Path, reason: String) -> Error {
+    Error::Corrupt {
+        path: dir.join(MANIFEST_FILE),
+        reason,
+    }
+}
+
+/// The memory piece lists a manifest names: from the `.sums` files (version 3, each
+/// checked against its digest), or inline as JSON (version 2). Their layout is checked by
+/// the caller.
+fn read_pieces(dir: &Path, manifest: &ManifestHead) -> Result<Vec<Vec<PieceSum>>> {
+    let corrupt = |reason| corrupt_manifest(dir, reason);
+    match (&manifest.memory_sums, manifest.memory) {
+        (Some(files), None) if manifest.version >= 3 => {
+            if files.len() != manifest.mappings.len() {
+                return Err(corrupt(format!(
+                    "{} memory checksum files for {} mappings",
+                    files.len(),
+                    manifest.mappings.len()
+                )));
+            }
+            let mut pieces = Vec::with_capacity(files.len());
+            for (m, digest) in manifest.mappings.iter().zip(files) {
+                let name = sums_file_name(m.slot);
+                let path = dir.join(&name);
+                let bytes = read_file(dir, &name, memsum::encoded_limit(m.size))?;
+                check_digest(&path, &bytes, digest)?;
+                pieces.push(memsum::decode(&bytes).ok_or_else(|| Error::Corrupt {
+                    path,
+                    reason: format!("{} bytes is not a whole number of records", bytes.len()),
+                })?);
+            }
+            Ok(pieces)
+        }
+        (None, Some(raw)) if manifest.version == 2 => {
+            serde_json::from_str(raw.get()).map_err(|source| Error::Decode {
+                what: "snapshot manifest",
+                path: dir.join(MANIFEST_FILE),
+                source,
+            })
+        }
+        _ => Err(corrupt(format!(
+            "a version {} manifest lists its memory checksums in the wrong form",
+            manifest.version
+        ))),
     }
 }
 
