@@ -144,6 +144,35 @@ fn copy_restore_4_vcpus_shared_memory() {
     scenario_round_trip("copy4", 4, "size=256M,shared=on", "", "copy");
 }
 
+/// `thp=on` travels in the snapshot's config and gives the restored guest's private RAM
+/// transparent huge pages; the default (off) gives it none, whatever the host's THP mode.
+#[test]
+fn transparent_huge_pages_follow_the_memory_option() {
+    let host_thp = fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| !mode.contains("[never]"));
+    for (thp, memory) in [(true, "size=256M,thp=on"), (false, "size=256M")] {
+        let vmm = scenario_round_trip(&format!("thp-{thp}"), 2, memory, "", "Copy");
+        let info = vmm.vm_info().unwrap();
+        assert_eq!(info["config"]["memory"]["thp"], thp, "{info}");
+        let huge_kib = anon_huge_kib(vmm.pid());
+        if thp && host_thp {
+            assert!(huge_kib > 0, "thp=on, but no huge pages in the VMM");
+        } else {
+            assert_eq!(huge_kib, 0, "huge pages with thp={thp}");
+        }
+    }
+}
+
+/// AnonHugePages of a process, in KiB.
+fn anon_huge_kib(pid: u32) -> u64 {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// A 1-vCPU guest that only halts: the timer must keep firing after restore, which only
 /// works if the LAPIC, irqchip, clock and halted-vCPU state all came across.
 #[test]
@@ -339,7 +368,7 @@ fn damaged_snapshots_are_refused() {
     let (last, snap) = snapshot_and_kill(&dir, src);
 
     type Damage = fn(&Path);
-    let cases: [(&str, Damage, &str); 11] = [
+    let cases: [(&str, Damage, &str); 13] = [
         (
             "truncated memory",
             |d| truncate(&d.join("memory-0"), 4096),
@@ -362,6 +391,19 @@ fn damaged_snapshots_are_refused() {
                 truncate(&d.join("state.json"), len / 2)
             },
             "state.json",
+        ),
+        (
+            // The config is read first, to build the VM beside the other checks; damage
+            // to it is still reported against the manifest's digest.
+            "bit-flipped config",
+            |d| flip_bit(&d.join("config.json")),
+            "CRC32",
+        ),
+        (
+            // A config that no longer parses at all is checked against the digest too.
+            "garbage config",
+            |d| fs::write(d.join("config.json"), b"\x00\x01garbage").unwrap(),
+            "config.json is corrupt",
         ),
         (
             "missing config",
