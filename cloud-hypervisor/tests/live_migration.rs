@@ -13,6 +13,15 @@ use std::time::Duration;
 use common::migration::*;
 use common::*;
 use test_infra::TempDir;
+use test_infra::procfs::thread_nices;
+use vmm::thread_priority::{Boost, MOVER_NICE};
+
+/// Whether this test process, and so the VMMs it starts, may raise a thread's priority.
+fn may_raise_priority() -> bool {
+    std::thread::spawn(|| Boost::current_thread().raised())
+        .join()
+        .unwrap()
+}
 
 #[test]
 fn migrate_over_unix() {
@@ -239,7 +248,36 @@ fn migration_that_cannot_converge_is_cancelled() {
             )),
         )
         .unwrap();
+    // While memory moves, the sending thread runs ahead of the vCPUs (when the VMM may
+    // raise priorities, as root can); once the migration is over nothing is left raised.
+    let pid = src.vmm.pid();
+    if may_raise_priority() {
+        let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+        // Polled until seen or the migration has given up (after timeout_s=1).
+        let seen = test_infra::wait::poll_until(deadline, || {
+            let threads = thread_nices(pid).unwrap();
+            if threads
+                .iter()
+                .any(|t| t.name == "migration-send" && t.nice == MOVER_NICE)
+            {
+                return Ok(Some(Some(threads)));
+            }
+            let info = src.vmm.vm_info()?;
+            Ok::<_, test_infra::Error>((info["migration"]["phase"] == "failed").then_some(None))
+        })
+        .unwrap()
+        .flatten();
+        let threads = seen.expect("the migration thread never ran at the movers' priority");
+        assert!(
+            threads
+                .iter()
+                .all(|t| t.name.starts_with("migration") || t.nice == 0),
+            "{threads:?}"
+        );
+    }
     expect_source_survives(&mut src);
+    let threads = thread_nices(pid).unwrap();
+    assert!(threads.iter().all(|t| t.nice == 0), "{threads:?}");
     let info = src.vmm.vm_info().unwrap();
     assert!(
         info["migration"]["iteration"].as_u64().unwrap_or(0) >= 1,
@@ -261,6 +299,8 @@ fn receiver_caps_memory_fds() {
     let mut conn = std::os::unix::net::UnixStream::connect(dir.join("mig.sock")).unwrap();
     vm_migration::send_request(&mut conn, &vm_migration::RequestHeader::start(), &[]).unwrap();
     vm_migration::expect_ok(&mut conn).unwrap();
+    // The receiving thread runs raised while the receive lasts, and is put back after.
+    let during = thread_nices(dest.pid()).unwrap();
     let file = std::fs::File::create(dir.join("backing")).unwrap();
     let mut refused_at = None;
     for slot in 0..100u32 {
@@ -278,4 +318,8 @@ fn receiver_caps_memory_fds() {
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("more than 64 memory fds"), "{body}");
     dest.api_ok("GET", "vmm.ping", None).unwrap();
+    let raised = during.iter().filter(|t| t.nice == MOVER_NICE).count();
+    assert_eq!(raised, usize::from(may_raise_priority()), "{during:?}");
+    let after = thread_nices(dest.pid()).unwrap();
+    assert!(after.iter().all(|t| t.nice == 0), "{after:?}");
 }

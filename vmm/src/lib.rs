@@ -13,6 +13,7 @@ pub mod memsum;
 pub mod migration;
 pub mod sparse;
 pub mod state;
+pub mod thread_priority;
 pub mod uffd;
 pub mod vm;
 pub mod vmm;

@@ -24,6 +24,7 @@ use super::transport::{Listener, Stream};
 use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::state::StateTree;
+use crate::thread_priority::Boost;
 use crate::uffd::remote::{RemoteRegion, RemoteSource};
 use crate::vm::{self, Vm};
 use crate::vmm::VmmEvent;
@@ -259,6 +260,7 @@ fn accept_loop(
                 let spawned = std::thread::Builder::new()
                     .name("migration-memory".into())
                     .spawn(move || {
+                        let _boost = Boost::current_thread();
                         if let Err(e) = memory_worker(&mut stream, &mem) {
                             lock(&worker_errors).push(crate::vmm::error_chain(&e));
                         }
@@ -333,6 +335,9 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> 
         MigrationUrl::Tcp { .. } => None,
     });
     let listener = Arc::new(listener);
+    // Until the VM runs here, this thread and the memory workers move its state; the
+    // guard puts this (long-lived) thread back when the receive ends.
+    let _boost = Boost::current_thread();
     event_monitor::event("vm", "migration-receive-ready", None);
     let mut main = listener.accept().map_err(Error::Accept)?;
     event_monitor::event("vm", "migration-receive-started", None);

@@ -12,8 +12,9 @@
 //! only when the destination confirms every page is in.
 
 use std::fs::File;
+use std::num::NonZeroU64;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
 use crate::state::StateTree;
+use crate::thread_priority::Boost;
 use crate::vmm::VmmEvent;
 
 /// What to do when the guest dirties memory faster than it can be sent.
@@ -265,26 +267,33 @@ struct Sender2<'a> {
 }
 
 impl Sender2<'_> {
-    /// One iteration's memory: on the main connection, or cut into chunks of at most
-    /// 64 MiB spread over the extra connections, which all finish before this returns.
+    /// One iteration's memory: on the main connection, or cut into chunks spread over the
+    /// extra connections, which all finish before this returns. Each connection takes the
+    /// next chunk when it is done with its last, so a slower one does not hold up the end.
     fn send_table(&mut self, table: &MemoryRangeTable) -> Result<()> {
         let mem = &self.ctx.memory;
         if self.extra.is_empty() {
             send_memory(&mut self.main, mem, table)?;
         } else {
-            let chunks = table.split_into_chunks(MEMORY_CHUNK_SIZE);
-            let n = self.extra.len();
+            let chunks = table.split_into_chunks(chunk_size(table.total_bytes(), self.extra.len()));
+            let next = AtomicUsize::new(0);
+            let failed = AtomicBool::new(false);
+            let (chunks, next, failed) = (&chunks, &next, &failed);
             std::thread::scope(|s| {
                 let workers: Vec<_> = self
                     .extra
                     .iter_mut()
-                    .enumerate()
-                    .map(|(i, stream)| {
-                        let mine: Vec<&MemoryRangeTable> =
-                            chunks.iter().skip(i).step_by(n).collect();
+                    .map(|stream| {
                         s.spawn(move || -> Result<()> {
-                            for chunk in mine {
-                                send_memory(stream, mem, chunk)?;
+                            let _boost = Boost::current_thread();
+                            while !failed.load(Ordering::Relaxed) {
+                                let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed))
+                                else {
+                                    break;
+                                };
+                                send_memory(stream, mem, chunk).inspect_err(|_| {
+                                    failed.store(true, Ordering::Relaxed);
+                                })?;
                             }
                             Ok(())
                         })
@@ -467,6 +476,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
             .map(|mut stream| {
                 let handles = &handles;
                 s.spawn(move || {
+                    let _boost = Boost::current_thread();
                     let end = postcopy::serve(&mut stream, mem, stats)
                         .map_err(|e| crate::vmm::error_chain(&e));
                     // The first connection's end is the verdict; stop the others.
@@ -516,6 +526,18 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     progress.phase.store(PHASE_DONE, Ordering::Release);
     Ok(())
+}
+
+/// Chunk size for an iteration of `bytes` over `connections`: about eight chunks per
+/// connection, so the connections end close together, between 4 MiB (a request's round
+/// trip stays small beside its data) and the protocol's 64 MiB.
+fn chunk_size(bytes: u64, connections: usize) -> NonZeroU64 {
+    const MIN: u64 = 4 << 20;
+    let per = bytes / (connections.max(1) as u64 * 8);
+    let size = per
+        .next_multiple_of(crate::sparse::PAGE_SIZE)
+        .clamp(MIN, MEMORY_CHUNK_SIZE.get());
+    NonZeroU64::new(size).unwrap_or(MEMORY_CHUNK_SIZE)
 }
 
 /// `(gpa, len)` ranges sorted, with overlapping and adjacent ones joined.
@@ -624,7 +646,7 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Convergence, MAX_EXTRA_PASSES, Next, merge_ranges};
+    use super::{Convergence, MAX_EXTRA_PASSES, Next, chunk_size, merge_ranges};
     use std::time::Duration;
 
     const MS: Duration = Duration::from_millis(1);
@@ -659,6 +681,18 @@ mod tests {
         c.passed(20 << 20, 1 << 20);
         assert_eq!(c.next(1 << 20, Some(MS / 2)), Next::Pause);
         assert_eq!(c.next(0, None), Next::Pause);
+    }
+
+    #[test]
+    fn chunks_are_an_eighth_of_a_connections_share_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(chunk_size(1024 * MIB, 4).get(), 32 * MIB);
+        assert_eq!(chunk_size(256 * MIB, 4).get(), 8 * MIB);
+        assert_eq!(chunk_size(MIB, 4).get(), 4 * MIB);
+        assert_eq!(chunk_size(0, 0).get(), 4 * MIB);
+        assert_eq!(chunk_size(64 * 1024 * MIB, 2).get(), 64 * MIB);
+        // Page multiples, so no page is cut between two connections.
+        assert_eq!(chunk_size(1000 * MIB + 12345, 3).get() % 4096, 0);
     }
 
     #[test]
