@@ -2,6 +2,7 @@
 //! live migration (URLs, transport, the Config payload, sending and receiving).
 
 pub mod config;
+mod populate_ahead;
 pub mod postcopy;
 pub mod receive;
 pub mod send;

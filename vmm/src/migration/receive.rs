@@ -19,6 +19,7 @@ use vm_migration::{
 };
 
 use super::config::VmMigrationConfig;
+use super::populate_ahead::Pieces;
 use super::postcopy::{self, PostcopyState};
 use super::transport::{Listener, Stream};
 use super::url::MigrationUrl;
@@ -116,31 +117,49 @@ enum Phase {
     StateReceived,
 }
 
+/// How a receiving thread gets fresh destination pages allocated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Allocation {
+    /// A helper thread allocates ahead of the reader (see [`super::populate_ahead`]):
+    /// for the one connection that carries all memory.
+    Ahead,
+    /// The reader allocates each piece just before reading it: with several memory
+    /// connections, whose readers already keep the cores busy (a helper each made a
+    /// 4-connection migration 20% slower here).
+    Inline,
+}
+
 /// Writes the page data that follows a Memory request into guest memory, range by
 /// range, in table order (later ranges win where they overlap).
 fn receive_memory(
     stream: &mut Stream,
     mem: &GuestMemoryMmap,
     table: &MemoryRangeTable,
+    allocation: Allocation,
 ) -> Result<()> {
-    for range in table.iter() {
-        let len = usize::try_from(range.length).map_err(|_| Error::GuestMemory {
-            gpa: range.gpa,
-            len: range.length,
-            source: vm_memory::GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(
-                range.gpa,
-            )),
-        })?;
-        crate::memory_manager::populate_for_write(mem, range.gpa, len);
-        stream
-            .read_into_guest(mem, range.gpa, len)
-            .map_err(|source| Error::GuestMemory {
-                gpa: range.gpa,
-                len: range.length,
-                source,
-            })?;
-    }
-    Ok(())
+    let pieces = Pieces::of(table);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if allocation == Allocation::Ahead {
+            let helper = std::thread::Builder::new()
+                .name("migration-populate".into())
+                .spawn_scoped(s, || {
+                    let _boost = Boost::current_thread();
+                    pieces.populate_ahead(mem, &stop);
+                });
+            if let Err(e) = helper {
+                log::debug!("receiving without a populating thread: {e}");
+            }
+        }
+        let result = pieces.iter().try_for_each(|(i, gpa, len)| {
+            pieces.reader_enters(mem, i);
+            stream
+                .read_into_guest(mem, gpa, len as usize)
+                .map_err(|source| Error::GuestMemory { gpa, len, source })
+        });
+        stop.store(true, Ordering::Relaxed);
+        result
+    })
 }
 
 /// Extra connections opened by the sender between Config and State.
@@ -299,7 +318,7 @@ fn memory_worker(stream: &mut Stream, mem: &GuestMemoryMmap) -> Result<()> {
                 expected: "Memory on a memory connection",
             });
         };
-        let result = receive_memory(stream, mem, &table);
+        let result = receive_memory(stream, mem, &table, Allocation::Inline);
         let status = if result.is_ok() {
             Status::Ok
         } else {
@@ -434,7 +453,7 @@ impl Receiver {
             (Phase::Configured, Request::Memory(_)) if self.postcopy => Err(Error::PrecopySender),
             (Phase::Configured, Request::Memory(table)) => {
                 let vm = self.vm.as_ref().ok_or(Error::LayoutMismatch)?;
-                receive_memory(main, vm.memory().guest_memory(), &table)?;
+                receive_memory(main, vm.memory().guest_memory(), &table, Allocation::Ahead)?;
                 Ok(None)
             }
             (Phase::Configured, Request::State(bytes)) => {
