@@ -136,6 +136,10 @@ pub fn migrate_guest(
     assert_eq!(status, 204, "receive-migration: {body}");
     let switched = std::time::Instant::now();
     assert_eq!(dest.vm_state().unwrap(), "Running");
+    // The threads that received memory may have run raised; nothing the VM runs on
+    // (vCPUs, memory handlers) may have kept that.
+    let threads = test_infra::procfs::thread_nices(dest.pid()).unwrap();
+    assert!(threads.iter().all(|t| t.nice == 0), "{threads:?}");
 
     // The destination appends to the same serial log: wait for its fresh ticks.
     dest.follow_serial(&src.serial);

@@ -137,16 +137,17 @@ fn receive_memory(
     table: &MemoryRangeTable,
     allocation: Allocation,
 ) -> Result<()> {
+    // Only while the data comes in: a thread inherits its creator's priority, and this
+    // may be the thread that goes on to build the VM and its vCPU threads. The helper
+    // below inherits it.
+    let _boost = Boost::current_thread();
     let pieces = Pieces::of(table);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         if allocation == Allocation::Ahead {
             let helper = std::thread::Builder::new()
                 .name("migration-populate".into())
-                .spawn_scoped(s, || {
-                    let _boost = Boost::current_thread();
-                    pieces.populate_ahead(mem, &stop);
-                });
+                .spawn_scoped(s, || pieces.populate_ahead(mem, &stop));
             if let Err(e) = helper {
                 log::debug!("receiving without a populating thread: {e}");
             }
@@ -279,7 +280,6 @@ fn accept_loop(
                 let spawned = std::thread::Builder::new()
                     .name("migration-memory".into())
                     .spawn(move || {
-                        let _boost = Boost::current_thread();
                         if let Err(e) = memory_worker(&mut stream, &mem) {
                             lock(&worker_errors).push(crate::vmm::error_chain(&e));
                         }
@@ -354,9 +354,6 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> 
         MigrationUrl::Tcp { .. } => None,
     });
     let listener = Arc::new(listener);
-    // Until the VM runs here, this thread and the memory workers move its state; the
-    // guard puts this (long-lived) thread back when the receive ends.
-    let _boost = Boost::current_thread();
     event_monitor::event("vm", "migration-receive-ready", None);
     let mut main = listener.accept().map_err(Error::Accept)?;
     event_monitor::event("vm", "migration-receive-started", None);
