@@ -6,13 +6,14 @@
 //! README). One thread doing both leaves the other core to the sender alone; with the
 //! allocation on a thread of its own the two overlap.
 //!
-//! The request's data is cut into pieces. Whoever gets to a piece first allocates it: the
-//! helper walks ahead from the front, the reader claims the piece it is about to read if the
-//! helper has not, and the helper skips what the reader has passed. So each piece is
-//! allocated once, in one call (MADV_POPULATE_WRITE), and the reader never waits on the
-//! helper.
+//! The request's data is cut into pieces, in arrival order. Whoever gets to a piece first
+//! allocates it: the helper takes the next unclaimed piece, and the reader, as it comes to
+//! a piece, claims it and everything before it, so the helper skips what the reader has
+//! reached. Each piece is allocated once, in one call (MADV_POPULATE_WRITE), and the
+//! reader never waits for the helper. Pieces are worked out as they are needed, so a
+//! table that claims absurd amounts of data costs nothing until the data comes.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::GuestMemoryMmap;
 use vm_migration::MemoryRangeTable;
@@ -24,16 +25,23 @@ use crate::memory_manager::populate_for_write;
 const PIECE: u64 = 2 << 20;
 
 /// The pieces of one Memory request's data, in the order the data arrives.
-pub struct Pieces {
-    pieces: Vec<(u64, u64)>,
-    claimed: Vec<AtomicBool>,
-    /// The piece the reader is in.
-    reader_at: AtomicUsize,
+pub struct Pieces<'a> {
+    table: &'a MemoryRangeTable,
+    /// Every piece before this one has been claimed (or passed by the reader).
+    next_unclaimed: AtomicU64,
 }
 
-impl Pieces {
-    pub fn of(table: &MemoryRangeTable) -> Pieces {
-        let pieces: Vec<(u64, u64)> = table
+impl<'a> Pieces<'a> {
+    pub fn of(table: &'a MemoryRangeTable) -> Pieces<'a> {
+        Pieces {
+            table,
+            next_unclaimed: AtomicU64::new(0),
+        }
+    }
+
+    /// `(index, gpa, len)` of each piece, in arrival order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + 'a {
+        self.table
             .iter()
             .flat_map(|r| {
                 let end = r.gpa + r.length;
@@ -41,94 +49,53 @@ impl Pieces {
                     .step_by(PIECE as usize)
                     .map(move |gpa| (gpa, PIECE.min(end - gpa)))
             })
-            .collect();
-        Pieces {
-            claimed: pieces.iter().map(|_| AtomicBool::new(false)).collect(),
-            pieces,
-            reader_at: AtomicUsize::new(0),
-        }
+            .zip(0u64..)
+            .map(|((gpa, len), i)| (i, gpa, len))
     }
 
-    /// `(gpa, len)` of each piece, in arrival order.
-    pub fn iter(&self) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
-        self.pieces
-            .iter()
-            .enumerate()
-            .map(|(i, &(gpa, len))| (i, gpa, len))
-    }
-
-    /// Called by the reader before it reads piece `i`: allocates it unless the helper
-    /// has claimed it already.
-    pub fn reader_enters(&self, mem: &GuestMemoryMmap, i: usize) {
-        self.reader_at.store(i, Ordering::SeqCst);
-        self.populate(mem, i);
-    }
-
-    /// The helper's walk: every piece the reader has not reached and nobody claimed,
-    /// until `stop` is set or the pieces run out.
-    pub fn populate_ahead(&self, mem: &GuestMemoryMmap, stop: &AtomicBool) {
-        for i in 0..self.pieces.len() {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            if i > self.reader_at.load(Ordering::SeqCst) {
-                self.populate(mem, i);
-            }
-        }
-    }
-
-    fn populate(&self, mem: &GuestMemoryMmap, i: usize) {
-        if let Some((gpa, len)) = self.claim(i) {
+    /// Called by the reader before it reads piece `i` at `gpa`: allocates it unless the
+    /// helper has claimed it already.
+    pub fn reader_enters(&self, mem: &GuestMemoryMmap, i: u64, gpa: u64, len: u64) {
+        if self.reader_claims(i) {
             populate_for_write(mem, gpa, len as usize);
         }
     }
 
-    /// Piece `i`, for the one caller that claims it first.
-    fn claim(&self, i: usize) -> Option<(u64, u64)> {
-        (!self.claimed[i].swap(true, Ordering::SeqCst)).then(|| self.pieces[i])
+    /// The helper's walk: the next unclaimed piece, until `stop` is set or the pieces run
+    /// out.
+    pub fn populate_ahead(&self, mem: &GuestMemoryMmap, stop: &AtomicBool) {
+        let mut pieces = self.iter();
+        let mut at = 0u64; // the index `pieces` yields next
+        while !stop.load(Ordering::Relaxed) {
+            let i = self.helper_claims();
+            let Some((_, gpa, len)) = pieces.nth((i - at) as usize) else {
+                return;
+            };
+            at = i + 1;
+            populate_for_write(mem, gpa, len as usize);
+        }
+    }
+
+    /// The reader comes to piece `i` (in order): true if it is the one to allocate it.
+    fn reader_claims(&self, i: u64) -> bool {
+        self.next_unclaimed.fetch_max(i + 1, Ordering::SeqCst) <= i
+    }
+
+    /// The index of the piece the helper allocates next.
+    fn helper_claims(&self) -> u64 {
+        self.next_unclaimed.fetch_add(1, Ordering::SeqCst)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{PIECE, Pieces};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     use vm_migration::{MemoryRange, MemoryRangeTable};
 
     fn table(pieces: u64) -> MemoryRangeTable {
         MemoryRangeTable::from_ranges([MemoryRange::new(0, pieces * PIECE)]).unwrap()
-    }
-
-    #[test]
-    fn racing_claims_win_each_piece_once() {
-        let pieces = Pieces::of(&table(64));
-        let won = |p: &Pieces| (0..64).filter(|&i| p.claim(i).is_some()).count();
-        let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| won(&pieces));
-            let b = s.spawn(|| won(&pieces));
-            (a.join().unwrap(), b.join().unwrap())
-        });
-        assert_eq!(a + b, 64);
-    }
-
-    #[test]
-    fn the_helper_leaves_what_the_reader_has_reached() {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (8 * PIECE) as usize)]).unwrap();
-        let pieces = Pieces::of(&table(8));
-        pieces.reader_enters(&mem, 3);
-        pieces.populate_ahead(&mem, &AtomicBool::new(false));
-        let claimed: Vec<bool> = pieces
-            .claimed
-            .iter()
-            .map(|c| c.load(Ordering::SeqCst))
-            .collect();
-        // The reader took piece 3; the helper took every later one and none before.
-        assert_eq!(claimed, [false, false, false, true, true, true, true, true]);
-        let stopped = Pieces::of(&table(8));
-        stopped.populate_ahead(&mem, &AtomicBool::new(true));
-        assert!(stopped.iter().all(|(i, _, _)| stopped.claim(i).is_some()));
     }
 
     #[test]
@@ -148,5 +115,61 @@ mod tests {
                 (3, 0x4000_0000 + 2 * PIECE, 0x3000),
             ]
         );
+    }
+
+    #[test]
+    fn reader_and_helper_each_claim_a_piece_exactly_once() {
+        const N: u64 = 10_000;
+        let t = table(1);
+        let pieces = Pieces::of(&t);
+        let (read, helped) = std::thread::scope(|s| {
+            let reader = s.spawn(|| (0..N).filter(|&i| pieces.reader_claims(i)).collect());
+            let helper = s.spawn(|| {
+                let mut got = Vec::new();
+                loop {
+                    let i = pieces.helper_claims();
+                    if i >= N {
+                        return got;
+                    }
+                    got.push(i);
+                }
+            });
+            let read: Vec<u64> = reader.join().unwrap();
+            (read, helper.join().unwrap())
+        });
+        let mut all: Vec<u64> = read.iter().chain(&helped).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..N).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_helper_skips_what_the_reader_has_reached_and_stops_when_told() {
+        let t = table(8);
+        let pieces = Pieces::of(&t);
+        assert!(pieces.reader_claims(3));
+        assert_eq!(pieces.helper_claims(), 4);
+        assert!(!pieces.reader_claims(4));
+        assert!(pieces.reader_claims(5));
+        assert_eq!(pieces.helper_claims(), 6);
+
+        // On real memory: the helper walks to the end and leaves nothing unclaimed...
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (8 * PIECE) as usize)]).unwrap();
+        let walked = Pieces::of(&t);
+        walked.populate_ahead(&mem, &AtomicBool::new(false));
+        assert!(!walked.reader_claims(7));
+        // ...and does nothing once stopped.
+        let stopped = Pieces::of(&t);
+        stopped.populate_ahead(&mem, &AtomicBool::new(true));
+        assert!(stopped.reader_claims(0));
+    }
+
+    #[test]
+    fn an_absurd_table_costs_nothing_up_front() {
+        let huge =
+            MemoryRangeTable::from_ranges((0..1000).map(|_| MemoryRange::new(0, u64::MAX / 2000)))
+                .unwrap();
+        let pieces = Pieces::of(&huge);
+        assert_eq!(pieces.iter().nth(5).map(|p| p.0), Some(5));
     }
 }

@@ -153,7 +153,7 @@ fn receive_memory(
             }
         }
         let result = pieces.iter().try_for_each(|(i, gpa, len)| {
-            pieces.reader_enters(mem, i);
+            pieces.reader_enters(mem, i, gpa, len);
             stream
                 .read_into_guest(mem, gpa, len as usize)
                 .map_err(|source| Error::GuestMemory { gpa, len, source })
