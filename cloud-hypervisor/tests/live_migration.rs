@@ -150,16 +150,7 @@ fn garbage_from_destination_is_a_clean_error() {
         conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n garbage").unwrap();
         let _ = conn.read(&mut header);
     });
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(
-                r#"{{"destination_url":"unix:{}"}}"#,
-                sock.display()
-            )),
-        )
-        .unwrap();
+    send_over_unix(&src, &sock, "");
     fake.join().unwrap();
     expect_source_survives(&mut src);
 }
@@ -238,16 +229,11 @@ fn migration_that_cannot_converge_is_cancelled() {
             }
         }
     });
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(
-                r#"{{"destination_url":"unix:{}","downtime_ms":1,"timeout_s":1,"timeout_strategy":"Cancel"}}"#,
-                sock.display()
-            )),
-        )
-        .unwrap();
+    send_over_unix(
+        &src,
+        &sock,
+        r#","downtime_ms":1,"timeout_s":1,"timeout_strategy":"Cancel""#,
+    );
     // While memory moves, the sending thread runs ahead of the vCPUs (when the VMM may
     // raise priorities, as root can); once the migration is over nothing is left raised.
     let pid = src.vmm.pid();
@@ -335,16 +321,7 @@ fn receiver_moves_memory_raised_and_hands_none_of_it_on() {
     let dest_url = format!("unix:{}", dir.join("mig.sock").display());
     let receiver = receive_in_background(&dest, &dest_url, false);
     let proxy = throttling_proxy(&dir.join("proxy.sock"), dir.join("mig.sock"));
-    src.vmm
-        .api_ok(
-            "PUT",
-            "vm.send-migration",
-            Some(&format!(
-                r#"{{"destination_url":"unix:{}"}}"#,
-                dir.join("proxy.sock").display()
-            )),
-        )
-        .unwrap();
+    send_over_unix(&src, &dir.join("proxy.sock"), "");
     let pid = dest.pid();
     if may_raise_priority() {
         let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;

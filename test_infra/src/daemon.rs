@@ -32,6 +32,7 @@ impl DaemonProcess {
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         // Own process group: Drop kills the daemon and anything it started at once.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        crate::process::die_with_parent(&mut cmd);
         Ok(DaemonProcess {
             child: cmd.spawn()?,
             status: None,

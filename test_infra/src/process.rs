@@ -356,6 +356,7 @@ impl VmmBuilder {
         // Its own process group, so Drop can kill the VMM and anything it started with
         // one signal, and a Ctrl-C on the test runner does not race our cleanup.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             program: PathBuf::from(program),
             source,
@@ -842,9 +843,44 @@ impl Drop for VmmProcess {
     }
 }
 
+/// Makes the child started by `cmd` die with the thread that starts it. A test that times
+/// out is killed without its Drop running; without this its VMMs and daemons would run on,
+/// busy guests and all, and take CPU from every test and benchmark after it.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            die_with_parent(&mut cmd);
+            cmd.spawn().unwrap()
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = crate::wait::poll_until(deadline, || child.try_wait()).unwrap();
+        let status = status.expect("the child outlived the thread that started it");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
 
     #[test]
     fn builder_args() {

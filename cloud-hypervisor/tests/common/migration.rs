@@ -83,6 +83,21 @@ pub fn start_migration(
     }
 }
 
+/// Starts `vm.send-migration` from `src` to the UNIX socket `sock`, with the extra JSON
+/// fields `fields` (e.g. `,"downtime_ms":1`). Returns once the API accepted it.
+pub fn send_over_unix(src: &Source, sock: &Path, fields: &str) {
+    src.vmm
+        .api_ok(
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(
+                r#"{{"destination_url":"unix:{}"{fields}}}"#,
+                sock.display()
+            )),
+        )
+        .unwrap();
+}
+
 pub fn free_port() -> u16 {
     test_infra::migration::free_tcp_port().unwrap()
 }
