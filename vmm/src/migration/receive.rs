@@ -280,6 +280,10 @@ fn accept_loop(
                 let spawned = std::thread::Builder::new()
                     .name("migration-memory".into())
                     .spawn(move || {
+                        // The whole life of the connection: between chunks it waits for
+                        // the next one, which should not queue behind vCPUs either. It
+                        // starts no thread that outlives it.
+                        let _boost = Boost::current_thread();
                         if let Err(e) = memory_worker(&mut stream, &mem) {
                             lock(&worker_errors).push(crate::vmm::error_chain(&e));
                         }
