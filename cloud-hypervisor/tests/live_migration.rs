@@ -360,6 +360,53 @@ fn receiver_moves_memory_raised_and_hands_none_of_it_on() {
     assert!(after.iter().all(|t| t.errors == 0), "{after:?}");
 }
 
+/// The source VMM killed while its memory is on the way (through the slow proxy, with
+/// the receiver's populate helper running): the receive call fails with a reason, the
+/// destination keeps serving its API with no VM, leaves no socket and no raised thread,
+/// and can receive again.
+#[test]
+fn source_vmm_killed_mid_memory_is_a_clean_error_on_the_receiver() {
+    let dir = TempDir::new("mig-src-killed").unwrap();
+    let mut src = boot_source(&dir, "mig-src-killed", "size=256M", "mem=32M mode=fill");
+    let dest = empty_vmm("mig-src-killed-dest");
+    let dest_url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &dest_url, false);
+    let proxy = throttling_proxy(&dir.join("proxy.sock"), dir.join("mig.sock"));
+    send_over_unix(&src, &dir.join("proxy.sock"), "");
+    // Kill it once page data flows: the populate helper runs only inside a Memory
+    // request.
+    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+    let populating = test_infra::wait::poll_until(deadline, || {
+        let threads = thread_nices(dest.pid()).unwrap();
+        Ok::<_, test_infra::Error>(
+            threads
+                .iter()
+                .any(|t| t.name.starts_with("migration-popul"))
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    assert!(
+        populating.is_some(),
+        "the receiver never started on page data"
+    );
+    src.vmm.kill().unwrap();
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("guest memory"), "{body}");
+    proxy.join().unwrap();
+    dest.api_ok("GET", "vmm.ping", None).unwrap();
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+    assert!(!dir.join("mig.sock").exists());
+    let threads = thread_nices(dest.pid()).unwrap();
+    assert!(threads.iter().all(|t| t.nice == 0), "{threads:?}");
+    // The same VMM takes the next migration.
+    let again = receive_in_background(&dest, &dest_url, false);
+    std::os::unix::net::UnixStream::connect(dir.join("mig.sock")).unwrap();
+    let (status, _) = again.join().unwrap();
+    assert_eq!(status, 500);
+}
+
 /// A sender that passes more memory fds than any VM has RAM slots is refused (each
 /// could pin a hidden extra fd), and the receiving VMM stays usable.
 #[test]
