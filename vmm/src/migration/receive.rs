@@ -75,6 +75,11 @@ pub enum Error {
     #[error("the sender closed the connection before the migration completed")]
     Disconnected,
     #[error(
+        "the sender closed the connection in the middle of page data (at {gpa:#x}, \
+         {missing} bytes of the request still to come)"
+    )]
+    DisconnectedInMemory { gpa: u64, missing: u64 },
+    #[error(
         "no fault connection arrived within {FAULT_CONNECTION_WAIT:?}: the sender does not \
          serve memory on demand (receive without postcopy, or restore the daemon with --ondemand)"
     )]
@@ -152,11 +157,24 @@ fn receive_memory(
                 log::debug!("receiving without a populating thread: {e}");
             }
         }
+        let mut done = 0u64;
         let result = pieces.iter().try_for_each(|(i, gpa, len)| {
             pieces.reader_enters(mem, i, gpa, len);
             stream
                 .read_into_guest(mem, gpa, len as usize)
-                .map_err(|source| Error::GuestMemory { gpa, len, source })
+                .map_err(|source| match source {
+                    vm_memory::GuestMemoryError::IOError(e)
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        Error::DisconnectedInMemory {
+                            gpa,
+                            missing: table.total_bytes() - done,
+                        }
+                    }
+                    source => Error::GuestMemory { gpa, len, source },
+                })?;
+            done += len;
+            Ok(())
         });
         stop.store(true, Ordering::Relaxed);
         result
