@@ -39,6 +39,12 @@ impl<'a> Pieces<'a> {
         }
     }
 
+    /// Whether the request is big enough for a helper to get ahead of the reader. Small
+    /// ones (the last pass, with the VM paused) are not worth starting a thread for.
+    pub fn worth_a_helper(&self) -> bool {
+        self.table.total_bytes() > 4 * PIECE
+    }
+
     /// `(index, gpa, len)` of each piece, in arrival order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + 'a {
         self.table
@@ -96,6 +102,12 @@ mod tests {
 
     fn table(pieces: u64) -> MemoryRangeTable {
         MemoryRangeTable::from_ranges([MemoryRange::new(0, pieces * PIECE)]).unwrap()
+    }
+
+    #[test]
+    fn only_requests_of_several_pieces_get_a_helper() {
+        assert!(!Pieces::of(&table(4)).worth_a_helper());
+        assert!(Pieces::of(&table(5)).worth_a_helper());
     }
 
     #[test]

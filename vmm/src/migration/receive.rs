@@ -149,7 +149,7 @@ fn receive_memory(
     let pieces = Pieces::of(table);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        if allocation == Allocation::Ahead {
+        if allocation == Allocation::Ahead && pieces.worth_a_helper() {
             let helper = std::thread::Builder::new()
                 .name("migration-populate".into())
                 .spawn_scoped(s, || pieces.populate_ahead(mem, &stop));
