@@ -275,19 +275,9 @@ impl SlotSource {
         if !self.has_sums {
             return Ok(());
         }
-        let piece = self.pieces[i];
-        let got = crc32fast::hash(data);
-        if got == piece.crc32 {
-            return Ok(());
-        }
-        Err(Error::ExtentChecksum {
+        vmm::memsum::verify(&self.pieces[i], data).map_err(|mismatch| Error::ExtentChecksum {
             path: self.path.clone(),
-            mismatch: vmm::memsum::Mismatch {
-                offset: piece.offset,
-                len: piece.len,
-                got,
-                want: piece.crc32,
-            },
+            mismatch,
         })
     }
 }

@@ -241,18 +241,22 @@ pub fn read_checked(file: &File, p: &PieceSum, buf: &mut Vec<u8>) -> io::Result<
 }
 
 /// Checks `data`, the bytes of piece `p`, against its sum.
-pub fn check(p: &PieceSum, data: &[u8]) -> io::Result<()> {
+pub fn verify(p: &PieceSum, data: &[u8]) -> Result<(), Mismatch> {
     let got = crc32fast::hash(data);
     if got != p.crc32 {
-        let m = Mismatch {
+        return Err(Mismatch {
             offset: p.offset,
             len: p.len,
             got,
             want: p.crc32,
-        };
-        return Err(io::Error::new(io::ErrorKind::InvalidData, m.to_string()));
+        });
     }
     Ok(())
+}
+
+/// [`verify`], for callers that report through `io::Error`.
+pub fn check(p: &PieceSum, data: &[u8]) -> io::Result<()> {
+    verify(p, data).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m.to_string()))
 }
 
 #[cfg(test)]
