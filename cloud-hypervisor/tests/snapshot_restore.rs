@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use test_infra::damage::memory_pieces;
 use test_infra::{TempDir, Tick, VmmBuilder, VmmProcess};
 
 /// How long a restore of a small test snapshot may take, including a copy restore.
@@ -154,23 +155,13 @@ fn transparent_huge_pages_follow_the_memory_option() {
         let vmm = scenario_round_trip(&format!("thp-{thp}"), 2, memory, "", "Copy");
         let info = vmm.vm_info().unwrap();
         assert_eq!(info["config"]["memory"]["thp"], thp, "{info}");
-        let huge_kib = anon_huge_kib(vmm.pid());
+        let huge_kib = test_infra::procfs::anon_huge_kib(vmm.pid()).unwrap();
         if thp && host_thp {
             assert!(huge_kib > 0, "thp=on, but no huge pages in the VMM");
         } else {
             assert_eq!(huge_kib, 0, "huge pages with thp={thp}");
         }
     }
-}
-
-/// AnonHugePages of a process, in KiB.
-fn anon_huge_kib(pid: u32) -> u64 {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// A 1-vCPU guest that only halts: the timer must keep firing after restore, which only
@@ -426,7 +417,7 @@ fn damaged_snapshots_are_refused() {
             // own digest is updated, so only the layout check can catch it.
             "bad memory piece",
             |d| {
-                let mut pieces = memory_pieces(d, 0);
+                let mut pieces = memory_pieces(d, 0).unwrap();
                 pieces[0].len = 0;
                 rewrite_sums(d, 0, &pieces);
             },
@@ -497,9 +488,7 @@ fn damaged_snapshots_are_refused() {
 
 /// Flips one byte in the middle of a data piece of memory-0, far from the first pages.
 fn flip_memory_byte(dir: &Path) {
-    let pieces = memory_pieces(dir, 0);
-    let piece = pieces[pieces.len() / 2];
-    let offset = piece.offset + piece.len / 2;
+    let offset = test_infra::damage::middle_of_pieces(dir, 0).unwrap();
     test_infra::damage::flip_byte(&dir.join("memory-0"), offset, 0x20).unwrap();
 }
 
@@ -516,7 +505,7 @@ fn to_version_2(dir: &Path) {
     let lists: Vec<serde_json::Value> = slots
         .iter()
         .map(|&slot| {
-            let pieces = memory_pieces(dir, slot);
+            let pieces = memory_pieces(dir, slot).unwrap();
             fs::remove_file(dir.join(format!("memory-{slot}.sums"))).unwrap();
             pieces
                 .iter()
@@ -541,12 +530,6 @@ fn rewrite_sums(dir: &Path, slot: u32, pieces: &[vmm::memsum::PieceSum]) {
     digest["size"] = sums.len().into();
     digest["crc32"] = crc32fast::hash(&sums).into();
     fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
-}
-
-/// The data pieces of memory-<slot>, from its checksums file.
-fn memory_pieces(dir: &Path, slot: u32) -> Vec<vmm::memsum::PieceSum> {
-    let sums = fs::read(dir.join(format!("memory-{slot}.sums"))).unwrap();
-    vmm::memsum::decode(&sums).unwrap()
 }
 
 /// On-demand restore of a snapshot with a damaged memory piece: the piece is checked

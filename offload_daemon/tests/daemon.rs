@@ -305,17 +305,11 @@ fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
     }
 }
 
-/// The data pieces of memory-<slot>, from its checksums file.
-fn memory_pieces(snap: &Path, slot: u32) -> Vec<vmm::memsum::PieceSum> {
-    let sums = std::fs::read(snap.join(format!("memory-{slot}.sums"))).unwrap();
-    vmm::memsum::decode(&sums).unwrap()
-}
-
 #[test]
 fn damaged_snapshots_are_refused_before_connecting() {
     let dir = TempDir::new("offload-damaged").unwrap();
     let (_, snap) = take_snapshot(&dir, "offload-damaged-src");
-    let first = memory_pieces(&snap, 0)[0];
+    let first = test_infra::damage::memory_pieces(&snap, 0).unwrap()[0];
     let offset = first.offset + first.len / 2;
 
     // One flipped byte inside a data extent of memory-0.
@@ -660,9 +654,7 @@ fn ondemand_restore_of_a_damaged_snapshot_never_runs_on_bad_memory() {
     let dir = TempDir::new("od-damaged").unwrap();
     let (_, snap) = take_snapshot_with(&dir, "od-damaged-src", "mem=96M tick=100 rate=0");
     // A piece in the middle of the guest's workload region, far from the first pages.
-    let pieces = memory_pieces(&snap, 0);
-    let piece = pieces[pieces.len() / 2];
-    let offset = piece.offset + piece.len / 2;
+    let offset = test_infra::damage::middle_of_pieces(&snap, 0).unwrap();
     test_infra::damage::flip_byte(&snap.join("memory-0"), offset, 0x40).unwrap();
     let serial = dir.join("serial.log");
     let before = std::fs::read_to_string(&serial).unwrap().len();

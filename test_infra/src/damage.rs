@@ -15,3 +15,26 @@ pub fn flip_byte(path: &Path, offset: u64, mask: u8) -> std::io::Result<()> {
     b[0] ^= mask;
     f.write_all_at(&b, offset)
 }
+
+/// The data pieces of `memory-<slot>` in a snapshot directory (`vm.snapshot`'s or the
+/// offload daemon's, which name their files alike), from its checksums file.
+pub fn memory_pieces(dir: &Path, slot: u32) -> std::io::Result<Vec<vmm::memsum::PieceSum>> {
+    let name = vmm::migration::store::sums_file_name(slot);
+    let sums = std::fs::read(dir.join(&name))?;
+    vmm::memsum::decode(&sums).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{name} is not a whole number of records"),
+        )
+    })
+}
+
+/// The offset of the byte in the middle of the middle data piece of `memory-<slot>`:
+/// inside the data, far from the first pages.
+pub fn middle_of_pieces(dir: &Path, slot: u32) -> std::io::Result<u64> {
+    let pieces = memory_pieces(dir, slot)?;
+    let piece = pieces
+        .get(pieces.len() / 2)
+        .ok_or_else(|| std::io::Error::other(format!("memory-{slot} holds no data")))?;
+    Ok(piece.offset + piece.len / 2)
+}

@@ -3,24 +3,28 @@
 
 use std::io;
 
-/// A `Vm...:` field of /proc/<pid>/status, in KiB.
-fn status_kib(pid: u32, field: &str) -> io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
+/// A `Name:   123 kB` field of /proc/<pid>/<file>, in KiB.
+fn kib_field(pid: u32, file: &str, field: &str) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    text.lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no {field} in /proc/{pid}/status")))
+        .ok_or_else(|| io::Error::other(format!("no {field} in /proc/{pid}/{file}")))
 }
 
 /// Resident set now, in KiB.
 pub fn rss_kib(pid: u32) -> io::Result<u64> {
-    status_kib(pid, "VmRSS:")
+    kib_field(pid, "status", "VmRSS:")
 }
 
 /// Peak resident set so far, in KiB.
 pub fn peak_rss_kib(pid: u32) -> io::Result<u64> {
-    status_kib(pid, "VmHWM:")
+    kib_field(pid, "status", "VmHWM:")
+}
+
+/// Anonymous memory mapped with transparent huge pages, in KiB.
+pub fn anon_huge_kib(pid: u32) -> io::Result<u64> {
+    kib_field(pid, "smaps_rollup", "AnonHugePages:")
 }
 
 /// A thread of a process: its name (comm) and nice value.
