@@ -17,7 +17,9 @@ pub const MOVER_NICE: i32 = -10;
 
 /// Raises the calling thread to [`MOVER_NICE`] until dropped, then puts back the nice value
 /// it had. Does nothing when the thread already runs at that priority or higher, or when
-/// the process may not raise priorities.
+/// the process may not raise priorities. A thread started meanwhile inherits the raised
+/// priority for good: hold a `Boost` only where no long-lived thread (a vCPU, a device or
+/// memory handler) is started.
 pub struct Boost {
     tid: libc::id_t,
     previous: Option<i32>,
