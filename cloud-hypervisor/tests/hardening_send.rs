@@ -36,6 +36,11 @@ enum Ending {
     StallAfterState,
     /// Answers State, reads Complete and hangs up without an answer.
     CloseAfterComplete,
+    /// Answers State, and Complete with Error: it refuses to take the VM over.
+    RefuseComplete,
+    /// Post-copy: takes the fault connections, answers State and Complete, then never
+    /// pulls a page nor confirms, holding every connection open.
+    PostcopyNeverPulls,
 }
 
 /// A receiver that acknowledges everything (discarding memory) until its `Ending`.
@@ -54,6 +59,7 @@ fn fake_destination(sock: &Path, ending: Ending) -> FakeDestination {
     let thread = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().unwrap();
         let limits = Limits::default();
+        let mut faults = Vec::new();
         loop {
             // An error: the source gave up and closed the connection.
             let Ok(request) = read_request(&mut conn, &limits) else {
@@ -77,6 +83,33 @@ fn fake_destination(sock: &Path, ending: Ending) -> FakeDestination {
                     if ending == Ending::CloseAfterComplete =>
                 {
                     reached_tx.send(()).unwrap();
+                    return;
+                }
+                Request::Complete | Request::CompletePaused if ending == Ending::RefuseComplete => {
+                    send_response(&mut conn, Status::Error, &[]).unwrap();
+                    reached_tx.send(()).unwrap();
+                    let _ = released.recv();
+                    return;
+                }
+                // The source opens its fault connections after Config.
+                Request::Config(_) if ending == Ending::PostcopyNeverPulls => {
+                    send_response(&mut conn, Status::Ok, &[]).unwrap();
+                    for _ in 0..2 {
+                        let (mut fault, _) = listener.accept().unwrap();
+                        assert_eq!(
+                            vm_migration::read_role(&mut fault).unwrap(),
+                            vm_migration::ConnectionRole::Fault
+                        );
+                        faults.push(fault);
+                    }
+                    continue;
+                }
+                Request::Complete | Request::CompletePaused
+                    if ending == Ending::PostcopyNeverPulls =>
+                {
+                    send_response(&mut conn, Status::Ok, &[]).unwrap();
+                    reached_tx.send(()).unwrap();
+                    let _ = released.recv();
                     return;
                 }
                 _ => {}
@@ -249,6 +282,54 @@ fn destination_closing_after_complete_leaves_the_source_paused_until_told() {
     assert!(after.iter().all(|t| t.errors == 0), "{after:?}");
     src.vmm.api_ok("PUT", "vm.shutdown", None).unwrap();
     assert_eq!(src.vmm.vm_state().unwrap(), "Shutdown");
+}
+
+/// Post-copy, a destination that took the VM and then neither pulls nor confirms: the
+/// source stops waiting after io_timeout_s, stays paused (the destination may be
+/// running the VM), and can be resumed by hand.
+#[test]
+fn postcopy_destination_that_never_pulls_is_given_up_on() {
+    let dir = TempDir::new("hs-nopull").unwrap();
+    let (mut src, _fake, switched_at) = send_to_fake(
+        &dir,
+        "hs-nopull",
+        Ending::PostcopyNeverPulls,
+        r#","postcopy":true,"io_timeout_s":1"#,
+    );
+    let (info, failed_at) = wait_failed(&src.vmm);
+    let waited = failed_at - switched_at;
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(6),
+        "the source gave up after {waited:?}, io_timeout_s was 1: {info}"
+    );
+    assert_eq!(info["state"], "Paused", "{info}");
+    let error = info["migration"]["error"].as_str().unwrap_or_default();
+    for says in [
+        "no PageFault request",
+        "io_timeout_s",
+        "destination may be running the VM",
+    ] {
+        assert!(error.contains(says), "{says:?} missing: {info}");
+    }
+    src.vmm.serial().refresh().unwrap();
+    let from = src.vmm.serial().len();
+    src.vmm.api_ok("PUT", "vm.resume", None).unwrap();
+    let (_, after) = ticks(&mut src.vmm, 2, from);
+    assert!(after.iter().all(|t| t.errors == 0), "{after:?}");
+}
+
+/// An explicit Error to Complete is an answer, not silence: the destination refused the
+/// VM (a daemon that could not make its snapshot durable does that), so the source
+/// resumes it.
+#[test]
+fn destination_refusing_complete_leaves_the_source_running() {
+    let dir = TempDir::new("hs-refuse").unwrap();
+    let (mut src, _fake, _) = send_to_fake(&dir, "hs-refuse", Ending::RefuseComplete, "");
+    let (info, _) = wait_failed(&src.vmm);
+    let error = info["migration"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused Complete"), "{info}");
+    assert!(!error.contains("may be running"), "{info}");
+    expect_source_survives(&mut src);
 }
 
 // ---- post-copy: a source that goes silent --------------------------------------------

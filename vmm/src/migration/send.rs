@@ -518,8 +518,9 @@ fn run_steps(ctx: &SendContext) -> Result<()> {
 }
 
 /// Complete (or CompletePaused), then its answer. Once the request is out the
-/// destination may run the VM, whatever comes back or does not: from then on this copy
-/// must never resume by itself.
+/// destination may run the VM: unless it answers, this copy must never resume by itself.
+/// An explicit Error is an answer: the destination refused to take the VM over (a
+/// daemon that could not make its snapshot durable, a VMM that could not start it).
 fn send_complete(ctx: &SendContext, main: &mut Stream) -> Result<()> {
     let complete = if ctx.resume_on_destination {
         RequestHeader::complete()
@@ -528,10 +529,13 @@ fn send_complete(ctx: &SendContext, main: &mut Stream) -> Result<()> {
     };
     let timeout = ctx.params.io_timeout;
     send_step(main, timeout, "Complete", &complete, &[])?;
-    ctx.progress
-        .destination_running
-        .store(true, Ordering::Release);
-    answer_step(main, timeout, "Complete")
+    let running = &ctx.progress.destination_running;
+    running.store(true, Ordering::Release);
+    let answer = answer_step(main, timeout, "Complete");
+    if matches!(answer, Err(Error::Refused(_))) {
+        running.store(false, Ordering::Release);
+    }
+    answer
 }
 
 fn save_state(ctx: &SendContext) -> Result<StateTree> {

@@ -367,3 +367,73 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Stream, Stream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Stream::Unix(a), Stream::Unix(b))
+    }
+
+    /// A read blocked on a silent peer returns as soon as the migration is cancelled,
+    /// and nothing new connects or gets tracked afterwards.
+    #[test]
+    fn cancel_ends_blocked_reads_and_refuses_new_connections() {
+        let (mut ours, _silent) = pair();
+        let cancel = Cancel::default();
+        cancel.track(&ours).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || ours.read(&mut [0u8; 16]));
+            cancel.request();
+            // Shut down: end of stream, at once.
+            assert_eq!(reader.join().unwrap().unwrap(), 0);
+        });
+        let (late, _peer) = pair();
+        assert!(cancel.track(&late).is_err());
+        assert!(late.try_clone().unwrap().read(&mut [0u8; 1]).unwrap() == 0);
+        let url = MigrationUrl::Unix("/nonexistent/socket".into());
+        let e = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+    }
+
+    /// An expired read timeout is recognised through the protocol crate's error chain;
+    /// a peer that hung up is not a timeout.
+    #[test]
+    fn timeouts_are_told_from_hangups() {
+        let (mut ours, theirs) = pair();
+        ours.set_io_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let e = vm_migration::expect_ok(&mut ours).unwrap_err();
+        assert!(is_timeout(&e), "{e}");
+        drop(theirs);
+        let e = vm_migration::expect_ok(&mut ours).unwrap_err();
+        assert!(!is_timeout(&e), "{e}");
+    }
+
+    #[test]
+    fn connects_within_the_timeout_or_says_why() {
+        let dir = std::env::temp_dir().join(format!("transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let cancel = Cancel::default();
+        let url = MigrationUrl::Unix(path.clone());
+        let s = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut s = s;
+        s.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(listener);
+        let e = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        let long = MigrationUrl::Unix(std::path::PathBuf::from("/x".repeat(100)));
+        let e = Stream::connect_within(&long, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
