@@ -55,14 +55,18 @@ enum Command {
     },
     /// Send the VM to a VMM waiting in receive-migration:
     /// `send-migration destination_url=tcp:H:P|unix:PATH[,local=on][,connections=N]
-    /// [,downtime_ms=N][,timeout_s=N][,timeout_strategy=cancel|ignore][,preserve_source=on]`.
+    /// [,downtime_ms=N][,timeout_s=N][,timeout_strategy=cancel|ignore][,preserve_source=on]
+    /// [,postcopy=on][,io_timeout_s=N]`.
     /// Returns once the migration has started; the source VMM exits when it is done.
     SendMigration {
         /// The migration options.
         options: String,
     },
-    /// Wait for a migrating VM: `receive-migration receiver_url=unix:PATH|tcp:H:P`.
-    /// Returns when the VM has arrived.
+    /// End the running send-migration. Before the destination was told to run the VM,
+    /// the source VM resumes (if it ran); after, it stays paused for you to decide.
+    CancelMigration,
+    /// Wait for a migrating VM: `receive-migration receiver_url=unix:PATH|tcp:H:P
+    /// [,postcopy=on][,page_timeout_s=N]`. Returns when the VM has arrived.
     ReceiveMigration {
         /// The receive options.
         options: String,
@@ -135,6 +139,7 @@ impl Command {
                 "vm.send-migration",
                 &migration::parse_send_migration(options)?,
             )?,
+            Command::CancelMigration => ApiCall::put("vm.cancel-migration"),
             Command::ReceiveMigration { options } => ApiCall::put_json(
                 "vm.receive-migration",
                 &migration::parse_receive_migration(options)?,
@@ -195,6 +200,7 @@ mod tests {
             ("resume", "PUT", "vm.resume"),
             ("shutdown", "PUT", "vm.shutdown"),
             ("shutdown-vmm", "PUT", "vmm.shutdown"),
+            ("cancel-migration", "PUT", "vm.cancel-migration"),
         ];
         for (name, method, endpoint) in cases {
             let cli = Cli::try_parse_from(["ch-remote", "--api-socket", "/s", name]).unwrap();

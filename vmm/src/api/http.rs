@@ -577,7 +577,8 @@ mod tests {
                     ApiRequest::VmSnapshot { .. } => Err(ApiError::Conflict("busy".into())),
                     ApiRequest::VmRestore(_)
                     | ApiRequest::VmSendMigration(_)
-                    | ApiRequest::VmReceiveMigration { .. } => Ok(ApiResponse::Empty),
+                    | ApiRequest::VmReceiveMigration { .. }
+                    | ApiRequest::VmCancelMigration => Ok(ApiResponse::Empty),
                 };
                 let _ = reply.send(result);
             }

@@ -32,7 +32,11 @@ pub enum ApiRequest {
     VmReceiveMigration {
         url: crate::migration::MigrationUrl,
         postcopy: bool,
+        /// Post-copy: the longest wait for one page from the sender.
+        page_timeout: std::time::Duration,
     },
+    /// End the running send-migration (Cloud Hypervisor's `vm.cancel-migration`).
+    VmCancelMigration,
 }
 
 impl ApiRequest {
@@ -95,6 +99,9 @@ pub struct MigrationProgress {
     pub downtime_ms: u64,
     /// Post-copy: PageFault requests the destination made of this VM.
     pub postcopy_requests: u64,
+    /// Why the migration failed (with `phase` "failed").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How far an on-demand restore has filled guest RAM.

@@ -89,6 +89,11 @@ pub static ROUTES: &[Route] = &[
         endpoint: "vm.receive-migration",
         handler: vm_receive_migration,
     },
+    Route {
+        method: Method::Put,
+        endpoint: "vm.cancel-migration",
+        handler: |body| no_body(body, ApiRequest::VmCancelMigration),
+    },
 ];
 
 fn vm_send_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
@@ -104,9 +109,13 @@ fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
     let url = config
         .url()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let page_timeout = config
+        .page_timeout()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(ApiRequest::VmReceiveMigration {
         url,
         postcopy: config.postcopy(),
+        page_timeout,
     })
 }
 

@@ -111,6 +111,17 @@ fn default_timeout_s() -> u64 {
 fn default_connections() -> u64 {
     1
 }
+/// Long enough for a receiver that waits on its own before answering (a post-copy
+/// receiver waits up to 10 s at State for the fault connections), short enough that a
+/// guest paused for the final step does not sit out a dead destination for minutes.
+fn default_io_timeout_s() -> u64 {
+    30
+}
+/// A vCPU waits this long on one page at most: well past any network hiccup a guest
+/// survives, far short of "frozen for good".
+fn default_page_timeout_s() -> u64 {
+    10
+}
 fn default_strategy() -> String {
     "Cancel".into()
 }
@@ -139,6 +150,10 @@ pub struct SendMigrationConfig {
     /// Same as `memory_mode: Postcopy`.
     #[serde(default)]
     pub postcopy: bool,
+    /// The longest any wait on the destination may last (connect, a write that makes no
+    /// progress, an answer); then the migration fails.
+    #[serde(default = "default_io_timeout_s")]
+    pub io_timeout_s: u64,
 }
 
 impl SendMigrationConfig {
@@ -155,6 +170,11 @@ impl SendMigrationConfig {
         }
         if self.timeout_s == 0 {
             return Err(ParamsError::Zero { field: "timeout_s" });
+        }
+        if self.io_timeout_s == 0 {
+            return Err(ParamsError::Zero {
+                field: "io_timeout_s",
+            });
         }
         let connections = u8::try_from(self.connections)
             .ok()
@@ -188,6 +208,7 @@ impl SendMigrationConfig {
             timeout_strategy: parse_strategy(&self.timeout_strategy)?,
             preserve_source: self.preserve_source,
             postcopy,
+            io_timeout: Duration::from_secs(self.io_timeout_s),
         })
     }
 }
@@ -203,6 +224,10 @@ pub struct ReceiveMigrationConfig {
     pub memory_mode: MemoryMode,
     #[serde(default)]
     pub postcopy: bool,
+    /// Post-copy: how long the destination waits for the source's answer to one page
+    /// pull before it stops the VM with an error naming the page and the source.
+    #[serde(default = "default_page_timeout_s")]
+    pub page_timeout_s: u64,
 }
 
 impl ReceiveMigrationConfig {
@@ -217,6 +242,15 @@ impl ReceiveMigrationConfig {
     pub fn postcopy(&self) -> bool {
         self.postcopy || self.memory_mode == MemoryMode::Postcopy
     }
+
+    pub fn page_timeout(&self) -> Result<Duration, ParamsError> {
+        if self.page_timeout_s == 0 {
+            return Err(ParamsError::Zero {
+                field: "page_timeout_s",
+            });
+        }
+        Ok(Duration::from_secs(self.page_timeout_s))
+    }
 }
 
 const SEND_KEYS: &[Key] = &[
@@ -230,12 +264,14 @@ const SEND_KEYS: &[Key] = &[
     value("tls_dir"),
     value("memory_mode"),
     value("postcopy"),
+    value("io_timeout_s"),
 ];
 const RECEIVE_KEYS: &[Key] = &[
     value("receiver_url"),
     value("tls_dir"),
     value("memory_mode"),
     value("postcopy"),
+    value("page_timeout_s"),
 ];
 
 fn toggle(opts: &Options, key: &'static str) -> Result<bool, OptionsError> {
@@ -262,6 +298,9 @@ pub fn parse_send_migration(input: &str) -> Result<SendMigrationConfig, OptionsE
         tls_dir: opts.get("tls_dir").map(str::to_string),
         memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
         postcopy: toggle(&opts, "postcopy")?,
+        io_timeout_s: opts
+            .convert("io_timeout_s")?
+            .unwrap_or(default_io_timeout_s()),
     })
 }
 
@@ -273,6 +312,9 @@ pub fn parse_receive_migration(input: &str) -> Result<ReceiveMigrationConfig, Op
         tls_dir: opts.get("tls_dir").map(str::to_string),
         memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
         postcopy: toggle(&opts, "postcopy")?,
+        page_timeout_s: opts
+            .convert("page_timeout_s")?
+            .unwrap_or(default_page_timeout_s()),
     })
 }
 
@@ -293,6 +335,9 @@ mod tests {
         assert_eq!(p.connections, 1);
         assert_eq!(p.downtime, Duration::from_millis(300));
         assert_eq!(p.timeout_strategy, TimeoutStrategy::Cancel);
+        assert_eq!(p.io_timeout, Duration::from_secs(30));
+        let p = body(r#"{"destination_url":"tcp:h:1","io_timeout_s":2}"#).unwrap();
+        assert_eq!(p.io_timeout, Duration::from_secs(2));
         let p =
             body(r#"{"destination_url":"tcp:h:1","connections":4,"timeout_strategy":"ignore"}"#)
                 .unwrap();
@@ -317,6 +362,10 @@ mod tests {
             (
                 r#"{"destination_url":"tcp:h:1","downtime_ms":0}"#,
                 "at least 1",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","io_timeout_s":0}"#,
+                "io_timeout_s must be at least 1",
             ),
             (
                 r#"{"destination_url":"unix:/s","preserve_source":true}"#,
@@ -379,8 +428,15 @@ mod tests {
         );
         let r = parse_receive_migration("receiver_url=unix:/tmp/r.sock").unwrap();
         assert_eq!(r.url().unwrap(), MigrationUrl::Unix("/tmp/r.sock".into()));
+        assert_eq!(r.page_timeout().unwrap(), Duration::from_secs(10));
         let r = parse_receive_migration("receiver_url=unix:/x,memory_mode=postcopy").unwrap();
         assert!(r.postcopy());
+        let r = parse_receive_migration("receiver_url=unix:/x,page_timeout_s=2").unwrap();
+        assert_eq!(r.page_timeout().unwrap(), Duration::from_secs(2));
+        let r = parse_receive_migration("receiver_url=unix:/x,page_timeout_s=0").unwrap();
+        assert!(r.page_timeout().is_err());
+        let c = parse_send_migration("destination_url=unix:/s,io_timeout_s=5").unwrap();
+        assert_eq!(c.params().unwrap().io_timeout, Duration::from_secs(5));
         assert!(
             parse_receive_migration("receiver_url=unix:/x,postcopy=on")
                 .unwrap()

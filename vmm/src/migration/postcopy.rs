@@ -8,13 +8,14 @@
 //! to the source (EOF), and only the first may let the source discard its copy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vm_migration::page_fault::read_fault_request;
 use vm_migration::{FaultRequest, MAX_PAGE_FAULT_LENGTH, ResponseHeader, Status};
 
-use super::transport::Stream;
+use super::transport::{Stream, is_timeout};
 
 /// Key of the component in the state tree.
 pub const STATE_ID: &str = "postcopy";
@@ -55,8 +56,60 @@ pub struct ServeStats {
     pub bytes: AtomicU64,
 }
 
+/// When the fault connections of one migration last carried a request. A healthy
+/// destination pulls without pause until it confirms; any one connection may sit idle
+/// meanwhile (the first waits for vCPU faults), so only all of them idle for `limit`
+/// means it stalled.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    limit: Duration,
+}
+
+impl Activity {
+    pub fn new(limit: Duration) -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn idle_too_long(&self) -> bool {
+        let now = self.start.elapsed().as_millis() as u64;
+        let idle = now.saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        idle >= self.limit.as_millis() as u64
+    }
+}
+
+/// Counts the bytes read through it: a read timeout before the first byte of a request
+/// leaves the connection usable, one in the middle of it does not.
+struct Counting<'a> {
+    inner: &'a mut Stream,
+    read: u64,
+}
+
+impl std::io::Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error(
+        "the destination made no PageFault request on any fault connection for {0:?} \
+         (io_timeout_s) and never confirmed that every page arrived"
+    )]
+    Stalled(Duration),
     #[error("the fault connection")]
     Protocol(#[source] vm_migration::Error),
     #[error("writing a PageFault answer")]
@@ -71,24 +124,37 @@ pub enum ServeError {
 }
 
 /// Answers PageFault requests on one fault connection from the (paused) guest memory,
-/// bytes inline, until the destination confirms, abandons or closes it. A request for
-/// memory the VM does not have gets an Error response and serving goes on: the
-/// destination decides what that means for it.
+/// bytes inline, until the destination confirms, abandons or closes it, or stalls (no
+/// request on any connection of `activity` for its limit; the stream's read timeout
+/// sets how often that is looked at). A request for memory the VM does not have gets an
+/// Error response and serving goes on: the destination decides what that means for it.
 pub fn serve(
     stream: &mut Stream,
     mem: &GuestMemoryMmap,
     stats: &ServeStats,
+    activity: &Activity,
 ) -> Result<Ended, ServeError> {
     use std::io::Write;
     use vm_memory::{Bytes, GuestMemoryBackend};
     let mut small = Vec::with_capacity(SMALL_ANSWER as usize + 16);
     loop {
-        let request = match read_fault_request(stream, MAX_PAGE_FAULT_LENGTH) {
+        let mut counting = Counting {
+            inner: stream,
+            read: 0,
+        };
+        let request = match read_fault_request(&mut counting, MAX_PAGE_FAULT_LENGTH) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(Ended::Closed),
             Err(e) if e.is_closed_between_messages() => return Ok(Ended::Closed),
+            Err(e) if is_timeout(&e) && counting.read == 0 => {
+                if activity.idle_too_long() {
+                    return Err(ServeError::Stalled(activity.limit));
+                }
+                continue;
+            }
             Err(e) => return Err(ServeError::Protocol(e)),
         };
+        activity.touch();
         let range = match request {
             FaultRequest::PageFault(range) => range,
             FaultRequest::Complete | FaultRequest::Abandon => {

@@ -26,7 +26,7 @@ use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
-use crate::uffd::remote::{RemoteRegion, RemoteSource};
+use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
 use crate::vm::{self, Vm};
 use crate::vmm::VmmEvent;
 
@@ -366,7 +366,12 @@ impl Drop for UnlinkOnDrop {
 /// `postcopy`: guest memory arrives on demand from the sender over fault connections,
 /// after the VM runs: written by the sender into the memfds it passed (an offload daemon
 /// restoring `--ondemand`), or pulled inline from a post-copy source VMM.
-pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> Result<Vm> {
+pub fn receive(
+    url: &MigrationUrl,
+    events: Sender<VmmEvent>,
+    postcopy: bool,
+    page_timeout: std::time::Duration,
+) -> Result<Vm> {
     let listener = Listener::bind(url).map_err(|source| Error::Listen {
         url: url.clone(),
         source,
@@ -390,6 +395,7 @@ pub fn receive(url: &MigrationUrl, events: Sender<VmmEvent>, postcopy: bool) -> 
         events,
         postcopy,
         peer_memfds: false,
+        page_timeout,
     };
     let limits = Limits::default();
     loop {
@@ -436,6 +442,8 @@ struct Receiver {
     postcopy: bool,
     /// The sender passed memfds: in post-copy it fills them itself.
     peer_memfds: bool,
+    /// Post-copy: the longest wait for one page pulled from the sender.
+    page_timeout: std::time::Duration,
 }
 
 impl Receiver {
@@ -532,7 +540,11 @@ impl Receiver {
                     .collect();
                 let data = postcopy_state.as_ref().map(PostcopyState::ranges);
                 let confirm = postcopy_state.as_ref().is_some_and(|s| s.confirm_complete);
-                let source = RemoteSource::new(regions, data.as_deref(), faults, confirm)
+                let peer = RemotePeer {
+                    url: self.url.clone(),
+                    timeout: self.page_timeout,
+                };
+                let source = RemoteSource::new(regions, data.as_deref(), faults, confirm, peer)
                     .map_err(Error::FaultConnections)?;
                 vm.enable_on_demand(Arc::new(source))
                     .map_err(Error::PeerMemory)?;

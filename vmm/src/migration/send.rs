@@ -25,7 +25,7 @@ use vm_migration::{
 };
 
 use super::postcopy::{self, Ended, PostcopyState, ServeStats};
-use super::transport::Stream;
+use super::transport::{Cancel, Stream, is_timeout};
 use super::url::MigrationUrl;
 use crate::event_monitor;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
@@ -56,6 +56,9 @@ pub struct SendParams {
     pub preserve_source: bool,
     /// Memory after the switch, pulled by the destination.
     pub postcopy: bool,
+    /// How long any wait on the destination may last: a connect, a write that makes no
+    /// progress, an answer that does not come.
+    pub io_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,24 @@ pub enum Error {
     Protocol(#[source] vm_migration::Error),
     #[error("the destination refused {0}")]
     Refused(&'static str),
+    #[error("{} {what}", if *.answer { "waiting for the destination's answer to" } else { "sending" })]
+    Peer {
+        what: &'static str,
+        answer: bool,
+        #[source]
+        source: vm_migration::Error,
+    },
+    #[error(
+        "the destination stalled: nothing moved for {timeout:?} (io_timeout_s) while {} {what}",
+        if *.answer { "waiting for its answer to" } else { "sending" }
+    )]
+    Stalled {
+        what: &'static str,
+        answer: bool,
+        timeout: Duration,
+    },
+    #[error("the migration was cancelled (vm.cancel-migration)")]
+    Cancelled,
     #[error("sending guest memory at {gpa:#x}")]
     GuestMemory {
         gpa: u64,
@@ -87,12 +108,14 @@ pub enum Error {
     Control(&'static str, String),
     #[error("a memory connection failed: {0}")]
     MemoryConnection(String),
+    #[error("{0}")]
+    Postcopy(String),
     #[error(
-        "post-copy broke after the destination took over the VM ({reason}); this VM stays \
-         paused with all its memory: if the destination is gone, resume it here \
-         (vm.resume), otherwise shut it down"
+        "the migration ended after Complete went out: the destination may be running the VM; \
+         the source stays paused with all its memory; resume it (vm.resume) if the \
+         destination is gone, or shut it down by hand"
     )]
-    PostcopyInterrupted { reason: String },
+    DestinationMayRun(#[source] Box<Error>),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -134,6 +157,8 @@ pub struct Progress {
     pub destination_running: AtomicBool,
     /// Post-copy: what the destination pulled.
     pub pulled: ServeStats,
+    /// Why the migration failed (vm.info), once it has.
+    pub error: std::sync::Mutex<Option<String>>,
 }
 
 /// What a pause costs besides the last memory: pausing the vCPUs, saving their state,
@@ -224,6 +249,8 @@ pub struct SendContext {
     pub resume_on_destination: bool,
     pub events: Sender<VmmEvent>,
     pub progress: Arc<Progress>,
+    /// Set by `vm.cancel-migration`; shuts every connection of this migration down.
+    pub cancel: Arc<Cancel>,
 }
 
 fn control(events: &Sender<VmmEvent>, request: Control) -> Result<ControlReply> {
@@ -246,18 +273,85 @@ fn table_of(ranges: &[(u64, u64)]) -> Result<MemoryRangeTable> {
         .map_err(Error::Protocol)
 }
 
+/// What went wrong talking to the destination about `what`: it said no, it went
+/// silent for `timeout`, or the connection failed.
+fn peer_error(
+    timeout: Duration,
+    what: &'static str,
+    answer: bool,
+    e: vm_migration::Error,
+) -> Error {
+    if matches!(e, vm_migration::Error::NotOk(_)) {
+        Error::Refused(what)
+    } else if is_timeout(&e) {
+        Error::Stalled {
+            what,
+            answer,
+            timeout,
+        }
+    } else {
+        Error::Peer {
+            what,
+            answer,
+            source: e,
+        }
+    }
+}
+
+fn send_step(
+    stream: &mut Stream,
+    timeout: Duration,
+    what: &'static str,
+    header: &RequestHeader,
+    payload: &[u8],
+) -> Result<()> {
+    send_request(stream, header, payload).map_err(|e| peer_error(timeout, what, false, e))
+}
+
+fn answer_step(stream: &mut Stream, timeout: Duration, what: &'static str) -> Result<()> {
+    expect_ok(stream).map_err(|e| peer_error(timeout, what, true, e))
+}
+
+/// One lock-step request on the main connection: send it, wait for its Ok.
+fn exchange(
+    stream: &mut Stream,
+    timeout: Duration,
+    what: &'static str,
+    header: &RequestHeader,
+    payload: &[u8],
+) -> Result<()> {
+    send_step(stream, timeout, what, header, payload)?;
+    answer_step(stream, timeout, what)
+}
+
 /// Sends one Memory request (table, then the bytes) and waits for its Ok.
-fn send_memory(stream: &mut Stream, mem: &GuestMemoryMmap, table: &MemoryRangeTable) -> Result<()> {
+fn send_memory(
+    stream: &mut Stream,
+    mem: &GuestMemoryMmap,
+    table: &MemoryRangeTable,
+    timeout: Duration,
+) -> Result<()> {
+    const WHAT: &str = "guest memory";
     if table.is_empty() {
         return Ok(());
     }
-    send_memory_table(stream, table).map_err(Error::Protocol)?;
+    send_memory_table(stream, table).map_err(|e| peer_error(timeout, WHAT, false, e))?;
     for r in table.iter() {
         stream
             .write_from_guest(mem, r.gpa, r.length as usize)
-            .map_err(|source| Error::GuestMemory { gpa: r.gpa, source })?;
+            .map_err(|source| {
+                if is_timeout(&source) {
+                    Error::Stalled {
+                        what: WHAT,
+                        answer: false,
+                        timeout,
+                    }
+                } else {
+                    Error::GuestMemory { gpa: r.gpa, source }
+                }
+            })?;
     }
-    expect_ok(stream).map_err(|_| Error::Refused("guest memory"))
+    answer_step(stream, timeout, WHAT)
 }
 
 struct Sender2<'a> {
@@ -272,8 +366,9 @@ impl Sender2<'_> {
     /// next chunk when it is done with its last, so a slower one does not hold up the end.
     fn send_table(&mut self, table: &MemoryRangeTable) -> Result<()> {
         let mem = &self.ctx.memory;
+        let timeout = self.ctx.params.io_timeout;
         if self.extra.is_empty() {
-            send_memory(&mut self.main, mem, table)?;
+            send_memory(&mut self.main, mem, table, timeout)?;
         } else {
             let chunks = table.split_into_chunks(chunk_size(table.total_bytes(), self.extra.len()));
             let next = AtomicUsize::new(0);
@@ -291,7 +386,7 @@ impl Sender2<'_> {
                                 else {
                                     break;
                                 };
-                                send_memory(stream, mem, chunk).inspect_err(|_| {
+                                send_memory(stream, mem, chunk, timeout).inspect_err(|_| {
                                     failed.store(true, Ordering::Relaxed);
                                 })?;
                             }
@@ -314,36 +409,66 @@ impl Sender2<'_> {
     }
 }
 
-/// Runs a whole migration. On error the destination has not been told Complete, so the
-/// source VM is still the one that counts; the control loop resumes it if it ran.
+/// Runs a whole migration. Until Complete has gone out the source VM is the one that
+/// counts, and the control loop resumes it after an error if it ran; after that the
+/// error is `DestinationMayRun`, and the VM stays paused for the operator to decide.
 pub fn run(ctx: &SendContext) -> Result<()> {
+    run_steps(ctx).map_err(|e| {
+        // Shutting the connections down makes whatever was in flight fail; the
+        // cancellation is the reason, not that.
+        let e = if ctx.cancel.is_requested() {
+            Error::Cancelled
+        } else {
+            e
+        };
+        if ctx.progress.destination_running.load(Ordering::Acquire) {
+            Error::DestinationMayRun(Box::new(e))
+        } else {
+            e
+        }
+    })
+}
+
+/// A new connection to the destination, with every wait on it bounded by `io_timeout`
+/// and cancellable.
+fn connect(ctx: &SendContext) -> Result<Stream> {
     let p = &ctx.params;
-    let connect = || {
-        Stream::connect(&p.url).map_err(|source| Error::Connect {
-            url: p.url.clone(),
-            source,
-        })
+    let connect_error = |source| Error::Connect {
+        url: p.url.clone(),
+        source,
     };
+    let stream =
+        Stream::connect_within(&p.url, p.io_timeout, &ctx.cancel).map_err(connect_error)?;
+    stream
+        .set_io_timeout(Some(p.io_timeout))
+        .map_err(connect_error)?;
+    ctx.cancel.track(&stream).map_err(connect_error)?;
+    Ok(stream)
+}
+
+fn run_steps(ctx: &SendContext) -> Result<()> {
+    let p = &ctx.params;
+    let timeout = p.io_timeout;
     let started = Instant::now();
-    let mut main = connect()?;
+    let mut main = connect(ctx)?;
     event_monitor::event("vm", "migration-started", None);
-    send_request(&mut main, &RequestHeader::start(), &[]).map_err(Error::Protocol)?;
-    expect_ok(&mut main).map_err(|_| Error::Refused("Start"))?;
+    exchange(&mut main, timeout, "Start", &RequestHeader::start(), &[])?;
 
     if p.local {
         let mut unix = main.as_unix().ok_or(Error::Refused("MemoryFd over TCP"))?;
         for (m, file) in ctx.mappings.iter().zip(&ctx.memory_files) {
-            send_memory_fd(unix, m.slot, file).map_err(Error::Protocol)?;
-            expect_ok(&mut unix).map_err(|_| Error::Refused("MemoryFd"))?;
+            send_memory_fd(unix, m.slot, file)
+                .map_err(|e| peer_error(timeout, "MemoryFd", false, e))?;
+            expect_ok(&mut unix).map_err(|e| peer_error(timeout, "MemoryFd", true, e))?;
         }
     }
-    send_request(
+    exchange(
         &mut main,
+        timeout,
+        "Config",
         &RequestHeader::config(ctx.config_json.len() as u64),
         &ctx.config_json,
-    )
-    .map_err(Error::Protocol)?;
-    expect_ok(&mut main).map_err(|_| Error::Refused("Config"))?;
+    )?;
 
     if p.postcopy {
         return run_postcopy(ctx, main, started);
@@ -351,8 +476,9 @@ pub fn run(ctx: &SendContext) -> Result<()> {
     let mut extra = Vec::new();
     if p.connections > 1 && !p.local {
         for _ in 0..p.connections {
-            let mut s = connect()?;
-            write_role(&mut s, ConnectionRole::PrecopyMemory).map_err(Error::Protocol)?;
+            let mut s = connect(ctx)?;
+            write_role(&mut s, ConnectionRole::PrecopyMemory)
+                .map_err(|e| peer_error(timeout, "a memory connection's role", false, e))?;
             extra.push(s);
         }
     }
@@ -373,16 +499,14 @@ pub fn run(ctx: &SendContext) -> Result<()> {
         s.shutdown();
     }
     let main = &mut sender.main;
-    send_request(main, &RequestHeader::state(state.len() as u64), &state)
-        .map_err(Error::Protocol)?;
-    expect_ok(main).map_err(|_| Error::Refused("State"))?;
-    let complete = if ctx.resume_on_destination {
-        RequestHeader::complete()
-    } else {
-        RequestHeader::complete_paused()
-    };
-    send_request(main, &complete, &[]).map_err(Error::Protocol)?;
-    expect_ok(main).map_err(|_| Error::Refused("Complete"))?;
+    exchange(
+        main,
+        timeout,
+        "State",
+        &RequestHeader::state(state.len() as u64),
+        &state,
+    )?;
+    send_complete(ctx, main)?;
     let downtime =
         paused_at.elapsed().as_micros() as u64 + ctx.progress.downtime_us.load(Ordering::Relaxed);
     ctx.progress.downtime_us.store(downtime, Ordering::Relaxed);
@@ -391,6 +515,27 @@ pub fn run(ctx: &SendContext) -> Result<()> {
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     ctx.progress.phase.store(PHASE_DONE, Ordering::Release);
     Ok(())
+}
+
+/// Complete (or CompletePaused), then its answer. Once the request is out the
+/// destination may run the VM: unless it answers, this copy must never resume by itself.
+/// An explicit Error is an answer: the destination refused to take the VM over (a
+/// daemon that could not make its snapshot durable, a VMM that could not start it).
+fn send_complete(ctx: &SendContext, main: &mut Stream) -> Result<()> {
+    let complete = if ctx.resume_on_destination {
+        RequestHeader::complete()
+    } else {
+        RequestHeader::complete_paused()
+    };
+    let timeout = ctx.params.io_timeout;
+    send_step(main, timeout, "Complete", &complete, &[])?;
+    let running = &ctx.progress.destination_running;
+    running.store(true, Ordering::Release);
+    let answer = answer_step(main, timeout, "Complete");
+    if matches!(answer, Err(Error::Refused(_))) {
+        running.store(false, Ordering::Release);
+    }
+    answer
 }
 
 fn save_state(ctx: &SendContext) -> Result<StateTree> {
@@ -410,18 +555,16 @@ fn encode(tree: &StateTree) -> Result<Vec<u8>> {
 /// Post-copy after Config: fault connections, pause, State with the data map, Complete;
 /// then serve the destination's pulls until it confirms that every page is in.
 fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result<()> {
-    let p = &ctx.params;
+    let timeout = ctx.params.io_timeout;
     let progress = &ctx.progress;
     // Two fault connections: the destination keeps the first for vCPU faults and pulls in
     // bulk on the second, so a fault never waits behind a large transfer. A destination
     // that knows only one uses the first and drops the other.
     let mut faults = Vec::with_capacity(POSTCOPY_CONNECTIONS);
     for _ in 0..POSTCOPY_CONNECTIONS {
-        let mut s = Stream::connect(&p.url).map_err(|source| Error::Connect {
-            url: p.url.clone(),
-            source,
-        })?;
-        write_role(&mut s, ConnectionRole::Fault).map_err(Error::Protocol)?;
+        let mut s = connect(ctx)?;
+        write_role(&mut s, ConnectionRole::Fault)
+            .map_err(|e| peer_error(timeout, "a fault connection's role", false, e))?;
         faults.push(s);
     }
     let paused_at = Instant::now();
@@ -442,21 +585,14 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     tree.insert(postcopy::STATE_ID.to_string(), &component)
         .map_err(|e| Error::Control("encode the VM state", e.to_string()))?;
     let state = encode(&tree)?;
-    send_request(&mut main, &RequestHeader::state(state.len() as u64), &state)
-        .map_err(Error::Protocol)?;
-    expect_ok(&mut main).map_err(|_| Error::Refused("State"))?;
-    let complete = if ctx.resume_on_destination {
-        RequestHeader::complete()
-    } else {
-        RequestHeader::complete_paused()
-    };
-    send_request(&mut main, &complete, &[]).map_err(Error::Protocol)?;
-    // From here on the destination may be running: whatever happens, this copy of the
-    // VM must not run again by itself.
-    progress.destination_running.store(true, Ordering::Release);
-    expect_ok(&mut main).map_err(|e| Error::PostcopyInterrupted {
-        reason: format!("no answer to Complete: {}", crate::vmm::error_chain(&e)),
-    })?;
+    exchange(
+        &mut main,
+        timeout,
+        "State",
+        &RequestHeader::state(state.len() as u64),
+        &state,
+    )?;
+    send_complete(ctx, &mut main)?;
     progress
         .downtime_us
         .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -470,6 +606,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         .map_err(|e| Error::MemoryConnection(e.to_string()))?;
     let mem = &ctx.memory;
     let stats = &progress.pulled;
+    let activity = &postcopy::Activity::new(timeout);
     let ends: Vec<std::result::Result<Ended, String>> = std::thread::scope(|s| {
         let servers: Vec<_> = faults
             .into_iter()
@@ -477,7 +614,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
                 let handles = &handles;
                 s.spawn(move || {
                     let _boost = Boost::current_thread();
-                    let end = postcopy::serve(&mut stream, mem, stats)
+                    let end = postcopy::serve(&mut stream, mem, stats, activity)
                         .map_err(|e| crate::vmm::error_chain(&e));
                     // The first connection's end is the verdict; stop the others.
                     if matches!(end, Ok(Ended::Confirmed) | Err(_)) {
@@ -500,24 +637,24 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     // more than one closed in reaction to it.
     let confirmed = matches!(ends.first(), Some(Ok(Ended::Confirmed)));
     if !confirmed && let Some(Err(e)) = ends.iter().find(|e| e.is_err()) {
-        return Err(Error::PostcopyInterrupted { reason: e.clone() });
+        return Err(Error::Postcopy(e.clone()));
     }
     match ends.first() {
         Some(Ok(Ended::Confirmed)) => {}
         Some(Ok(Ended::Closed)) => {
-            return Err(Error::PostcopyInterrupted {
-                reason: "the destination closed the fault connection without confirming \
-                         that every page arrived"
+            return Err(Error::Postcopy(
+                "the destination closed the fault connection without confirming that every \
+                 page arrived"
                     .into(),
-            });
+            ));
         }
         Some(Ok(Ended::Abandoned)) => {
-            return Err(Error::PostcopyInterrupted {
-                reason: "the destination abandoned the migration".into(),
-            });
+            return Err(Error::Postcopy(
+                "the destination abandoned the migration".into(),
+            ));
         }
         Some(Err(e)) => {
-            return Err(Error::PostcopyInterrupted { reason: e.clone() });
+            return Err(Error::Postcopy(e.clone()));
         }
         None => return Err(Error::MemoryConnection("no fault connection".into())),
     }
@@ -580,6 +717,9 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
             Next::Pause => break,
             Next::Iterate { fits } => fits,
         };
+        if ctx.cancel.is_requested() {
+            return Err(Error::Cancelled);
+        }
         if start.elapsed() >= p.timeout {
             if fits {
                 break;

@@ -1,10 +1,15 @@
 //! Connections for migration: one stream type over UNIX and TCP sockets, with the
-//! socket options both ends need.
+//! socket options both ends need, connects with a deadline, and [`Cancel`], which ends a
+//! migration's connections from another thread.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -27,6 +32,72 @@ impl Stream {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }
+        }
+    }
+
+    /// Connects to `url`, giving up after `timeout` or once `cancel` is requested (checked
+    /// between attempts: a UNIX connect waits in slices, a TCP one for its whole
+    /// timeout). A UNIX connect blocks only while the listener's queue is full, which
+    /// a peer that never accepts makes last forever.
+    pub fn connect_within(
+        url: &MigrationUrl,
+        timeout: Duration,
+        cancel: &Cancel,
+    ) -> io::Result<Stream> {
+        let deadline = Instant::now() + timeout;
+        match url {
+            MigrationUrl::Unix(path) => loop {
+                cancel.check()?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match connect_unix(path, left.min(CONNECT_SLICE)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !left.is_zero() => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the listener accepted nothing for {timeout:?}"),
+                        ));
+                    }
+                    other => return other.map(Stream::Unix),
+                }
+            },
+            MigrationUrl::Tcp { host, port } => {
+                let mut last = io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} resolves to no address"),
+                );
+                for addr in (host.as_str(), *port).to_socket_addrs()? {
+                    cancel.check()?;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match TcpStream::connect_timeout(&addr, left) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    /// Bounds every read and write: one that makes no progress for `t` fails with
+    /// `WouldBlock` (see [`is_timeout`]).
+    pub fn set_io_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+        }
+    }
+
+    /// The peer's address, for messages: TCP only (a UNIX peer has no name).
+    pub fn peer_name(&self) -> Option<String> {
+        match self {
+            Stream::Unix(_) => None,
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
         }
     }
 
@@ -82,6 +153,133 @@ impl Stream {
             Stream::Unix(s) => mem.write_volatile_to(addr, s, left),
             Stream::Tcp(s) => mem.write_volatile_to(addr, s, left),
         })
+    }
+}
+
+/// How long one UNIX connect attempt may wait for room in the listener's queue before
+/// the cancel flag is looked at again.
+const CONNECT_SLICE: Duration = Duration::from_millis(100);
+
+/// A UNIX connect that waits at most `timeout` for the listener's queue (Linux bounds
+/// that wait by the socket's send timeout); `WouldBlock` when it stays full.
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room for the terminating NUL, which the zeroed array already holds.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a usable socket path", path.display()),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Zero would mean "no limit".
+    stream.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_un and `len` stays within it (checked
+        // above); the fd is an open socket owned by `stream`.
+        let r = unsafe {
+            libc::connect(
+                stream.as_raw_fd(),
+                (&raw const addr).cast::<libc::sockaddr>(),
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // An interrupted connect that completed meanwhile.
+            Some(libc::EISCONN) => break,
+            _ => return Err(e),
+        }
+    }
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+/// Whether `error` (or anything in its source chain) is a read or write that hit its
+/// timeout: `SO_RCVTIMEO`/`SO_SNDTIMEO` expire as `EAGAIN`.
+pub fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = Some(error);
+    while let Some(err) = e {
+        let io = err.downcast_ref::<io::Error>().or_else(|| {
+            match err.downcast_ref::<vm_memory::GuestMemoryError>() {
+                Some(vm_memory::GuestMemoryError::IOError(io)) => Some(io),
+                _ => None,
+            }
+        });
+        if io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        }) {
+            return true;
+        }
+        e = err.source();
+    }
+    false
+}
+
+/// Lets another thread end a migration at once: every tracked connection is shut down,
+/// so a worker blocked on a silent peer gets an error instead of waiting out its
+/// timeout, and no new connection is made.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    requested: AtomicBool,
+    streams: Mutex<Vec<Stream>>,
+}
+
+impl Cancel {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for s in streams.iter() {
+            s.shutdown();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.is_requested() {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the migration was cancelled",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keeps a handle on `stream` for `request`. A stream tracked after the request is
+    /// shut down at once (the flag is read under the same lock `request` takes).
+    pub fn track(&self, stream: &Stream) -> io::Result<()> {
+        let handle = stream.try_clone()?;
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_requested() {
+            handle.shutdown();
+            return self.check();
+        }
+        streams.push(handle);
+        Ok(())
     }
 }
 
@@ -167,5 +365,75 @@ impl Listener {
             Listener::Unix(l) => l.set_nonblocking(on),
             Listener::Tcp(l) => l.set_nonblocking(on),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Stream, Stream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Stream::Unix(a), Stream::Unix(b))
+    }
+
+    /// A read blocked on a silent peer returns as soon as the migration is cancelled,
+    /// and nothing new connects or gets tracked afterwards.
+    #[test]
+    fn cancel_ends_blocked_reads_and_refuses_new_connections() {
+        let (mut ours, _silent) = pair();
+        let cancel = Cancel::default();
+        cancel.track(&ours).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || ours.read(&mut [0u8; 16]));
+            cancel.request();
+            // Shut down: end of stream, at once.
+            assert_eq!(reader.join().unwrap().unwrap(), 0);
+        });
+        let (late, _peer) = pair();
+        assert!(cancel.track(&late).is_err());
+        assert!(late.try_clone().unwrap().read(&mut [0u8; 1]).unwrap() == 0);
+        let url = MigrationUrl::Unix("/nonexistent/socket".into());
+        let e = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+    }
+
+    /// An expired read timeout is recognised through the protocol crate's error chain;
+    /// a peer that hung up is not a timeout.
+    #[test]
+    fn timeouts_are_told_from_hangups() {
+        let (mut ours, theirs) = pair();
+        ours.set_io_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let e = vm_migration::expect_ok(&mut ours).unwrap_err();
+        assert!(is_timeout(&e), "{e}");
+        drop(theirs);
+        let e = vm_migration::expect_ok(&mut ours).unwrap_err();
+        assert!(!is_timeout(&e), "{e}");
+    }
+
+    #[test]
+    fn connects_within_the_timeout_or_says_why() {
+        let dir = std::env::temp_dir().join(format!("transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let cancel = Cancel::default();
+        let url = MigrationUrl::Unix(path.clone());
+        let s = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut s = s;
+        s.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(listener);
+        let e = Stream::connect_within(&url, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        let long = MigrationUrl::Unix(std::path::PathBuf::from("/x".repeat(100)));
+        let e = Stream::connect_within(&long, Duration::from_secs(5), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

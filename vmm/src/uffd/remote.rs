@@ -6,15 +6,21 @@
 //! the second the background pull in large chunks, so a fault never queues behind a bulk
 //! transfer. A source that opens one (the protocol's minimum) gets both on it, with the
 //! bulk chunks cut small enough that a fault waits at most one of them.
+//!
+//! Every pull waits at most [`RemotePeer::timeout`] for the source: a source that goes
+//! silent ends the restore with an error naming the page, instead of vCPUs frozen on
+//! it for good.
 
 use std::io;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use vm_migration::page_fault::{read_page_fault_response, send_fault_complete, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::UffdMemorySource;
-use crate::migration::transport::Stream;
+use crate::migration::MigrationUrl;
+use crate::migration::transport::{Stream, is_timeout};
 use crate::sparse::Extent;
 
 /// Background chunk with a connection of its own: large enough that the per-request
@@ -31,7 +37,17 @@ pub struct RemoteRegion {
     pub size: u64,
 }
 
+/// Who serves the pages, for errors, and how long one answer may take.
+#[derive(Clone, Debug)]
+pub struct RemotePeer {
+    pub url: MigrationUrl,
+    pub timeout: Duration,
+}
+
 pub struct RemoteSource {
+    peer: RemotePeer,
+    /// "at ADDR (connected on URL)": who the source is, as far as we know.
+    peer_name: String,
     regions: Vec<RemoteRegion>,
     extents: Vec<Vec<Extent>>,
     fault: Mutex<Stream>,
@@ -50,9 +66,13 @@ impl RemoteSource {
         data: Option<&[(u64, u64)]>,
         mut connections: Vec<Stream>,
         confirm: bool,
+        peer: RemotePeer,
     ) -> io::Result<Self> {
         if connections.is_empty() {
             return Err(io::Error::other("no fault connection"));
+        }
+        for c in &connections {
+            c.set_io_timeout(Some(peer.timeout))?;
         }
         let extents = regions
             .iter()
@@ -72,7 +92,13 @@ impl RemoteSource {
         connections.truncate(2);
         let bulk = (connections.len() == 2).then(|| connections.remove(1));
         let fault = connections.remove(0);
+        let peer_name = match connections.first().and_then(Stream::peer_name) {
+            Some(addr) => format!("at {addr} (connected on {})", peer.url),
+            None => format!("connected on {}", peer.url),
+        };
         Ok(RemoteSource {
+            peer,
+            peer_name,
             regions,
             extents,
             fault: Mutex::new(fault),
@@ -97,12 +123,24 @@ impl RemoteSource {
         send_page_fault(&mut *s, range)
             .and_then(|()| read_page_fault_response(&mut *s, PageDelivery::Inline, buf))
             .map_err(|e| {
-                io::Error::other(format!(
-                    "pulling {} bytes at {:#x} from the migration source: {}",
-                    range.length,
-                    range.gpa,
-                    crate::vmm::error_chain(&e)
-                ))
+                if is_timeout(&e) {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the migration source {} did not answer within {:?} \
+                             (page_timeout_s) for {} bytes at gpa {:#x}",
+                            self.peer_name, self.peer.timeout, range.length, range.gpa
+                        ),
+                    )
+                } else {
+                    io::Error::other(format!(
+                        "pulling {} bytes at gpa {:#x} from the migration source {}: {}",
+                        range.length,
+                        range.gpa,
+                        self.peer_name,
+                        crate::vmm::error_chain(&e)
+                    ))
+                }
             })
     }
 }
@@ -196,6 +234,13 @@ mod tests {
         mem
     }
 
+    fn peer(timeout: Duration) -> RemotePeer {
+        RemotePeer {
+            url: MigrationUrl::Unix("/test/source.sock".into()),
+            timeout,
+        }
+    }
+
     fn expected(offset: u64, len: usize) -> Vec<u8> {
         (offset..offset + len as u64)
             .map(|i| (i * 13 % 251) as u8)
@@ -210,6 +255,7 @@ mod tests {
         for connections in [1usize, 2] {
             let mem = source_memory();
             let stats = ServeStats::default();
+            let activity = postcopy::Activity::new(Duration::from_secs(60));
             let (ours, theirs): (Vec<Stream>, Vec<Stream>) = (0..connections)
                 .map(|_| {
                     let (a, b) = UnixStream::pair().unwrap();
@@ -220,8 +266,8 @@ mod tests {
                 let servers: Vec<_> = theirs
                     .into_iter()
                     .map(|mut stream| {
-                        let (mem, stats) = (&mem, &stats);
-                        s.spawn(move || postcopy::serve(&mut stream, mem, stats).unwrap())
+                        let (mem, stats, activity) = (&mem, &stats, &activity);
+                        s.spawn(move || postcopy::serve(&mut stream, mem, stats, activity).unwrap())
                     })
                     .collect();
                 let source = RemoteSource::new(
@@ -232,6 +278,7 @@ mod tests {
                     Some(&[(GPA + 0x2000, 0x3000)]),
                     ours,
                     true,
+                    peer(Duration::from_secs(60)),
                 )
                 .unwrap();
                 assert_eq!(
@@ -277,9 +324,10 @@ mod tests {
     fn a_refused_pull_is_an_error() {
         let mem = source_memory();
         let stats = ServeStats::default();
+        let activity = postcopy::Activity::new(Duration::from_secs(60));
         let (a, b) = UnixStream::pair().unwrap();
         std::thread::scope(|s| {
-            let server = s.spawn(|| postcopy::serve(&mut Stream::Unix(b), &mem, &stats));
+            let server = s.spawn(|| postcopy::serve(&mut Stream::Unix(b), &mem, &stats, &activity));
             let source = RemoteSource::new(
                 vec![RemoteRegion {
                     gpa: GPA + SIZE,
@@ -288,6 +336,7 @@ mod tests {
                 None,
                 vec![Stream::Unix(a)],
                 false,
+                peer(Duration::from_secs(60)),
             )
             .unwrap();
             let mut page = vec![0u8; 4096];
@@ -296,6 +345,38 @@ mod tests {
             source.stop();
             assert_eq!(server.join().unwrap().unwrap(), Ended::Closed);
         });
+    }
+
+    /// A source that reads the request and never answers: the pull fails after the
+    /// timeout, naming the page, the source and the option.
+    #[test]
+    fn a_silent_source_times_out() {
+        let (a, _silent) = UnixStream::pair().unwrap();
+        let source = RemoteSource::new(
+            vec![RemoteRegion {
+                gpa: GPA,
+                size: SIZE,
+            }],
+            None,
+            vec![Stream::Unix(a)],
+            false,
+            peer(Duration::from_millis(200)),
+        )
+        .unwrap();
+        let mut page = vec![0u8; 4096];
+        let started = std::time::Instant::now();
+        let e = source.read_for_fault(0, 0x5000, &mut page).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let text = e.to_string();
+        for part in [
+            "unix:/test/source.sock",
+            "0x105000",
+            "page_timeout_s",
+            "200ms",
+        ] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
     }
 
     #[test]

@@ -109,8 +109,16 @@ impl Vmm {
                 self.send_migration(*params).map_err(migration_api_error)?;
                 Ok(ApiResponse::Empty)
             }
-            ApiRequest::VmReceiveMigration { url, postcopy } => {
-                self.receive_migration(&url, postcopy)
+            ApiRequest::VmCancelMigration => {
+                self.cancel_migration().map_err(migration_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmReceiveMigration {
+                url,
+                postcopy,
+                page_timeout,
+            } => {
+                self.receive_migration(&url, postcopy, page_timeout)
                     .map_err(migration_api_error)?;
                 Ok(ApiResponse::Empty)
             }
@@ -151,6 +159,7 @@ fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
         estimated_downtime_ms: p.estimated_downtime_ms.load(Ordering::Relaxed),
         downtime_ms: p.downtime_us.load(Ordering::Relaxed) / 1000,
         postcopy_requests: p.pulled.requests.load(Ordering::Relaxed),
+        error: p.error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
@@ -161,6 +170,7 @@ fn migration_api_error(e: MigrationError) -> ApiError {
         MigrationError::NoVm => ApiError::NoVm,
         MigrationError::WrongState(_)
         | MigrationError::Busy
+        | MigrationError::NotRunning
         | MigrationError::RestoreInProgress
         | MigrationError::VmExists(_) => ApiError::Conflict(error_chain(&e)),
         MigrationError::LocalNeedsSharedMemory | MigrationError::LocalNeedsUnix => {

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::{Vmm, VmmEvent, error_chain};
 use crate::api::VmState;
 use crate::event_monitor;
+use crate::migration::transport::Cancel;
 use crate::migration::{MigrationUrl, receive, send};
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,8 @@ pub enum MigrationError {
     NoVm,
     #[error("a migration is already running")]
     Busy,
+    #[error("no migration is running")]
+    NotRunning,
     #[error("cannot migrate a VM that is {0:?}")]
     WrongState(VmState),
     #[error(
@@ -38,6 +41,7 @@ pub enum MigrationError {
 /// A send-migration in progress (or just finished).
 pub(super) struct Outgoing {
     pub(super) progress: Arc<send::Progress>,
+    cancel: Arc<Cancel>,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The VM ran when the migration started, so a failure resumes it.
     was_running: bool,
@@ -95,6 +99,7 @@ impl Vmm {
             (Some(log), ranges)
         };
         let progress = Arc::new(send::Progress::default());
+        let cancel = Arc::new(Cancel::default());
         let ctx = send::SendContext {
             params: params.clone(),
             config_json,
@@ -106,6 +111,7 @@ impl Vmm {
             resume_on_destination: state == VmState::Running,
             events: self.events.clone(),
             progress: progress.clone(),
+            cancel: cancel.clone(),
         };
         let events = self.events.clone();
         let worker = std::thread::Builder::new()
@@ -123,10 +129,22 @@ impl Vmm {
             .map_err(MigrationError::Prepare)?;
         self.migration = Some(Outgoing {
             progress,
+            cancel,
             worker: Some(worker),
             was_running: state == VmState::Running,
             preserve_source: params.preserve_source,
         });
+        Ok(())
+    }
+
+    /// `vm.cancel-migration`: ends the running send-migration as soon as its worker sees
+    /// it (every connection is shut down, so a wait on a silent destination ends at
+    /// once). The worker then reports the failure like any other: the VM resumes if
+    /// Complete had not gone out yet, and stays paused if it had.
+    pub(super) fn cancel_migration(&mut self) -> Result<(), MigrationError> {
+        let outgoing = self.migration.as_ref().ok_or(MigrationError::NotRunning)?;
+        log::info!("cancelling the migration (vm.cancel-migration)");
+        outgoing.cancel.request();
         Ok(())
     }
 
@@ -191,33 +209,44 @@ impl Vmm {
                 }
             }
             Err(reason) => {
-                outgoing
-                    .progress
-                    .phase
-                    .store(send::PHASE_FAILED, Ordering::Release);
+                let progress = &outgoing.progress;
+                progress.phase.store(send::PHASE_FAILED, Ordering::Release);
+                *progress.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
                 log::error!("migration failed: {reason}");
-                event_monitor::event(
-                    "vm",
-                    "migration-failed",
-                    Some(&[("error".to_string(), reason)].into_iter().collect()),
-                );
-                // Post-copy past Complete: the destination may be running this VM, so
-                // it stays paused until an operator decides (the error says how).
-                let destination_may_run = outgoing
-                    .progress
-                    .destination_running
-                    .load(Ordering::Acquire);
+                // Past Complete the destination may be running this VM, so it stays
+                // paused until an operator decides (the error says how).
+                let destination_may_run = progress.destination_running.load(Ordering::Acquire);
                 // Otherwise the destination never got Complete: this VM is still the
                 // one that counts. Put it back the way it was.
+                let mut resumed = false;
                 if outgoing.was_running
                     && !destination_may_run
                     && let Some(vm) = self.vm.as_mut()
                     && vm.state() == VmState::Paused
                 {
                     match vm.resume() {
-                        Ok(()) => event_monitor::event("vm", "resumed", None),
+                        Ok(()) => resumed = true,
                         Err(e) => log::error!("resuming after the failed migration: {e}"),
                     }
+                }
+                let source_vm = match self.vm.as_ref().map(|vm| vm.state()) {
+                    Some(state) => format!("{state:?}"),
+                    None => "gone".to_string(),
+                };
+                event_monitor::event(
+                    "vm",
+                    "migration-failed",
+                    Some(
+                        &[
+                            ("error".to_string(), reason),
+                            ("source_vm".to_string(), source_vm),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    ),
+                );
+                if resumed {
+                    event_monitor::event("vm", "resumed", None);
                 }
                 false
             }
@@ -229,13 +258,14 @@ impl Vmm {
         &mut self,
         url: &MigrationUrl,
         postcopy: bool,
+        page_timeout: std::time::Duration,
     ) -> Result<(), MigrationError> {
         if let Some(vm) = &self.vm
             && vm.state() != VmState::Shutdown
         {
             return Err(MigrationError::VmExists(vm.state()));
         }
-        match receive::receive(url, self.events.clone(), postcopy) {
+        match receive::receive(url, self.events.clone(), postcopy, page_timeout) {
             Ok(vm) => {
                 self.vm = Some(vm);
                 Ok(())
