@@ -200,3 +200,35 @@ fn an_unknown_mode_is_a_usage_error() {
         vmm.stderr()
     );
 }
+
+/// Every test and benchmark runs the binaries with their default filters: outside the
+/// seccomp tests themselves, nothing that starts a VMM or a daemon passes `--seccomp`.
+#[test]
+fn no_test_or_benchmark_turns_the_filters_off() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut offenders = Vec::new();
+    let mut dirs: Vec<std::path::PathBuf> = [
+        "test_infra/src",
+        "bench/src",
+        "cloud-hypervisor/tests",
+        "offload_daemon/tests",
+        "scripts",
+        ".ci",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n != "seccomp.rs")
+                && std::fs::read_to_string(&path).is_ok_and(|t| t.contains("--seccomp"))
+            {
+                offenders.push(path);
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "--seccomp passed by {offenders:?}");
+}

@@ -274,6 +274,17 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
     runtime(&mut a, pid)?;
     match kind {
         ThreadKind::Vmm => {
+            // Rules are tried in order, and vCPUs pass this filter on every KVM_RUN:
+            // the vCPU requests come first.
+            ioctls(
+                &mut a,
+                &[
+                    ioctls::kvm_vcpu(),
+                    ioctls::kvm_vm(),
+                    ioctls::uffd_setup(),
+                    ioctls::uffd_serve(),
+                ],
+            )?;
             threads(&mut a)?;
             priority(&mut a)?;
             socket_io(&mut a)?;
@@ -281,15 +292,6 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
             file_read(&mut a)?;
             file_write(&mut a);
             control(&mut a);
-            ioctls(
-                &mut a,
-                &[
-                    ioctls::kvm_vm(),
-                    ioctls::kvm_vcpu(),
-                    ioctls::uffd_setup(),
-                    ioctls::uffd_serve(),
-                ],
-            )?;
         }
         ThreadKind::Vcpu => {
             // Port I/O lands in the serial device (a write to its file or stdout) and
