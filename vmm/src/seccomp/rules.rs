@@ -115,6 +115,14 @@ fn runtime(a: &mut Allowed, pid: u32) -> Result<(), BackendError> {
         libc::SYS_close,
         libc::SYS_fcntl,
         libc::SYS_seccomp,
+        libc::SYS_getuid,
+        libc::SYS_geteuid,
+        libc::SYS_getgid,
+        libc::SYS_getegid,
+        // A handler for a fault on guest RAM may be set up where the fault is expected.
+        // Only a SIGSYS handler could matter here, and it cannot make a refused call
+        // go through.
+        libc::SYS_rt_sigaction,
     ]);
     // No new executable memory once the binary and its libraries are loaded.
     let no_exec = || rule(vec![cond(2, MaskedEq(libc::PROT_EXEC as u64), 0)?]);
@@ -170,6 +178,9 @@ fn socket_io(a: &mut Allowed) -> Result<(), BackendError> {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_eventfd2,
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
         libc::SYS_shutdown,
         libc::SYS_setsockopt,
         libc::SYS_getsockopt,
@@ -200,7 +211,12 @@ fn file_read(a: &mut Allowed) -> Result<(), BackendError> {
         libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_getdents64,
+        libc::SYS_readlink,
         libc::SYS_readlinkat,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
         libc::SYS_fadvise64,
         SYS_CACHESTAT,
     ]);
@@ -215,11 +231,15 @@ fn file_read(a: &mut Allowed) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Writing into files that are already open.
+/// Writing into files that are already open (std::io::copy uses copy_file_range,
+/// sendfile or splice where it can).
 fn file_update(a: &mut Allowed) {
     a.any(&[
         libc::SYS_pwrite64,
         libc::SYS_pwritev,
+        libc::SYS_copy_file_range,
+        libc::SYS_sendfile,
+        libc::SYS_splice,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
         libc::SYS_ftruncate,
@@ -250,12 +270,11 @@ fn file_write(a: &mut Allowed) {
 }
 
 /// Guest RAM: memfds (sealed against shrinking), userfaultfd, and the process-level
-/// calls the control thread makes (signal handlers, limits).
+/// calls the control thread makes (limits, pipes).
 fn control(a: &mut Allowed) {
     a.any(&[
         libc::SYS_memfd_create,
         libc::SYS_userfaultfd,
-        libc::SYS_rt_sigaction,
         libc::SYS_prlimit64,
         libc::SYS_dup,
         libc::SYS_dup3,
@@ -334,7 +353,6 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
             file_write(&mut a);
             a.any(&[
                 libc::SYS_memfd_create,
-                libc::SYS_rt_sigaction,
                 libc::SYS_prlimit64,
                 libc::SYS_dup,
                 libc::SYS_dup3,
