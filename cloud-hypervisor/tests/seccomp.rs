@@ -99,6 +99,31 @@ fn a_packet_socket_from_the_api_thread_kills_the_vmm() {
     assert_killed_by_filter(&mut vmm, "http-server", libc::SYS_socket);
 }
 
+/// The VMM dies without a core dump (it would hold guest RAM), even with core dumps
+/// enabled: run under `ulimit -c unlimited` in a directory of its own.
+#[test]
+fn a_refused_call_leaves_no_core_dump() {
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    let cwd = test_infra::TempDir::new("seccomp-core").unwrap();
+    let script = format!(
+        "ulimit -c unlimited && cd '{}' && exec \"$@\"",
+        cwd.path().display()
+    );
+    let mut vmm = guest_builder("seccomp-core", 1, "")
+        .wrapper(["sh", "-c", &script, "sh"])
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm.wait_boot(BOOT_TIMEOUT).unwrap();
+    inject_uname(&vmm);
+    assert_killed_by_filter(&mut vmm, "http-server", libc::SYS_uname);
+    let files: Vec<_> = std::fs::read_dir(cwd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(files.is_empty(), "core_pattern {pattern:?}: {files:?}");
+}
+
 /// A vCPU thread (the one a guest escape would land in) cannot start a program.
 #[test]
 fn execve_from_a_vcpu_thread_kills_the_vmm() {

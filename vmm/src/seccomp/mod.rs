@@ -22,7 +22,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeccompMode {
     /// `true`: SIGSYS, whose handler names the syscall and the thread, then the default
-    /// action ends the process.
+    /// action ends the process (without a core dump, which would hold guest RAM).
     Trap,
     /// `log`: allowed, and logged by the kernel (audit, or the kernel log without it).
     Log,
@@ -264,8 +264,11 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let line = violation_line(&mut buf, syscall, &name[..name_len]);
     // SAFETY: writes `line.len()` initialised bytes to stderr; write is async-signal-safe.
     unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), line.len()) };
+    // A core dump would hold all of guest RAM.
+    // SAFETY: PR_SET_DUMPABLE takes no pointers.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     // SA_RESETHAND put back the default action and SA_NODEFER left SIGSYS unblocked,
-    // so this ends the process as killed by SIGSYS (with a core dump where enabled).
+    // so this ends the process as killed by SIGSYS.
     // SAFETY: raise only sends a signal to the calling thread.
     unsafe { libc::raise(libc::SIGSYS) };
     // SAFETY: _exit ends the process without running anything else.

@@ -138,6 +138,14 @@ fn runtime(a: &mut Allowed, pid: u32) -> Result<(), BackendError> {
             libc::PR_SET_NO_NEW_PRIVS as u64,
         ],
     )?;
+    // The SIGSYS handler marks the process non-dumpable before it dies.
+    a.when(
+        libc::SYS_prctl,
+        vec![rule(vec![
+            cond(0, Eq, libc::PR_SET_DUMPABLE as u64)?,
+            cond(1, Eq, 0)?,
+        ])?],
+    );
     // Signals (the vCPU kick, re-raising SIGSYS) go to this process's own threads only.
     a.when_arg(libc::SYS_tgkill, 0, &[u64::from(pid)])?;
     Ok(())
