@@ -132,6 +132,25 @@ fn execve_from_a_vcpu_thread_kills_the_vmm() {
     assert_killed_by_filter(&mut vmm, "vcpu1", libc::SYS_execve);
 }
 
+/// The send-migration worker narrows the VMM's filter with its own. A destination
+/// that accepts and never answers keeps the worker waiting, so it can be looked at.
+#[test]
+fn the_send_worker_runs_under_its_own_filter() {
+    let dir = test_infra::TempDir::new("seccomp-send").unwrap();
+    let src = common::migration::boot_source(&dir, "seccomp-send", VM_MEMORY, "");
+    let sock = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    common::migration::send_over_unix(&src, &sock, "");
+    let (_connection, _) = listener.accept().unwrap();
+    let worker = poll_until(deadline(EXIT_TIMEOUT), || {
+        let threads = seccomp::threads(src.vmm.pid()).unwrap();
+        Ok::<_, ()>(threads.into_iter().find(|t| t.name == "migration-send"))
+    })
+    .unwrap()
+    .expect("no migration-send thread while the destination is silent");
+    assert_eq!((worker.mode, worker.filters), (2, 3), "{worker:?}");
+}
+
 /// uname(NULL) on the API thread, where its accept4 was: not on any list. It fails
 /// with EFAULT where it runs, which the API loop logs and survives.
 fn inject_uname(vmm: &VmmProcess) {
