@@ -8,7 +8,8 @@ set -euo pipefail
 #   binutils      objdump, the test guest build's forbidden-instruction gate
 #   util-linux    setpriv, used by the tests to run the VMM as an unprivileged user
 #   build-essential  cc, the linker rustc drives for the VMM and the guest
-PACKAGES=(libclang-dev binutils util-linux build-essential)
+#   strace        deriving the seccomp allowlists (docs/seccomp.md)
+PACKAGES=(libclang-dev binutils util-linux build-essential strace)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

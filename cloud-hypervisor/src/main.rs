@@ -12,6 +12,7 @@ use std::time::Instant;
 use clap::{ArgAction, ArgGroup, Parser};
 use vmm::api::http;
 use vmm::config::options::{self, OptionsError, VmParams};
+use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vmm::error_chain;
 use vmm::{VmStartup, VmmEvent, event_monitor};
 
@@ -54,6 +55,10 @@ struct Cli {
     /// path=<file>: write lifecycle events as JSON lines.
     #[arg(long, value_name = "OPTIONS")]
     event_monitor: Option<String>,
+    /// true|false|log: syscall filters per thread (docs/seccomp.md). `log` lets calls
+    /// outside the lists through and has the kernel log them; `false` turns them off.
+    #[arg(long, value_name = "MODE", default_value = "true", value_parser = str::parse::<SeccompMode>)]
+    seccomp: SeccompMode,
     /// More logging (-v info, -vv debug, -vvv trace); warnings by default.
     #[arg(short = 'v', action = ArgAction::Count)]
     verbose: u8,
@@ -121,6 +126,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+
+    // Before any thread starts, so that every thread inherits the filter.
+    if let Err(e) = seccomp::install_process(cli.seccomp, ThreadKind::Vmm) {
+        eprintln!("error: {}", error_chain(&e));
+        return ExitCode::FAILURE;
+    }
 
     if let Some(path) = &startup.event_monitor
         && let Err(e) = event_monitor::init(path)

@@ -176,6 +176,7 @@ pub fn copy_extents(
     let sums = vmm::memsum::PieceSums::default();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let worker = || -> io::Result<()> {
+        vmm::seccomp::enter(vmm::seccomp::ThreadKind::DaemonWorker);
         let mut buf = vmm::sparse::PageBuf::default();
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vmm::seccomp::{self, SeccompMode, ThreadKind};
 
 #[derive(Parser)]
 #[command(name = "offload_daemon", version, about)]
@@ -20,6 +21,10 @@ struct Cli {
     /// More log output (-v: debug); RUST_LOG=error|warn|info|debug|trace also works.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// true|false|log: syscall filters per thread (docs/seccomp.md). `log` lets calls
+    /// outside the lists through and has the kernel log them; `false` turns them off.
+    #[arg(long, global = true, value_name = "MODE", default_value = "true", value_parser = str::parse::<SeccompMode>)]
+    seccomp: SeccompMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +65,11 @@ fn main() -> ExitCode {
         log_level(cli.verbose),
         std::time::Instant::now(),
     );
+    // Before any thread starts, so that every thread inherits the filter.
+    if let Err(e) = seccomp::install_process(cli.seccomp, ThreadKind::Daemon) {
+        eprintln!("offload_daemon: error: {}", vmm::vmm::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Snapshot { socket, output_dir } => {
             snapshot::run(&socket, &output_dir).map_err(Into::into)

@@ -80,6 +80,7 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
     // runs, the VMM just learns it one step later.
     let (main, sources) = std::thread::scope(|s| {
         let checking = s.spawn(|| {
+            vmm::seccomp::enter(vmm::seccomp::ThreadKind::DaemonWorker);
             let manifest = restore::load_manifest(input_dir, &config, &state)?;
             mappings
                 .iter()
@@ -115,7 +116,10 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
         .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
     let failed = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
-        let filler = s.spawn(|| background_fill(&slots, &failed, &fault_handle));
+        let filler = s.spawn(|| {
+            vmm::seccomp::enter(vmm::seccomp::ThreadKind::DaemonWorker);
+            background_fill(&slots, &failed, &fault_handle)
+        });
         let served = restore::send_suffix(&main, &state, resume)
             .map_err(ServeError::from)
             .and_then(|()| {

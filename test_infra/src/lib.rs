@@ -18,6 +18,7 @@ pub mod lines;
 pub mod migration;
 pub mod process;
 pub mod procfs;
+pub mod seccomp;
 pub mod serial;
 pub mod tempdir;
 pub mod wait;

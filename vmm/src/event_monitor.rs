@@ -121,6 +121,7 @@ fn format_event(
 }
 
 fn write_lines(mut file: File, lines: mpsc::Receiver<String>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::EventMonitor);
     for line in lines {
         // Flush per line so a reader (a test, an orchestrator) sees each event at once.
         if let Err(e) = writeln!(file, "{line}").and_then(|()| file.flush()) {

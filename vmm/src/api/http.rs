@@ -151,6 +151,7 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
 }
 
 fn serve(listener: UnixListener, vmm: Sender<VmmEvent>, reply_timeout: Duration, busy: &Mutex<()>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::HttpApi);
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {

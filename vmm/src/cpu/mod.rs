@@ -154,6 +154,7 @@ impl Vcpu {
         ctx: VcpuContext,
         start_paused: bool,
     ) {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         // Paused also after a fatal exit: the VMM is told, and the thread only serves

@@ -152,7 +152,10 @@ fn receive_memory(
         if allocation == Allocation::Ahead && pieces.worth_a_helper() {
             let helper = std::thread::Builder::new()
                 .name("migration-populate".into())
-                .spawn_scoped(s, || pieces.populate_ahead(mem, &stop));
+                .spawn_scoped(s, || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationReceive);
+                    pieces.populate_ahead(mem, &stop)
+                });
             if let Err(e) = helper {
                 log::debug!("receiving without a populating thread: {e}");
             }
@@ -277,6 +280,7 @@ fn accept_loop(
     faults: &std::sync::mpsc::Sender<Stream>,
     postcopy: bool,
 ) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationReceive);
     loop {
         let mut stream = match listener.accept() {
             Ok(s) => s,

@@ -511,6 +511,7 @@ impl Shared {
     }
 
     fn fault_loop(&self, events: &Sender<VmmEvent>) {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         // Page-aligned, so a file source may read into it with O_DIRECT.
         let mut block = crate::sparse::PageBuf::default();
         let buf = block.get(FAULT_BLOCK as usize);
@@ -597,6 +598,7 @@ impl Shared {
     }
 
     fn prefetch(&self, events: &Sender<VmmEvent>) {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         if !self.prefetch_all(events) {
             return;
         }

@@ -117,6 +117,7 @@ impl PeerFilledMemory {
         let thread = std::thread::Builder::new()
             .name("uffd-peer".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
                 if let Err(e) = filler.run() {
                     let error = crate::vmm::error_chain(&e);
                     log::error!("on-demand memory from the peer: {error}");

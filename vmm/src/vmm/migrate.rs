@@ -117,6 +117,7 @@ impl Vmm {
         let worker = std::thread::Builder::new()
             .name("migration-send".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationSend);
                 let _boost = crate::thread_priority::Boost::current_thread();
                 let result = send::run(&ctx).map_err(|e| error_chain(&e));
                 if let Some(log) = &ctx.dirty_log
