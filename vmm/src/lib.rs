@@ -11,6 +11,7 @@ pub mod logger;
 pub mod memory_manager;
 pub mod memsum;
 pub mod migration;
+pub mod snapfile;
 pub mod sparse;
 pub mod state;
 pub mod thread_priority;
