@@ -151,7 +151,13 @@ pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), ServeE
         let filled = filler
             .join()
             .unwrap_or_else(|_| Err(ServeError::Fill("the fill thread panicked".into())));
-        served.and(filled)
+        match (served, filled) {
+            // The fill shuts the connection down when it finds bad data, so whatever
+            // serving hit afterwards (EPIPE on an answer, say) is a consequence: report
+            // the cause.
+            (Err(_), Err(fill)) => Err(fill),
+            (served, filled) => served.and(filled),
+        }
     });
     log::info!(
         "on-demand restore finished in {:.3} s",
