@@ -1,9 +1,15 @@
 //! Owning a listening socket path: a lock file `<path>.lock` says which daemon owns it, so
 //! a second daemon is refused and a socket file left by a dead one can be removed safely.
+//!
+//! Both paths may sit in a directory others can write to. The lock file is opened
+//! without following a symlink and must be a regular file (0600 when created). Only a
+//! stale UNIX socket is ever removed at the socket path: anything else there (a regular
+//! file, a symlink, a socket someone listens on) is refused, never deleted.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::net::UnixListener;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +28,24 @@ pub enum Error {
     Busy { lock: PathBuf, socket: PathBuf },
     #[error("cannot lock {}", path.display())]
     Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} exists and is not a socket: refusing to remove it (remove it yourself or \
+         choose another --socket)",
+        .0.display()
+    )]
+    NotASocket(PathBuf),
+    #[error(
+        "something is listening on {} (not a daemon holding its lock): refusing to \
+         remove it",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("cannot inspect {}", path.display())]
+    Inspect {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -56,15 +80,18 @@ impl LockedListener {
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
         let lock_path = PathBuf::from(lock_path);
-        let lock = OpenOptions::new()
+        let mut options = OpenOptions::new();
+        options
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
-            .map_err(|source| Error::OpenLock {
+            .mode(vmm::snapfile::FILE_MODE);
+        let lock = vmm::snapfile::open_regular_with(options, &lock_path).map_err(|source| {
+            Error::OpenLock {
                 path: lock_path.clone(),
                 source,
-            })?;
+            }
+        })?;
         // flock: released by the kernel when the process dies, so a crash never leaves
         // the path locked, only a stale socket file.
         match lock.try_lock() {
@@ -82,17 +109,7 @@ impl LockedListener {
                 });
             }
         }
-        // We hold the lock, so a socket file here belongs to a daemon that is gone.
-        match std::fs::remove_file(path) {
-            Ok(()) => log::info!("removed stale socket {}", path.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::RemoveStale {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        }
+        remove_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
             path: path.to_path_buf(),
             source,
@@ -103,6 +120,40 @@ impl LockedListener {
             _lock: lock,
         })
     }
+}
+
+/// We hold the lock, so a socket here belongs to a daemon that is gone, or to some
+/// other program: only a UNIX socket nobody listens on is removed.
+fn remove_stale_socket(path: &Path) -> Result<(), Error> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Inspect {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => return Err(Error::InUse(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(source) => {
+            return Err(Error::Inspect {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    log::info!("removed stale socket {}", path.display());
+    Ok(())
 }
 
 impl Drop for LockedListener {

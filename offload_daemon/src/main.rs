@@ -11,6 +11,7 @@ mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
@@ -39,6 +40,11 @@ enum Command {
         /// Directory to create; must not exist or be empty.
         #[arg(long)]
         output_dir: PathBuf,
+        /// Seconds the sender may stay silent mid-protocol (or leave our answers unread)
+        /// before the snapshot is abandoned with an error.
+        #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT_SECS, value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        io_timeout: u64,
     },
     /// Send a stored VM to a VMM waiting in receive-migration receiver_url=unix:<socket>.
     Restore {
@@ -55,6 +61,17 @@ enum Command {
         /// fault connection (the VMM must receive with postcopy=on), and in the background.
         #[arg(long)]
         ondemand: bool,
+        /// Restore a directory that has no manifest.json (as Cloud Hypervisor's own
+        /// daemon writes them). This gives up every integrity check: damaged or altered
+        /// memory, config or state goes into the VM unnoticed; only file lengths and JSON
+        /// syntax are checked.
+        #[arg(long)]
+        allow_unverified: bool,
+        /// Seconds to wait for each answer of the VMM (and, on demand, for the rest of a
+        /// page request that started arriving) before the restore ends with an error.
+        #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT_SECS, value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        io_timeout: u64,
     },
 }
 
@@ -71,21 +88,32 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Snapshot { socket, output_dir } => {
-            snapshot::run(&socket, &output_dir).map_err(Into::into)
+        Command::Snapshot {
+            socket,
+            output_dir,
+            io_timeout,
+        } => {
+            snapshot::run(&socket, &output_dir, Duration::from_secs(io_timeout)).map_err(Into::into)
         }
         Command::Restore {
             socket,
             input_dir,
             resume,
-            ondemand: true,
-        } => ondemand::run(&socket, &input_dir, resume).map_err(Into::into),
-        Command::Restore {
-            socket,
-            input_dir,
-            resume,
-            ondemand: false,
-        } => restore::run(&socket, &input_dir, resume).map_err(Into::into),
+            ondemand,
+            allow_unverified,
+            io_timeout,
+        } => {
+            let opts = restore::Options {
+                resume,
+                allow_unverified,
+                io_timeout: Duration::from_secs(io_timeout),
+            };
+            if ondemand {
+                ondemand::run(&socket, &input_dir, &opts).map_err(Into::into)
+            } else {
+                restore::run(&socket, &input_dir, &opts).map_err(Into::into)
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,6 +129,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How long a peer may stay silent by default: far longer than any step of the protocol
+/// takes (milliseconds), short enough that a stalled peer is noticed.
+const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
+
+/// Whether `e` (or an error in its chain) is a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO).
+pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Sets both I/O deadlines of a connection to a peer.
+pub(crate) fn set_io_timeout(
+    conn: &std::os::unix::net::UnixStream,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))
 }
 
 /// Info by default (the spec's default), `-v` debug, or `RUST_LOG` if set.

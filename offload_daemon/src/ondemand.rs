@@ -15,9 +15,18 @@
 //! A checksum mismatch ends the restore before the bad piece is written: the fault
 //! connection closes and the VMM stops the VM.
 //!
+//! A request must be whole pages, page-aligned, inside one slot: anything else is
+//! answered `Error` and logged, and nothing is written (a request starting mid-page
+//! would otherwise write over part of a page the guest already owns).
+//!
+//! The VMM asks for pages without pause until every page is in; if it sends nothing
+//! for `--io-timeout` (or leaves an answer unread that long), the restore ends with an
+//! error.
+//!
 //! The VMM closes the fault connection once every page it needs is mapped; the daemon
 //! then exits 0.
 
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -29,7 +38,7 @@ use vm_migration::{ConnectionRole, FaultRequest, MAX_PAGE_FAULT_LENGTH, write_ro
 use vmm::migration::config::GuestRamMappingData as GuestRamMapping;
 use vmm::sparse::PAGE_SIZE;
 
-use crate::restore::{self, Error, SlotSource};
+use crate::restore::{self, Error, Options, SlotSource};
 
 struct Slot {
     mapping: GuestRamMapping,
@@ -55,6 +64,12 @@ pub enum ServeError {
     Protocol(#[source] vm_migration::Error),
     #[error("the VMM asked for {len} bytes at {gpa:#x}, outside every guest RAM slot")]
     OutsideRam { gpa: u64, len: u64 },
+    #[error(
+        "the VMM stopped in the middle of a page request or read no answer for {} s \
+         (--io-timeout); restore abandoned",
+        .0.as_secs()
+    )]
+    Silent(std::time::Duration),
     #[error("serving {len} bytes at {gpa:#x}")]
     Copy {
         gpa: u64,
@@ -62,12 +77,15 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("waiting for the VMM's next page request")]
+    Wait(#[source] std::io::Error),
     #[error("background fill: {0}")]
     Fill(String),
 }
 
-pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeError> {
+pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), ServeError> {
     let started = Instant::now();
+    let resume = opts.resume;
     let (config, state) = restore::read_config_state(input_dir)?;
     let mappings = restore::parse_config_state(&config, &state)?;
     let memfds = mappings
@@ -81,13 +99,14 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
     let (main, sources) = std::thread::scope(|s| {
         let checking = s.spawn(|| {
             vmm::seccomp::enter(vmm::seccomp::ThreadKind::DaemonWorker);
-            let manifest = restore::load_manifest(input_dir, &config, &state)?;
+            let manifest =
+                restore::load_manifest(input_dir, &config, &state, opts.allow_unverified)?;
             mappings
                 .iter()
                 .map(|m| restore::slot_source(input_dir, m, manifest.as_ref()))
                 .collect::<Result<Vec<_>, Error>>()
         });
-        let main = restore::send_prefix(socket, &memfds, &config);
+        let main = restore::send_prefix(socket, &memfds, &config, opts.io_timeout);
         let sources = checking.join().unwrap_or(Err(Error::CheckPanicked));
         (main, sources)
     });
@@ -108,6 +127,8 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
         .collect();
     let mut fault = UnixStream::connect(socket)
         .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
+    crate::set_io_timeout(&fault, opts.io_timeout)
+        .map_err(|e| ServeError::FaultConnection(socket.to_path_buf(), e))?;
     write_role(&mut fault, ConnectionRole::Fault).map_err(ServeError::Protocol)?;
 
     // The fill shuts the connection down through its own handle if the data is bad.
@@ -127,7 +148,7 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
                     "VM resumed on demand in {:.3} s; serving its memory",
                     started.elapsed().as_secs_f64()
                 );
-                serve(&slots, &mut fault)
+                serve(&slots, &mut fault, opts.io_timeout)
             });
         // Whatever happened, the fill must not outlive the connection it reports on.
         failed.store(
@@ -137,7 +158,13 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
         let filled = filler
             .join()
             .unwrap_or_else(|_| Err(ServeError::Fill("the fill thread panicked".into())));
-        served.and(filled)
+        match (served, filled) {
+            // The fill shuts the connection down when it finds bad data, so whatever
+            // serving hit afterwards (EPIPE on an answer, say) is a consequence: report
+            // the cause.
+            (Err(_), Err(fill)) => Err(fill),
+            (served, filled) => served.and(filled),
+        }
     });
     log::info!(
         "on-demand restore finished in {:.3} s",
@@ -146,13 +173,46 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), ServeErr
     result
 }
 
-/// Answers PageFault requests until the VMM closes the connection.
-fn serve(slots: &[Slot], fault: &mut UnixStream) -> Result<(), ServeError> {
+/// Answers PageFault requests until the VMM closes the connection. A request that is
+/// not whole aligned pages is refused with `Error` (nothing written) and serving goes
+/// on: the guest's pages are untouched, and the VMM decides what to do.
+fn serve(
+    slots: &[Slot],
+    fault: &mut UnixStream,
+    timeout: std::time::Duration,
+) -> Result<(), ServeError> {
+    let protocol = |e: vm_migration::Error| {
+        if crate::is_timeout(&e) {
+            ServeError::Silent(timeout)
+        } else {
+            ServeError::Protocol(e)
+        }
+    };
     loop {
-        match read_fault_request(fault, MAX_PAGE_FAULT_LENGTH) {
+        // A healthy VMM may ask for nothing for a long time (a paused guest, an idle one,
+        // a background fill that got there first), and a VMM that dies closes the socket,
+        // so the wait for a request has no deadline; the rest of a request that started
+        // arriving, and our answer, are bounded by `timeout`.
+        let Some(first) = wait_for_request(fault, timeout)? else {
+            return Ok(());
+        };
+        let mut request = (&first[..]).chain(&mut *fault);
+        match read_fault_request(&mut request, MAX_PAGE_FAULT_LENGTH) {
             Ok(Some(FaultRequest::PageFault(range))) => {
+                if !(range.gpa.is_multiple_of(PAGE_SIZE) && range.length.is_multiple_of(PAGE_SIZE))
+                {
+                    log::error!(
+                        "refused a PageFault for {} bytes at {:#x}: requests must be whole \
+                         {PAGE_SIZE}-byte pages at page-aligned addresses",
+                        range.length,
+                        range.gpa
+                    );
+                    vm_migration::send_response(fault, vm_migration::Status::Error, &[])
+                        .map_err(protocol)?;
+                    continue;
+                }
                 write_range(slots, range.gpa, range.length)?;
-                send_page_written_to_memfd(fault).map_err(ServeError::Protocol)?;
+                send_page_written_to_memfd(fault).map_err(protocol)?;
             }
             Ok(Some(FaultRequest::Abandon | FaultRequest::Complete)) => {
                 let _ = vm_migration::send_response(fault, vm_migration::Status::Ok, &[]);
@@ -161,9 +221,28 @@ fn serve(slots: &[Slot], fault: &mut UnixStream) -> Result<(), ServeError> {
             // The VMM closes the connection once every page it needs is mapped.
             Ok(None) => return Ok(()),
             Err(e) if e.is_closed_between_messages() => return Ok(()),
-            Err(e) => return Err(ServeError::Protocol(e)),
+            Err(e) => return Err(protocol(e)),
         }
     }
+}
+
+/// Blocks until the first byte of the next request arrives (`None`: the VMM closed the
+/// connection), then restores the I/O deadline for the rest of the exchange.
+fn wait_for_request(
+    fault: &mut UnixStream,
+    timeout: std::time::Duration,
+) -> Result<Option<[u8; 1]>, ServeError> {
+    let mut first = [0u8; 1];
+    fault.set_read_timeout(None).map_err(ServeError::Wait)?;
+    let got = loop {
+        match fault.read(&mut first) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break 0,
+            other => break other.map_err(ServeError::Wait)?,
+        }
+    };
+    fault.set_read_timeout(Some(timeout)).map_err(ServeError::Wait)?;
+    Ok((got == 1).then_some(first))
 }
 
 /// Makes sure every page of `[gpa, gpa+len)` that holds snapshot data is in the memfd

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_migration::RequestHeader;
 use vmm::migration::config::GuestRamMappingData;
@@ -15,10 +15,34 @@ use crate::layout::{
     OLDEST_MANIFEST_VERSION, STATE_FILE,
 };
 
+/// How a restore runs (the command line's flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Complete (the VM runs) rather than CompletePaused.
+    pub resume: bool,
+    /// Restore a directory without `manifest.json`, unchecked.
+    pub allow_unverified: bool,
+    /// Longest wait for each answer of the VMM (and each write to it).
+    pub io_timeout: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{} is missing", .0.display())]
     Missing(PathBuf),
+    #[error(
+        "{} is missing, so nothing in the directory can be verified; pass \
+         --allow-unverified to restore it anyway (Cloud Hypervisor's own daemon writes \
+         no manifest)",
+        .0.display()
+    )]
+    NoManifest(PathBuf),
+    #[error("checksum file {}", path.display())]
+    Sums {
+        path: PathBuf,
+        #[source]
+        source: vmm::memsum::SumsError,
+    },
     #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
@@ -41,8 +65,6 @@ pub enum Error {
          its version"
     )]
     ManifestSumsForm(u32),
-    #[error("{} is not a whole number of checksum records (truncated?)", path.display())]
-    SumsRecords { path: PathBuf },
     #[error(
         "{file} does not match the manifest: {len} bytes, crc32 {crc32:08x}; expected {expected_len} bytes, crc32 {expected_crc32:08x}"
     )]
@@ -110,6 +132,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the VMM did not answer the {step} command within {} s (--io-timeout); \
+         restore abandoned",
+        .timeout.as_secs()
+    )]
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
     #[error("the VMM rejected or failed the {step} command (see its log)")]
     Rejected {
         step: &'static str,
@@ -125,15 +156,16 @@ struct Loaded {
     memfds: Vec<(u32, File)>,
 }
 
-pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), Error> {
+pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), Error> {
     let started = Instant::now();
-    let loaded = load(input_dir)?;
+    let resume = opts.resume;
+    let loaded = load(input_dir, opts.allow_unverified)?;
     log::info!(
         "snapshot {} checked and loaded in {:.3} s",
         input_dir.display(),
         started.elapsed().as_secs_f64()
     );
-    send(socket, &loaded, resume)?;
+    send(socket, &loaded, opts)?;
     log::info!(
         "VM restored into {} ({}) in {:.3} s",
         socket.display(),
@@ -143,14 +175,20 @@ pub fn run(socket: &Path, input_dir: &Path, resume: bool) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
-    let mut file = File::open(path).map_err(|source| match source.kind() {
+/// Opens a file of the snapshot directory: a regular file, never through a symlink
+/// (`vmm::snapfile`).
+fn open_input(path: &Path) -> Result<File, Error> {
+    vmm::snapfile::open_regular(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => Error::Missing(path.to_path_buf()),
         _ => Error::Read {
             path: path.to_path_buf(),
             source,
         },
-    })?;
+    })
+}
+
+fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
+    let mut file = open_input(path)?;
     vmm::sparse::read_capped(&mut file, limit).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
@@ -179,8 +217,8 @@ pub(crate) struct Meta {
     pub mappings: Vec<GuestRamMappingData>,
 }
 
-fn load(dir: &Path) -> Result<Loaded, Error> {
-    let meta = load_meta(dir)?;
+fn load(dir: &Path, allow_unverified: bool) -> Result<Loaded, Error> {
+    let meta = load_meta(dir, allow_unverified)?;
     let mut memfds = Vec::with_capacity(meta.mappings.len());
     for m in &meta.mappings {
         memfds.push((m.slot, load_slot(dir, m, meta.manifest.as_ref())?));
@@ -194,9 +232,9 @@ fn load(dir: &Path) -> Result<Loaded, Error> {
 
 /// Reads and checks everything but memory: config and state against the manifest first,
 /// so a damaged file is reported as such rather than as whatever it fails to parse as.
-pub(crate) fn load_meta(dir: &Path) -> Result<Meta, Error> {
+pub(crate) fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Error> {
     let (config, state) = read_config_state(dir)?;
-    let manifest = load_manifest(dir, &config, &state)?;
+    let manifest = load_manifest(dir, &config, &state, allow_unverified)?;
     let mappings = parse_config_state(&config, &state)?;
     Ok(Meta {
         config,
@@ -214,12 +252,13 @@ pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error>
     ))
 }
 
-/// The manifest, with `config` and `state` checked against it; `None` (with a warning)
-/// where there is none.
+/// The manifest, with `config` and `state` checked against it. Where there is none: an
+/// error, or with `allow_unverified` `None` and a warning.
 pub(crate) fn load_manifest(
     dir: &Path,
     config: &[u8],
     state: &[u8],
+    allow_unverified: bool,
 ) -> Result<Option<Manifest>, Error> {
     let manifest = match read_small(&dir.join(MANIFEST_FILE), MAX_JSON_FILE) {
         Ok(bytes) => {
@@ -231,13 +270,15 @@ pub(crate) fn load_manifest(
             }
             Some(m)
         }
-        Err(Error::Missing(path)) => {
+        Err(Error::Missing(path)) if allow_unverified => {
             log::warn!(
-                "{} is missing: memory, config and state cannot be verified",
+                "{} is missing: memory, config and state cannot be verified \
+                 (--allow-unverified)",
                 path.display()
             );
             None
         }
+        Err(Error::Missing(path)) => return Err(Error::NoManifest(path)),
         Err(e) => return Err(e),
     };
     if let Some(m) = &manifest {
@@ -347,11 +388,10 @@ fn manifest_pieces(
 ) -> Result<Vec<layout::ExtentSum>, Error> {
     match (entry.sums, &entry.extents) {
         (Some(sums), None) if version >= 3 => {
-            let name = layout::sums_file_name(entry.slot);
-            let path = dir.join(&name);
-            let bytes = read_small(&path, vmm::memsum::encoded_limit(entry.size))?;
-            check_file(&name, &bytes, sums)?;
-            vmm::memsum::decode(&bytes).ok_or(Error::SumsRecords { path })
+            let path = dir.join(layout::sums_file_name(entry.slot));
+            let file = open_input(&path)?;
+            vmm::memsum::read_sums(&file, sums.len, sums.crc32, entry.size)
+                .map_err(|source| Error::Sums { path, source })
         }
         (None, Some(extents)) if version == 2 => Ok(extents.clone()),
         _ => Err(Error::ManifestSumsForm(entry.slot)),
@@ -369,10 +409,7 @@ pub(crate) fn slot_source(
         path: path.clone(),
         source,
     };
-    let file = File::open(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => Error::Missing(path.clone()),
-        _ => read_err(e),
-    })?;
+    let file = open_input(&path)?;
     let len = file.metadata().map_err(read_err)?.len();
     if len != m.size {
         return Err(Error::MemorySize {
@@ -430,9 +467,9 @@ fn create_memfd(size: u64) -> io::Result<File> {
     vmm::memory_manager::create_memfd(size).map_err(io::Error::other)
 }
 
-fn send(socket: &Path, loaded: &Loaded, resume: bool) -> Result<(), Error> {
-    let stream = send_prefix(socket, &loaded.memfds, &loaded.config)?;
-    send_suffix(&stream, &loaded.state, resume)
+fn send(socket: &Path, loaded: &Loaded, opts: &Options) -> Result<(), Error> {
+    let stream = send_prefix(socket, &loaded.memfds, &loaded.config, opts.io_timeout)?;
+    send_suffix(&stream, &loaded.state, opts.resume)
 }
 
 fn request(
@@ -443,28 +480,42 @@ fn request(
 ) -> Result<(), Error> {
     vm_migration::send_request(&mut &*stream, &header, payload)
         .and_then(|()| vm_migration::expect_ok(&mut &*stream))
-        .map_err(|source| Error::Rejected { step, source })
+        .map_err(|source| answer_error(stream, step, source))
 }
 
-/// Connects and sends Start, one MemoryFd per slot and Config.
+/// A failed exchange: a VMM that went silent (the connection's deadline passed) is told
+/// apart from one that answered Error or hung up.
+fn answer_error(stream: &UnixStream, step: &'static str, source: vm_migration::Error) -> Error {
+    if crate::is_timeout(&source) {
+        Error::Timeout {
+            step,
+            timeout: stream.read_timeout().ok().flatten().unwrap_or_default(),
+        }
+    } else {
+        Error::Rejected { step, source }
+    }
+}
+
+/// Connects (every later read and write on the connection has `timeout` as deadline)
+/// and sends Start, one MemoryFd per slot and Config.
 pub(crate) fn send_prefix(
     socket: &Path,
     memfds: &[(u32, File)],
     config: &[u8],
+    timeout: Duration,
 ) -> Result<UnixStream, Error> {
-    let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+    let connect_err = |source| Error::Connect {
         path: socket.to_path_buf(),
         source,
-    })?;
+    };
+    let stream = UnixStream::connect(socket).map_err(connect_err)?;
+    crate::set_io_timeout(&stream, timeout).map_err(connect_err)?;
     request(&stream, "Start", RequestHeader::start(), &[])?;
     for (slot, fd) in memfds {
         // send_memory_fd writes the header itself, then the slot id with the fd.
         vm_migration::send_memory_fd(&stream, *slot, fd)
             .and_then(|()| vm_migration::expect_ok(&mut &stream))
-            .map_err(|source| Error::Rejected {
-                step: "MemoryFd",
-                source,
-            })?;
+            .map_err(|source| answer_error(&stream, "MemoryFd", source))?;
     }
     request(
         &stream,
@@ -541,7 +592,10 @@ mod tests {
         std::fs::write(dir.join("memory-0.sums"), &bytes[..20]).unwrap();
         assert!(matches!(
             manifest_pieces(&dir, &v3, 3),
-            Err(Error::FileChecksum { .. })
+            Err(Error::Sums {
+                source: vmm::memsum::SumsError::Size { .. },
+                ..
+            })
         ));
         let cut = MemoryFileSum {
             sums: Some(FileSum::of(&bytes[..20])),
@@ -549,7 +603,10 @@ mod tests {
         };
         assert!(matches!(
             manifest_pieces(&dir, &cut, 3),
-            Err(Error::SumsRecords { .. })
+            Err(Error::Sums {
+                source: vmm::memsum::SumsError::Records(20),
+                ..
+            })
         ));
         // Longer than a slot of that size can need: refused before it is read.
         let tiny = MemoryFileSum {
@@ -559,7 +616,10 @@ mod tests {
         std::fs::write(dir.join("memory-0.sums"), &bytes).unwrap();
         assert!(matches!(
             manifest_pieces(&dir, &tiny, 3),
-            Err(Error::Read { .. })
+            Err(Error::Sums {
+                source: vmm::memsum::SumsError::TooLarge { .. },
+                ..
+            })
         ));
         std::fs::remove_file(dir.join("memory-0.sums")).unwrap();
         assert!(matches!(

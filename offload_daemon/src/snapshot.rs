@@ -1,12 +1,13 @@
 //! `offload_daemon snapshot`: act as a migration receiver (local mode, memory fds) and
-//! store what arrives in a directory that appears complete or not at all.
+//! store what arrives in a directory that appears complete or not at all. The directory
+//! holds guest RAM: it is created 0700 and its files 0600 (`vmm::snapfile`).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_migration::{Limits, Request, Status};
 use vmm::migration::config::GuestRamMappingData;
@@ -47,6 +48,14 @@ pub enum Error {
     TooManyFds,
     #[error("the sender abandoned the migration")]
     Abandoned,
+    #[error(
+        "the sender sent nothing, or left our answer unread, for {} s (--io-timeout); \
+         snapshot abandoned",
+        .0.as_secs()
+    )]
+    Silent(Duration),
+    #[error("cannot set the connection's deadlines")]
+    SetTimeout(#[source] io::Error),
     #[error(transparent)]
     Config(#[from] layout::Error),
     #[error("no memory fd was received for guest RAM slot {0}")]
@@ -67,8 +76,9 @@ fn write_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error
     move |source| Error::Write { step, path, source }
 }
 
-/// Serves one snapshot on `socket` into `output_dir`.
-pub fn run(socket: &Path, output_dir: &Path) -> Result<(), Error> {
+/// Serves one snapshot on `socket` into `output_dir`. Once connected, the sender may stay
+/// silent at most `io_timeout` at a time.
+pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(), Error> {
     check_output_dir(output_dir)?;
     let listener = LockedListener::bind(socket)?;
     log::info!("waiting for the sender on {}", socket.display());
@@ -77,7 +87,11 @@ pub fn run(socket: &Path, output_dir: &Path) -> Result<(), Error> {
     // by the socket going away with the listener.
     drop(listener);
     log::info!("sender connected");
-    serve(&conn, output_dir)
+    crate::set_io_timeout(&conn, io_timeout).map_err(Error::SetTimeout)?;
+    serve(&conn, output_dir).map_err(|e| match e {
+        Error::Protocol(p) if crate::is_timeout(&p) => Error::Silent(io_timeout),
+        e => e,
+    })
 }
 
 /// Refuses a non-empty output directory before anything is received, so the sender
@@ -249,7 +263,7 @@ impl Drop for TempDirGuard {
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let file = File::create_new(path).map_err(write_err("creating", path))?;
+    let file = vmm::snapfile::create_private(path).map_err(write_err("creating", path))?;
     std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0)
         .map_err(write_err("writing", path))?;
     file.sync_all().map_err(write_err("fsyncing", path))
@@ -292,7 +306,7 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "snapshot".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::create_dir(&tmp).map_err(write_err("creating", &tmp))?;
+    vmm::snapfile::create_private_dir(&tmp).map_err(write_err("creating", &tmp))?;
     let mut guard = TempDirGuard {
         path: tmp.clone(),
         committed: false,

@@ -252,13 +252,19 @@ fn snapshot_then_eager_restore_carries_on() {
     let last = after[after.len() - 1].clone();
     dest.kill().unwrap();
 
-    // The same snapshot again, without its manifest (as from another daemon) and without
-    // --resume: restored with a warning, paused until told otherwise.
+    // The same snapshot again, without its manifest (as from another daemon): refused
+    // unless the user says --allow-unverified; then, without --resume, restored with a
+    // warning and paused until told otherwise.
     std::fs::remove_file(snap.join("manifest.json")).unwrap();
+    expect_refused(&dir, &snap, "--allow-unverified");
     let mut dest = empty_vmm("offload-eager-dest2");
     let url = format!("unix:{}", dir.join("restore2.sock").display());
     let receiver = receive_in_background(&dest, &url);
-    let out = run_daemon(&restore_args(&dir.join("restore2.sock"), &snap, &[]));
+    let out = run_daemon(&restore_args(
+        &dir.join("restore2.sock"),
+        &snap,
+        &["--allow-unverified"],
+    ));
     assert!(out.status.success(), "restore: {}", show(&out));
     expect_stderr(&out, "manifest.json is missing");
     let (status, body) = receiver.join().unwrap();
@@ -322,7 +328,7 @@ fn damaged_snapshots_are_refused_before_connecting() {
     let sums = dir.join("flipped-sums");
     copy_snapshot(&snap, &sums);
     test_infra::damage::flip_byte(&sums.join("memory-0.sums"), 9, 0x01).unwrap();
-    expect_refused(&dir, &sums, "memory-0.sums does not match the manifest");
+    expect_refused(&dir, &sums, "memory-0.sums: does not match the manifest");
 
     // state.json cut in half.
     let cut = dir.join("cut-state");

@@ -9,11 +9,13 @@
 //! - [`lines`]: typed parsers for the guest's `TG ...` lines.
 //! - [`tempdir`]: [`TempDir`], removed on drop.
 //! - [`damage`]: damaging snapshot files on purpose.
+//! - [`hostile`]: FIFOs, modes, huge sparse files, peak RSS of a finished process.
 //! - [`wait`]: the one polling helper with a deadline.
 
 pub mod daemon;
 pub mod damage;
 pub mod guest;
+pub mod hostile;
 pub mod lines;
 pub mod migration;
 pub mod process;

@@ -12,6 +12,7 @@ pub mod memory_manager;
 pub mod memsum;
 pub mod migration;
 pub mod seccomp;
+pub mod snapfile;
 pub mod sparse;
 pub mod state;
 pub mod thread_priority;

@@ -216,16 +216,131 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<PieceSum>> {
 pub fn check_layout(pieces: &[PieceSum], size: u64) -> Result<(), PieceSum> {
     let mut prev_end = 0;
     for p in pieces {
-        let ok = p.len > 0
-            && p.offset >= prev_end
-            && p.offset.checked_add(p.len).is_some_and(|end| end <= size)
-            && p.offset / GRID == (p.offset + p.len - 1) / GRID;
-        if !ok {
+        if !piece_fits(p, prev_end, size) {
             return Err(*p);
         }
         prev_end = p.offset + p.len;
     }
     Ok(())
+}
+
+/// Whether `p` may follow a piece ending at `prev_end` in a region of `size` bytes.
+fn piece_fits(p: &PieceSum, prev_end: u64, size: u64) -> bool {
+    p.len > 0
+        && p.offset >= prev_end
+        && p.offset.checked_add(p.len).is_some_and(|end| end <= size)
+        && p.offset / GRID == (p.offset + p.len - 1) / GRID
+}
+
+/// Why a `.sums` file was refused by [`read_sums`].
+#[derive(Debug, thiserror::Error)]
+pub enum SumsError {
+    #[error("does not match the manifest: {got} bytes, expected {want}")]
+    Size { got: u64, want: u64 },
+    #[error(
+        "is {len} bytes, more than the {limit} a {size}-byte memory file can need \
+         (one record per page)"
+    )]
+    TooLarge { len: u64, limit: u64, size: u64 },
+    #[error("{0} bytes is not a whole number of {RECORD_LEN}-byte records (truncated?)")]
+    Records(u64),
+    #[error("does not match the manifest: CRC32 {got:08x}, expected {want:08x}")]
+    Crc { got: u32, want: u32 },
+    #[error(
+        "memory piece {}+{} is empty, out of order, crosses the {} KiB checksum grid or \
+         lies outside the {size}-byte memory file",
+        .piece.offset, .piece.len, GRID >> 10
+    )]
+    Layout { piece: PieceSum, size: u64 },
+    #[error("cannot read it")]
+    Io(#[from] io::Error),
+}
+
+/// Bytes of a `.sums` file read at a time: what [`read_sums`] holds beside the pieces.
+const SUMS_READ_CHUNK: usize = 4096 * RECORD_LEN;
+
+/// Reads, checks and decodes a `.sums` file whose manifest entry says `want_len` bytes
+/// with CRC32 `want_crc`, for a memory file of `size` bytes.
+///
+/// The file comes from disk and is not trusted: its length is checked against the
+/// manifest and against what `size` can need before anything is read, and it is read in
+/// small chunks, each record checked ([`check_layout`]) as it is decoded. So memory grows
+/// only with records that make sense; a large file of zeros or garbage costs one chunk,
+/// not the file's size plus its decoded list. A file that fails both checks is reported
+/// by its CRC32 (damage is reported as damage).
+pub fn read_sums(
+    file: &File,
+    want_len: u64,
+    want_crc: u32,
+    size: u64,
+) -> Result<Vec<PieceSum>, SumsError> {
+    let len = file.metadata()?.len();
+    if len != want_len {
+        return Err(SumsError::Size {
+            got: len,
+            want: want_len,
+        });
+    }
+    let limit = encoded_limit(size);
+    if len > limit {
+        return Err(SumsError::TooLarge { len, limit, size });
+    }
+    if !len.is_multiple_of(RECORD_LEN as u64) {
+        return Err(SumsError::Records(len));
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut pieces = Vec::new();
+    let mut bad = None;
+    let mut prev_end = 0;
+    let mut buf = vec![0u8; SUMS_READ_CHUNK];
+    let mut pos = 0u64;
+    while pos < len {
+        // Bounded by SUMS_READ_CHUNK, so the cast cannot truncate.
+        let n = (len - pos).min(SUMS_READ_CHUNK as u64) as usize;
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, pos)?;
+        hasher.update(chunk);
+        if bad.is_none() {
+            for r in chunk.chunks_exact(RECORD_LEN) {
+                let p = decode_record(r);
+                if !piece_fits(&p, prev_end, size) {
+                    bad = Some(p);
+                    // Only the CRC32 is still needed.
+                    pieces = Vec::new();
+                    break;
+                }
+                prev_end = p.end();
+                pieces.push(p);
+            }
+        }
+        pos += n as u64;
+    }
+    let got = hasher.finalize();
+    if got != want_crc {
+        return Err(SumsError::Crc {
+            got,
+            want: want_crc,
+        });
+    }
+    match bad {
+        Some(piece) => Err(SumsError::Layout { piece, size }),
+        None => Ok(pieces),
+    }
+}
+
+/// One record of the binary form (exactly [`RECORD_LEN`] bytes).
+fn decode_record(r: &[u8]) -> PieceSum {
+    let word = |at: usize, n: usize| {
+        let mut raw = [0u8; 8];
+        raw[..n].copy_from_slice(&r[at..at + n]);
+        u64::from_le_bytes(raw)
+    };
+    PieceSum {
+        offset: word(0, 8),
+        len: word(8, 4),
+        // Four bytes: fits.
+        crc32: word(12, 4) as u32,
+    }
 }
 
 /// Adjacent pieces joined back into extents: what a bulk copy reads.
@@ -369,6 +484,52 @@ mod tests {
         assert!(encode(&[too_long]).is_err());
         // A mapping of two pages holds at most two pieces.
         assert_eq!(encoded_limit(8192), 3 * RECORD_LEN as u64);
+    }
+
+    #[test]
+    fn sums_files_are_checked_before_and_while_reading() {
+        let dir = std::env::temp_dir().join(format!("memsum-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let list: Vec<PieceSum> = (0..3 * 4096u64)
+            .map(|i| PieceSum {
+                offset: i * 2 * 4096,
+                len: 4096,
+                crc32: i as u32,
+            })
+            .collect();
+        let size = 3 * 4096 * 2 * 4096;
+        let bytes = encode(&list).unwrap();
+        let crc = crc32fast::hash(&bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        let n = bytes.len() as u64;
+        assert_eq!(read_sums(&f, n, crc, size).unwrap(), list);
+        assert!(matches!(
+            read_sums(&f, n + 16, crc, size),
+            Err(SumsError::Size { .. })
+        ));
+        assert!(matches!(
+            read_sums(&f, n, crc ^ 1, size),
+            Err(SumsError::Crc { .. })
+        ));
+        assert!(matches!(
+            read_sums(&f, n, crc, 4096),
+            Err(SumsError::TooLarge { .. })
+        ));
+        // Zeros with a matching digest: refused on the first record.
+        let zeros = vec![0u8; bytes.len()];
+        std::fs::write(&path, &zeros).unwrap();
+        let f = File::open(&path).unwrap();
+        let e = read_sums(&f, n, crc32fast::hash(&zeros), size).unwrap_err();
+        assert!(e.to_string().contains("memory piece 0+0"), "{e}");
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        let f = File::open(&path).unwrap();
+        assert!(matches!(
+            read_sums(&f, 20, 0, size),
+            Err(SumsError::Records(20))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

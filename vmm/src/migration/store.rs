@@ -12,9 +12,14 @@
 //!
 //! A snapshot is written into a hidden sibling directory, every file and the directory
 //! fsynced, and only then renamed to its final name: a crash mid-way never leaves a
-//! directory that looks complete.
+//! directory that looks complete. It holds guest RAM, so the directory is 0700 and its
+//! files 0600 (`snapfile`).
+//!
+//! A directory to restore is hostile input: every file is opened without following
+//! symlinks and must be a regular file (`snapfile::open_regular`), and each is checked
+//! against the manifest's sizes before it is read or anything is allocated for it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::VmConfig;
 use crate::memory_manager::{GuestRamMapping, MemoryManager};
 use crate::memsum::{self, PieceSum};
+use crate::snapfile;
 use crate::sparse;
 use crate::state::StateTree;
 
@@ -77,6 +83,8 @@ pub enum Error {
     Version(u32),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("checksum file {0}")]
+    Sums(PathBuf, #[source] memsum::SumsError),
     #[error("the snapshot's memory layout does not match its config")]
     LayoutMismatch,
     #[error("reading the snapshot failed: a thread panicked")]
@@ -161,7 +169,7 @@ pub fn save(
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io("cannot remove stale partial snapshot", &tmp))?;
     }
-    fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+    snapfile::create_private_dir(&tmp).map_err(io("cannot create", &tmp))?;
     let result = write_contents(&tmp, config, state, memory).and_then(|stats| {
         sync_dir(&tmp)?;
         // rename(2) replaces an empty directory atomically, so an empty `dest` created by
@@ -254,11 +262,7 @@ fn create_direct_file(path: &Path) -> Result<File> {
 }
 
 fn create_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io("cannot create", path))
+    snapfile::create_private(path).map_err(io("cannot create", path))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -292,11 +296,13 @@ pub struct Snapshot {
     pub memory: SnapshotMemory,
 }
 
-/// The memory of a [`Snapshot`]: per mapping, the checked layout of its data pieces.
+/// The memory of a [`Snapshot`]: per mapping, its memory file (open, checked to be a
+/// regular file of the mapping's size) and the checked layout of its data pieces.
 #[derive(Debug)]
 pub struct SnapshotMemory {
     dir: PathBuf,
     mappings: Vec<GuestRamMapping>,
+    files: Vec<File>,
     pieces: Vec<Vec<PieceSum>>,
 }
 
@@ -353,15 +359,13 @@ impl SnapshotConfig {
                 path: dir.join(STATE_FILE),
                 source,
             })?;
+        let mut files = Vec::with_capacity(manifest.mappings.len());
         for m in &manifest.mappings {
-            let path = dir.join(memory_file_name(m.slot));
-            let meta = fs::metadata(&path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::Incomplete(dir.to_path_buf(), memory_file_name(m.slot))
-                } else {
-                    io("cannot inspect", &path)(e)
-                }
-            })?;
+            let name = memory_file_name(m.slot);
+            let path = dir.join(&name);
+            let file = open_file(dir, &name)?;
+            let meta = file.metadata().map_err(io("cannot inspect", &path))?;
+            files.push(file);
             if meta.len() != m.size {
                 return Err(Error::Corrupt {
                     path,
@@ -392,6 +396,7 @@ impl SnapshotConfig {
             memory: SnapshotMemory {
                 dir: dir.to_path_buf(),
                 mappings: manifest.mappings,
+                files,
                 pieces,
             },
         })
@@ -422,13 +427,11 @@ fn read_pieces(dir: &Path, manifest: &ManifestHead) -> Result<Vec<Vec<PieceSum>>
             let mut pieces = Vec::with_capacity(files.len());
             for (m, digest) in manifest.mappings.iter().zip(files) {
                 let name = sums_file_name(m.slot);
-                let path = dir.join(&name);
-                let bytes = read_file(dir, &name, memsum::encoded_limit(m.size))?;
-                check_digest(&path, &bytes, digest)?;
-                pieces.push(memsum::decode(&bytes).ok_or_else(|| Error::Corrupt {
-                    path,
-                    reason: format!("{} bytes is not a whole number of records", bytes.len()),
-                })?);
+                let file = open_file(dir, &name)?;
+                pieces.push(
+                    memsum::read_sums(&file, digest.size, digest.crc32, m.size)
+                        .map_err(|e| Error::Sums(dir.join(&name), e))?,
+                );
             }
             Ok(pieces)
         }
@@ -446,16 +449,22 @@ fn read_pieces(dir: &Path, manifest: &ManifestHead) -> Result<Vec<Vec<PieceSum>>
     }
 }
 
-/// A small file of the snapshot (JSON or checksums), whole, if at most `limit` bytes.
-fn read_file(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
+/// Opens file `name` of the snapshot: a regular file, not through a symlink.
+fn open_file(dir: &Path, name: &str) -> Result<File> {
     let path = dir.join(name);
-    let mut file = File::open(&path).map_err(|e| {
+    snapfile::open_regular(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Incomplete(dir.to_path_buf(), name.to_string())
         } else {
             io("cannot open", &path)(e)
         }
-    })?;
+    })
+}
+
+/// A small JSON file of the snapshot, whole, if at most `limit` bytes.
+fn read_file(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let mut file = open_file(dir, name)?;
     sparse::read_capped(&mut file, limit).map_err(io("cannot read", &path))
 }
 
@@ -492,13 +501,20 @@ impl SnapshotMemory {
     /// The snapshot's memory files as a source for on-demand restore, which checks each
     /// piece before any of its pages reaches the guest.
     pub fn memory_source(&self) -> std::io::Result<crate::uffd::file::FileSource> {
-        let files: Vec<(PathBuf, Vec<PieceSum>)> = self
+        let files = self
             .mappings
             .iter()
+            .zip(&self.files)
             .zip(&self.pieces)
-            .map(|(m, pieces)| (self.dir.join(memory_file_name(m.slot)), pieces.clone()))
-            .collect();
-        crate::uffd::file::FileSource::open(files)
+            .map(|((m, file), pieces)| {
+                Ok((
+                    self.dir.join(memory_file_name(m.slot)),
+                    file.try_clone()?,
+                    pieces.clone(),
+                ))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(crate::uffd::file::FileSource::new(files))
     }
 
     /// Copies the snapshot's data into guest RAM, then checks every piece of it against
@@ -507,9 +523,9 @@ impl SnapshotMemory {
     pub fn fill_memory(&self, memory: &MemoryManager) -> Result<u64> {
         self.check_layout(memory)?;
         let mut total = 0;
-        for (m, pieces) in memory.mappings().iter().zip(&self.pieces) {
+        for ((m, file), pieces) in memory.mappings().iter().zip(&self.files).zip(&self.pieces) {
             let path = self.dir.join(memory_file_name(m.slot));
-            let file = File::open(&path).map_err(io("cannot open", &path))?;
+            let file = file.try_clone().map_err(io("cannot open", &path))?;
             let extents = memsum::joined(pieces);
             let got = memory
                 .read_mapping(m, &sparse::BulkFile::new(file), &extents)

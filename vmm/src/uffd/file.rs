@@ -28,22 +28,21 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// Opens one file per mapping, with the pieces of data the manifest lists for it.
-    pub fn open(files: Vec<(PathBuf, Vec<PieceSum>)>) -> io::Result<Self> {
+    /// One memory file per mapping (its path for messages, the file, opened and checked
+    /// by the caller as hostile input, see `snapfile`), with the pieces of data the
+    /// manifest lists for it.
+    pub fn new(files: Vec<(PathBuf, File, Vec<PieceSum>)>) -> Self {
         let files = files
             .into_iter()
-            .map(|(path, pieces)| {
-                let file = BulkFile::new(File::open(&path)?);
-                Ok(MemoryFile {
-                    extents: memsum::joined(&pieces),
-                    checked: pieces.iter().map(|_| AtomicBool::new(false)).collect(),
-                    path,
-                    file,
-                    pieces,
-                })
+            .map(|(path, file, pieces)| MemoryFile {
+                extents: memsum::joined(&pieces),
+                checked: pieces.iter().map(|_| AtomicBool::new(false)).collect(),
+                path,
+                file: BulkFile::new(file),
+                pieces,
             })
-            .collect::<io::Result<_>>()?;
-        Ok(FileSource { files })
+            .collect();
+        FileSource { files }
     }
 }
 

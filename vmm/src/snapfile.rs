@@ -1,0 +1,159 @@
+//! Opening and creating the files of snapshot directories (`vm.snapshot`'s and the
+//! offload daemon's).
+//!
+//! What is read is hostile input: a directory may be writable by someone else, and
+//! `File::open` would follow a symlink to any file the VMM (root) can read, or block
+//! forever on a FIFO (freezing the VMM's API). So every snapshot file is opened with
+//! `O_NOFOLLOW | O_NONBLOCK` and must then be a regular file (fstat on the open fd, so
+//! nothing can be swapped in between).
+//!
+//! What is written holds guest RAM, readable by nobody but the owner: files are created
+//! 0600 and directories 0700. The process umask still applies, so it can only make them
+//! stricter.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Mode of every file a snapshot writes (before the umask).
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory a snapshot creates (before the umask).
+pub const DIR_MODE: u32 = 0o700;
+
+/// Opens `path` for reading if it is a regular file; a symlink (`ELOOP`), a FIFO, a
+/// socket, a device or a directory is refused with an error that says what it is.
+/// `NotFound` keeps its kind, so callers can report a missing file as such.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    open_regular_with(options, path)
+}
+
+/// [`open_regular`] with the caller's access mode (and `create`/`mode` if wanted): adds
+/// `O_NOFOLLOW | O_NONBLOCK`, checks the file is regular, then clears `O_NONBLOCK`
+/// again so reads and writes behave as usual.
+pub fn open_regular_with(mut options: OpenOptions, path: &Path) -> io::Result<File> {
+    options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a symbolic link: snapshot files must be regular files (refused, not followed)",
+            )
+        } else {
+            e
+        }
+    })?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "is {}, not a regular file: refused (a FIFO or device would block or \
+                 feed endless data)",
+                kind_name(&kind)
+            ),
+        ));
+    }
+    clear_nonblock(&file)?;
+    Ok(file)
+}
+
+fn kind_name(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on an fd this function borrows open; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        // SAFETY: F_SETFL with an int argument on the same open fd; no memory is passed.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path`, which must not exist (`O_EXCL`: never through a symlink), for
+/// writing, readable by its owner only.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Creates the directory `path` (which must not exist), accessible by its owner only.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().mode(DIR_MODE).create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("snapfile-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn refuses_symlinks_fifos_and_directories() {
+        let d = dir("refuse");
+        std::fs::write(d.join("real"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("link")).unwrap();
+        let fifo = std::ffi::CString::new(d.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo has no other memory effects.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+        assert!(open_regular(&d.join("real")).is_ok());
+        let e = open_regular(&d.join("link")).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // Returns at once (O_NONBLOCK) instead of waiting for a writer.
+        let e = open_regular(&d.join("fifo")).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let e = open_regular(&d).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = open_regular(&d.join("none")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn creates_private_files_and_dirs() {
+        let d = dir("create");
+        create_private_dir(&d.join("sub")).unwrap();
+        create_private(&d.join("sub/f")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The umask can only remove bits.
+        assert_eq!(mode(&d.join("sub")) & !DIR_MODE, 0);
+        assert_eq!(mode(&d.join("sub/f")) & !FILE_MODE, 0);
+        assert!(create_private(&d.join("sub/f")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
