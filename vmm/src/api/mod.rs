@@ -27,12 +27,9 @@ pub enum ApiRequest {
     VmRestore(RestoreParams),
     /// Start sending the VM to another VMM (returns once the worker runs).
     VmSendMigration(Box<crate::migration::send::SendParams>),
-    /// Receive a VM (returns when it has arrived); `postcopy`: its memory arrives on
-    /// demand from the sender.
-    VmReceiveMigration {
-        url: crate::migration::MigrationUrl,
-        postcopy: bool,
-    },
+    /// Receive a VM (answered when it has arrived; the VMM serves other requests
+    /// meanwhile).
+    VmReceiveMigration(crate::migration::receive::ReceiveParams),
 }
 
 impl ApiRequest {
@@ -44,7 +41,7 @@ impl ApiRequest {
             self,
             ApiRequest::VmSnapshot { .. }
                 | ApiRequest::VmRestore(_)
-                | ApiRequest::VmReceiveMigration { .. }
+                | ApiRequest::VmReceiveMigration(_)
         )
     }
 }
