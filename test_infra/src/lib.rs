@@ -10,10 +10,12 @@
 //! - [`tempdir`]: [`TempDir`], removed on drop.
 //! - [`damage`]: damaging snapshot files on purpose.
 //! - [`wait`]: the one polling helper with a deadline.
+//! - [`hostile`]: a misbehaving migration sender, and what it costs the receiver.
 
 pub mod daemon;
 pub mod damage;
 pub mod guest;
+pub mod hostile;
 pub mod lines;
 pub mod migration;
 pub mod process;

@@ -10,7 +10,6 @@
 //! connections that have not yet said their role.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +50,9 @@ struct Conn {
     /// A clone, to shut the connection down at State or on cancel.
     stream: Stream,
     using: Use,
+    /// A fault connection, kept here until the receive takes it: in arrival order, which
+    /// says which is which (the first serves faults, a second bulk pulls).
+    fault: Option<Stream>,
 }
 
 struct Shared {
@@ -63,7 +65,6 @@ struct Shared {
     params: ReceiveParams,
     mem: GuestMemoryMmap,
     ram: Vec<GuestRamMapping>,
-    faults: mpsc::Sender<Stream>,
 }
 
 impl Shared {
@@ -91,8 +92,6 @@ pub struct Connections {
     shared: Arc<Shared>,
     url: MigrationUrl,
     acceptor: Option<JoinHandle<()>>,
-    /// Fault connections (role 2) the sender opened, in arrival order.
-    pub faults: mpsc::Receiver<Stream>,
 }
 
 impl Connections {
@@ -103,7 +102,6 @@ impl Connections {
         ram: Vec<GuestRamMapping>,
         watch: Arc<Watch>,
     ) -> Self {
-        let (faults_tx, faults) = mpsc::channel();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
@@ -114,7 +112,6 @@ impl Connections {
             params: params.clone(),
             mem,
             ram,
-            faults: faults_tx,
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -125,7 +122,27 @@ impl Connections {
             shared,
             url: params.url.clone(),
             acceptor,
-            faults,
+        }
+    }
+
+    /// Waits up to `timeout` for a fault connection to arrive; true if one did.
+    pub fn wait_fault(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut conns = lock(&self.shared.conns);
+        loop {
+            if conns.iter().any(|c| c.using == Use::Fault) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !lock(&self.shared.errors).is_empty() {
+                return false;
+            }
+            conns = self
+                .shared
+                .changed
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -136,7 +153,8 @@ impl Connections {
 
     /// Stops accepting, ends every connection that is not a fault connection (after a
     /// short grace for those that have not said their role), waits for their threads, and
-    /// reports the first error any of them hit. Returns the fault connections, in order.
+    /// reports the first error any of them hit. Returns the fault connections, in the order
+    /// they were accepted.
     pub fn finish(mut self) -> Result<Vec<Stream>> {
         self.stop_acceptor();
         let deadline = Instant::now() + ROLE_GRACE;
@@ -161,10 +179,11 @@ impl Connections {
         for t in threads {
             let _ = t.join();
         }
-        match lock(&self.shared.errors).first() {
-            Some(e) => Err(Error::MemoryConnection(e.clone())),
-            None => Ok(self.faults.try_iter().collect()),
+        if let Some(e) = lock(&self.shared.errors).first() {
+            return Err(Error::MemoryConnection(e.clone()));
         }
+        let mut conns = lock(&self.shared.conns);
+        Ok(conns.iter_mut().filter_map(|c| c.fault.take()).collect())
     }
 
     fn stop_acceptor(&mut self) {
@@ -245,6 +264,7 @@ fn take(stream: Stream, shared: &Arc<Shared>) {
         conns.push(Conn {
             stream: clone,
             using: Use::Unknown,
+            fault: None,
         });
         conns.len() - 1
     };
@@ -264,7 +284,11 @@ fn take(stream: Stream, shared: &Arc<Shared>) {
 fn serve(mut stream: Stream, index: usize, shared: &Shared) {
     let _ = stream.set_read_timeout(Some(ROLE_TIMEOUT.min(shared.params.idle_timeout)));
     let role = read_role(&mut stream);
-    let _ = stream.set_read_timeout(Some(shared.params.idle_timeout));
+    // Memory connections keep the idle timeout inside messages; a fault connection is
+    // the post-copy code's, with its own limits.
+    let timeout =
+        matches!(role, Ok(ConnectionRole::PrecopyMemory)).then_some(shared.params.idle_timeout);
+    let _ = stream.set_read_timeout(timeout);
     match role {
         Ok(ConnectionRole::PrecopyMemory) if shared.params.postcopy => {
             shared.fail(Error::PrecopySender.to_string());
@@ -282,8 +306,11 @@ fn serve(mut stream: Stream, index: usize, shared: &Shared) {
             }
         }
         Ok(ConnectionRole::Fault) => {
-            shared.set_use(index, Use::Fault);
-            let _ = shared.faults.send(stream);
+            if let Some(c) = lock(&shared.conns).get_mut(index) {
+                c.fault = Some(stream);
+                c.using = Use::Fault;
+            }
+            shared.changed.notify_all();
             return;
         }
         // Our own wake-up, or a connection that never said what it is for.

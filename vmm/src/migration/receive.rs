@@ -420,9 +420,9 @@ impl Receiver {
             let request = match next_request(main, &self.watch, &self.params, &limits, check) {
                 Ok(Some(r)) => r,
                 Ok(None) => return Err(Error::Disconnected),
-                // A request we cannot even parse: say so (the peer may be listening) and
-                // stop.
-                Err(e @ Error::Protocol(_)) => {
+                // A request we cannot even parse, or one the sender stopped sending
+                // halfway: say so (the peer may be listening) and stop.
+                Err(e @ (Error::Protocol(_) | Error::Stalled(_))) => {
                     let _ = send_response(main, Status::Error, &[]);
                     return Err(e);
                 }
@@ -527,9 +527,9 @@ impl Receiver {
                 }
                 // The sender opens its fault connections before State; give a slow one
                 // a bounded while before the acceptor stops.
-                faults.extend(c.faults.recv_timeout(FAULT_CONNECTION_WAIT).ok());
+                c.wait_fault(FAULT_CONNECTION_WAIT);
             }
-            faults.extend(c.finish()?);
+            faults = c.finish()?;
         }
         let mut tree: StateTree = serde_json::from_slice(bytes).map_err(Error::BadState)?;
         let postcopy_state: Option<PostcopyState> = tree
