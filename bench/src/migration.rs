@@ -125,6 +125,8 @@ impl Scenario for Migrate {
 
         let mut dest = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-mig-dst")
+            // The received VM writes where this VMM's own --serial says.
+            .serial_file(&serial)
             .spawn()?;
         dest.wait_api_ready(STEP_TIMEOUT)?;
         let (url, options) = match self.transport {

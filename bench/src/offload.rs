@@ -123,6 +123,8 @@ impl Scenario for Offload {
         std::fs::read(&daemon)?;
         let mut dest = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-offload-dst")
+            // The received VM writes where this VMM's own --serial says.
+            .serial_file(&serial)
             .spawn()?;
         dest.wait_api_ready(STEP_TIMEOUT)?;
         let rsock = dir.join("restore.sock");
@@ -172,6 +174,8 @@ impl Scenario for Offload {
         std::fs::read(&daemon)?;
         let mut od = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-offload-od")
+            // The received VM writes where this VMM's own --serial says.
+            .serial_file(&serial)
             .spawn()?;
         od.wait_api_ready(STEP_TIMEOUT)?;
         let osock = dir.join("ondemand.sock");

@@ -1,8 +1,10 @@
 //! `cloud-hypervisor`: parses the command line into a `VmConfig`, starts the API server
 //! and runs the VMM until the guest resets or `vmm.shutdown` is requested.
 //!
-//! Exit codes: 0 clean exit, 1 runtime error (the whole error chain is printed), 2 usage
-//! error (clap's, and bad option strings such as `--memory size=1X`).
+//! Exit codes: 0 clean exit (`vmm.shutdown`, the VM migrated away, the guest reset itself
+//! through the i8042), 1 runtime error (the whole error chain is printed; a guest triple
+//! fault and a VM that lost its memory are such errors), 2 usage error (clap's, and bad
+//! option strings such as `--memory size=1X`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +14,7 @@ use std::time::Instant;
 use clap::{ArgAction, ArgGroup, Parser};
 use vmm::api::http;
 use vmm::config::options::{self, OptionsError, VmParams};
+use vmm::migration::receive::LocalDevices;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vmm::error_chain;
 use vmm::{VmStartup, VmmEvent, event_monitor};
@@ -68,6 +71,8 @@ struct Cli {
 struct Startup {
     /// `None` when only `--api-socket` was given: the VMM starts without a VM.
     vm: Option<VmStartup>,
+    /// `--serial`/`--console`, also for a VM this VMM receives by migration.
+    local: LocalDevices,
     api_socket: Option<PathBuf>,
     event_monitor: Option<PathBuf>,
 }
@@ -84,6 +89,10 @@ fn parse_options(cli: &Cli) -> Result<Startup, OptionsError> {
     };
     // Parse the VM options even without a kernel, so a typo is reported either way.
     let config = params.parse()?;
+    let local = LocalDevices {
+        serial: config.serial.clone(),
+        console: config.console.clone(),
+    };
     let vm = match &cli.restore {
         Some(text) => {
             let restore = options::parse_restore(text)?;
@@ -99,6 +108,7 @@ fn parse_options(cli: &Cli) -> Result<Startup, OptionsError> {
     };
     Ok(Startup {
         vm,
+        local,
         api_socket: cli
             .api_socket
             .as_deref()
@@ -153,7 +163,10 @@ fn main() -> ExitCode {
         None => None,
     };
 
-    let result = vmm::Vmm::new(tx, rx).run(startup.vm);
+    vmm::memory_manager::report_sigbus();
+    let result = vmm::Vmm::new(tx, rx)
+        .with_local_devices(startup.local)
+        .run(startup.vm);
     // The VMM answered `vmm.shutdown` just before returning: let that 204 reach the
     // client before the process exits.
     if let Some(server) = &server {

@@ -317,7 +317,7 @@ fn throttling_proxy(
 fn receiver_moves_memory_raised_and_hands_none_of_it_on() {
     let dir = TempDir::new("mig-raised").unwrap();
     let src = boot_source(&dir, "mig-raised", "size=256M", "mem=32M mode=fill");
-    let mut dest = empty_vmm("mig-raised-dest");
+    let mut dest = empty_vmm_with_serial("mig-raised-dest", &src.serial);
     let dest_url = format!("unix:{}", dir.join("mig.sock").display());
     let receiver = receive_in_background(&dest, &dest_url, false);
     let proxy = throttling_proxy(&dir.join("proxy.sock"), dir.join("mig.sock"));
@@ -332,7 +332,7 @@ fn receiver_moves_memory_raised_and_hands_none_of_it_on() {
                     .iter()
                     .any(|t| t.name.starts_with(name) && t.nice == MOVER_NICE)
             };
-            if raised("cloud-hyperviso") && raised("migration-popul") {
+            if raised("migration-recei") && raised("migration-popul") {
                 return Ok(Some(true));
             }
             Ok::<_, test_infra::Error>(receiver.is_finished().then_some(false))

@@ -241,7 +241,9 @@ fn wait_for_request(
             other => break other.map_err(ServeError::Wait)?,
         }
     };
-    fault.set_read_timeout(Some(timeout)).map_err(ServeError::Wait)?;
+    fault
+        .set_read_timeout(Some(timeout))
+        .map_err(ServeError::Wait)?;
     Ok((got == 1).then_some(first))
 }
 

@@ -170,8 +170,14 @@ fn take_snapshot_with(dir: &TempDir, name: &str, cmdline: &str) -> (Tick, PathBu
     (before, snap)
 }
 
-fn empty_vmm(name: &str) -> VmmProcess {
-    let mut vmm = VmmBuilder::new(bins()).tmp_prefix(name).spawn().unwrap();
+/// A VMM without a VM, its serial output going to `serial` (a VM it receives writes
+/// where this VMM's own command line says, never where the snapshot's config does).
+fn empty_vmm(name: &str, serial: &Path) -> VmmProcess {
+    let mut vmm = VmmBuilder::new(bins())
+        .tmp_prefix(name)
+        .serial_file(serial)
+        .spawn()
+        .unwrap();
     vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
     vmm
 }
@@ -222,7 +228,7 @@ fn snapshot_then_eager_restore_carries_on() {
     let (before, snap) = take_snapshot(&dir, "offload-eager-src");
     check_snapshot_dir(&snap);
 
-    let mut dest = empty_vmm("offload-eager-dest");
+    let mut dest = empty_vmm("offload-eager-dest", &dir.join("serial.log"));
     let url = format!("unix:{}", dir.join("restore.sock").display());
     let receiver = receive_in_background(&dest, &url);
     let started = Instant::now();
@@ -257,7 +263,7 @@ fn snapshot_then_eager_restore_carries_on() {
     // warning and paused until told otherwise.
     std::fs::remove_file(snap.join("manifest.json")).unwrap();
     expect_refused(&dir, &snap, "--allow-unverified");
-    let mut dest = empty_vmm("offload-eager-dest2");
+    let mut dest = empty_vmm("offload-eager-dest2", &dir.join("serial.log"));
     let url = format!("unix:{}", dir.join("restore2.sock").display());
     let receiver = receive_in_background(&dest, &url);
     let out = run_daemon(&restore_args(
@@ -542,7 +548,7 @@ fn protocol_violations_and_abandon_leave_no_snapshot() {
 /// Restores `snap` with `--ondemand` into a VMM receiving with postcopy=on; returns the
 /// VMM (running) and the daemon (serving).
 fn ondemand_restore(dir: &TempDir, snap: &Path, name: &str) -> (VmmProcess, DaemonProcess) {
-    let dest = empty_vmm(name);
+    let dest = empty_vmm(name, &dir.join("serial.log"));
     let sock = dir.join(format!("{name}.sock"));
     let url = format!("unix:{}", sock.display());
     let receiver = receive_in_background_with(&dest, &url, true);
@@ -698,7 +704,7 @@ fn ondemand_restore_refuses_a_state_that_does_not_match_the_manifest() {
     state[at + 1] = b'1';
     std::fs::write(&path, &state).unwrap();
 
-    let dest = empty_vmm("od-bad-state-dest");
+    let dest = empty_vmm("od-bad-state-dest", &dir.join("serial.log"));
     let sock = dir.join("od-bad-state.sock");
     let receiver = receive_in_background_with(&dest, &format!("unix:{}", sock.display()), true);
     let started = Instant::now();
@@ -725,7 +731,7 @@ fn mismatched_modes_are_refused() {
 
     // One pairing: the receiver's mode, the daemon's extra flags, the refusal's words.
     let refused = |name: &str, postcopy: bool, extra: &[&str], needle: &str| {
-        let dest = empty_vmm(name);
+        let dest = empty_vmm(name, &dir.join("serial.log"));
         let sock = dir.join(format!("{name}.sock"));
         let url = format!("unix:{}", sock.display());
         let receiver = receive_in_background_with(&dest, &url, postcopy);

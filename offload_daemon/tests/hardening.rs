@@ -495,7 +495,12 @@ fn silent_vmm_ends_an_ondemand_restore_after_the_io_timeout() {
     // idle guest): the daemon keeps serving it.
     let idle = d.wait_exit(Duration::from_secs(3)).unwrap();
     assert!(idle.is_none(), "{idle:?}: {}", d.output());
-    assert_eq!(page_fault(&mut fault, 0, PAGE), Status::Ok, "{}", d.output());
+    assert_eq!(
+        page_fault(&mut fault, 0, PAGE),
+        Status::Ok,
+        "{}",
+        d.output()
+    );
 
     // One that stops in the middle of a request is.
     let mut header = Vec::new();

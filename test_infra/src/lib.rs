@@ -11,11 +11,13 @@
 //! - [`damage`]: damaging snapshot files on purpose.
 //! - [`hostile`]: FIFOs, modes, huge sparse files, peak RSS of a finished process.
 //! - [`wait`]: the one polling helper with a deadline.
+//! - [`hostile_peer`]: a misbehaving migration sender, and what it costs the receiver.
 
 pub mod daemon;
 pub mod damage;
 pub mod guest;
 pub mod hostile;
+pub mod hostile_peer;
 pub mod lines;
 pub mod migration;
 pub mod process;

@@ -15,19 +15,18 @@
 //! yourself, read them from the raw `UnixStream` with
 //! [`crate::framing::read_request_header`] and call [`recv_memory_fd_payload`].
 //!
-//! # Known limitation: a second fd can go unnoticed
+//! # Hostile peers
 //!
-//! vmm-sys-util's safe `recv_with_fd` sizes the control buffer with `CMSG_SPACE(4)`,
-//! which on 64-bit Linux has room for two fds, then reports only the first. A peer that
-//! attaches exactly two fds therefore gets the first accepted and the second left open in
-//! this process (three or more are refused with [`Error::TooManyFds`]). CH never does this;
-//! a hostile peer can leak one fd per `MemoryFd`, so receivers should bound how many
-//! `MemoryFd` requests they accept (one per RAM slot). Fixing it without `unsafe` needs a
-//! fix in vmm-sys-util (or a crate with a safe `recvmsg` returning `OwnedFd`s, e.g. rustix).
+//! The payload is received with our own `recvmsg` call: a fixed control buffer with room
+//! for [`MAX_FDS_PER_MESSAGE`] fds, `MSG_CMSG_CLOEXEC` (so no received fd is ever
+//! inheritable, not even for an instant), and every fd that arrived owned at once. A message
+//! with more than one fd, or whose control data was truncated (`MSG_CTRUNC`: even more fds,
+//! which the kernel drops), is refused with [`Error::TooManyFds`] after closing every fd
+//! that did arrive, so a peer cannot leave fds open in this process.
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -39,10 +38,9 @@ use crate::protocol::{Command, MEMORY_FD_PAYLOAD_SIZE, RequestHeader};
 /// Size of the slot id payload.
 const SLOT_SIZE: usize = MEMORY_FD_PAYLOAD_SIZE as usize;
 
-/// The errno vmm-sys-util returns when control data was truncated or held more fds than
-/// asked for (it closes them all). 105 is the asm-generic value shared by x86_64, aarch64
-/// and riscv64; `recv_rejects_extra_fds` checks it on the build host.
-const ENOBUFS: i32 = 105;
+/// The most fds one `MemoryFd` payload may arrive with and still be closed by us; the kernel
+/// drops any beyond (reporting `MSG_CTRUNC`). Exactly one is valid.
+pub const MAX_FDS_PER_MESSAGE: usize = 16;
 
 /// Sends `MemoryFd` for `slot` with `fd` attached. Does not wait for the response.
 ///
@@ -101,6 +99,7 @@ pub fn recv_memory_fd(sock: &UnixStream) -> Result<(u32, File)> {
 
 /// Receives the payload of a `MemoryFd` whose 16-byte header was already read (exactly,
 /// without read-ahead): the slot id and exactly one fd. The returned file is close-on-exec.
+/// A payload with more than one fd is refused after closing all of them.
 pub fn recv_memory_fd_payload(sock: &UnixStream) -> Result<(u32, File)> {
     let mut buf = [0u8; SLOT_SIZE];
     let mut got = 0;
@@ -108,22 +107,18 @@ pub fn recv_memory_fd_payload(sock: &UnixStream) -> Result<(u32, File)> {
     // Normally one recvmsg returns all 4 bytes and the fd. Keep using recvmsg (never a
     // plain read) for any remainder so a fd attached to later bytes is not lost either.
     while got < SLOT_SIZE {
-        let (n, received) = sock.recv_with_fd(&mut buf[got..]).map_err(|e| {
-            if e.errno() == ENOBUFS {
-                Error::TooManyFds
-            } else {
-                Error::Io {
-                    op: "receiving a MemoryFd slot id and fd",
-                    source: e.into(),
-                }
-            }
+        let received = recv_with_fds(sock, &mut buf[got..]).map_err(|e| Error::Io {
+            op: "receiving a MemoryFd slot id and fd",
+            source: e,
         })?;
-        if let Some(f) = received {
-            if file.is_some() {
-                return Err(Error::TooManyFds);
-            }
-            file = Some(f);
+        if received.truncated || received.fds.len() + usize::from(file.is_some()) > 1 {
+            // Dropping `received` closes every fd that came.
+            return Err(Error::TooManyFds);
         }
+        if let Some(fd) = received.fds.into_iter().next() {
+            file = Some(File::from(fd));
+        }
+        let n = received.bytes;
         if n == 0 {
             return Err(if got == 0 {
                 Error::ConnectionClosed {
@@ -141,13 +136,81 @@ pub fn recv_memory_fd_payload(sock: &UnixStream) -> Result<(u32, File)> {
     }
     let slot = u32::from_le_bytes(buf);
     let file = file.ok_or(Error::NoFdReceived(slot))?;
-    // recvmsg ran without MSG_CMSG_CLOEXEC (vmm-sys-util does not pass it), so the fd
-    // would leak into any child we exec. try_clone() dups with F_DUPFD_CLOEXEC; dropping
-    // the original closes the inheritable copy.
-    let cloexec = file
-        .try_clone()
-        .map_err(Error::io("duplicating a received memory fd"))?;
-    Ok((slot, cloexec))
+    Ok((slot, file))
+}
+
+/// What one `recvmsg` brought.
+struct Received {
+    bytes: usize,
+    /// Every fd that arrived, owned (close-on-exec).
+    fds: Vec<OwnedFd>,
+    /// The control data did not fit: more fds were sent than the buffer holds.
+    truncated: bool,
+}
+
+/// Room for the control message of [`MAX_FDS_PER_MESSAGE`] fds: `CMSG_SPACE(16 * 4)` is 80
+/// bytes on 64-bit Linux; u64 elements give the alignment `cmsghdr` needs.
+type CmsgBuffer = [u64; 16];
+
+/// One `recvmsg` into `buf` with `MSG_CMSG_CLOEXEC` and a fixed control buffer; every fd
+/// in the control data is returned owned, so none can leak.
+#[allow(unsafe_code)]
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> std::io::Result<Received> {
+    let mut control: CmsgBuffer = [0; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid "no name, no iovec, no control" header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of::<CmsgBuffer>() as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (covering `buf`, borrowed mutably for this call)
+        // and at `control`, both alive for the call and of the lengths given; the kernel
+        // writes at most those lengths. The return value is checked.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was filled by a successful recvmsg: msg_control/msg_controllen
+    // describe the control data the kernel wrote into `control`, which the CMSG macros walk
+    // without leaving it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return either null or a header inside
+        // `control` that the kernel wrote.
+        let header = unsafe { std::ptr::read_unaligned(cmsg) };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) has no preconditions.
+            let data_len = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: the data of this header lies inside `control` (the kernel clips
+            // cmsg_len to what it wrote).
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
+            for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
+                // SAFETY: fd `i` lies inside the header's data (checked by the bound).
+                let raw = unsafe { std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i)) };
+                // SAFETY: SCM_RIGHTS installed this fd in our table for us alone; owning it
+                // at once means it is closed on every path.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR; `cmsg` is a header inside `control`.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(Received {
+        bytes: n,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 #[cfg(test)]
@@ -252,25 +315,51 @@ mod tests {
         assert!(matches!(e, Error::TooManyFds), "{e}");
     }
 
-    /// Documents a vmm-sys-util limitation (see the module docs): with exactly two fds the
-    /// first is returned and the second stays open, invisible to us. If this test starts
-    /// failing, vmm-sys-util got fixed: make two fds an error here too.
+    /// How many fds of this process refer to the same file as `f` (by its /proc link), so
+    /// a refused fd still open shows up however many fds other tests open meanwhile.
+    fn fds_to(f: &File) -> usize {
+        let link = |p: std::path::PathBuf| std::fs::read_link(p).ok();
+        let target = link(format!("/proc/self/fd/{}", f.as_raw_fd()).into()).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| link(e.ok()?.path()))
+            .filter(|t| *t == target)
+            .count()
+    }
+
+    /// Two fds, or so many that the control data is truncated: refused, and every fd that
+    /// arrived is closed again.
     #[test]
-    fn two_fds_limitation_of_vmm_sys_util() {
+    fn extra_fds_are_refused_and_closed() {
+        let files: Vec<File> = (0..40u8).map(|i| temp_with(&[i])).collect();
+        let raw: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+        for count in [2, 3, MAX_FDS_PER_MESSAGE, MAX_FDS_PER_MESSAGE + 1, 40] {
+            let (a, b) = UnixStream::pair().unwrap();
+            (&a).write_all(&RequestHeader::memory_fd().to_bytes())
+                .unwrap();
+            a.send_with_fds(&[&5u32.to_le_bytes()[..]], &raw[..count])
+                .unwrap();
+            let e = recv_memory_fd(&b).unwrap_err();
+            assert!(matches!(e, Error::TooManyFds), "{count}: {e}");
+            for f in &files[..count] {
+                assert_eq!(fds_to(f), 1, "{count} fds sent: a received one stayed open");
+            }
+        }
+    }
+
+    #[test]
+    fn received_fd_is_close_on_exec() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (f1, f2) = (temp_with(b"1"), temp_with(b"2"));
-        (&a).write_all(&RequestHeader::memory_fd().to_bytes())
+        let f = temp_with(b"x");
+        send_memory_fd(&a, 1, &f).unwrap();
+        let (_, got) = recv_memory_fd(&b).unwrap();
+        let flags = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", got.as_raw_fd()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:").map(|v| v.trim().to_string()))
             .unwrap();
-        a.send_with_fds(
-            &[&5u32.to_le_bytes()[..]],
-            &[f1.as_raw_fd(), f2.as_raw_fd()],
-        )
-        .unwrap();
-        let (slot, f) = recv_memory_fd(&b).unwrap();
-        assert_eq!(slot, 5);
-        let mut byte = [0u8; 1];
-        f.read_exact_at(&mut byte, 0).unwrap();
-        assert_eq!(&byte, b"1");
+        let flags = u32::from_str_radix(&flags, 8).unwrap();
+        assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "flags {flags:o}");
     }
 
     #[test]

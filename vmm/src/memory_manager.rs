@@ -118,6 +118,14 @@ impl MemoryManager {
             });
         }
         for (m, f) in mappings.iter().zip(&files) {
+            // Sealed first, so the size checked below is the size for good.
+            if let Err(e) = seal_size(f) {
+                log::warn!(
+                    "the memory fd for slot {} cannot be sealed against shrinking ({e}): \
+                     the peer that passed it could still truncate it, which stops the VM",
+                    m.slot
+                );
+            }
             let len = f.metadata().map_err(Error::CreateMemfd)?.len();
             if len < m.file_offset + m.size {
                 return Err(Error::BackingTooSmall { slot: m.slot, len });
@@ -327,6 +335,24 @@ impl MemoryManager {
     pub fn ram_size(&self) -> u64 {
         self.mappings.iter().map(|m| m.size).sum()
     }
+
+    /// Says which file behind guest RAM is now smaller than the RAM it backs, if any: a
+    /// peer that shares it (local migration, offload daemon) truncated it, and the guest
+    /// lost that memory. Used to name the cause when the VM fails.
+    pub fn shrunk_backing(&self) -> Option<String> {
+        self.mappings.iter().zip(&self.backing).find_map(|(m, f)| {
+            let len = f.metadata().ok()?.len();
+            (len < m.file_offset + m.size).then(|| {
+                format!(
+                    "the memory file behind guest RAM slot {} is now {len} bytes, {} are \
+                         needed: the migration peer that shares it truncated it, and the guest \
+                         lost that memory",
+                    m.slot,
+                    m.file_offset + m.size
+                )
+            })
+        })
+    }
 }
 
 fn set_slot(vm: &VmFd, m: &GuestRamMapping, host: u64, flags: u32) -> Result<()> {
@@ -478,11 +504,15 @@ fn layout_ram(size: u64) -> Vec<GuestRamMapping> {
 }
 
 /// A close-on-exec memfd of `size` bytes (all holes), the backing of shared guest RAM;
-/// the offload daemon creates its memfds with it too.
+/// the offload daemon creates its memfds with it too. It is sealed against shrinking and
+/// growing: a peer it is handed to can then never pull guest RAM out from under this VMM
+/// (a shrunk memfd turns guest accesses into SIGBUS/EFAULT), and a receiver of ours can
+/// add the same seals harmlessly.
 pub fn create_memfd(size: u64) -> Result<File> {
     let name = c"ch-guest-ram";
     // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::CreateMemfd(std::io::Error::last_os_error()));
     }
@@ -490,7 +520,56 @@ pub fn create_memfd(size: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|source| Error::SizeMemfd { size, source })?;
+    seal_size(&file).map_err(|source| Error::SizeMemfd { size, source })?;
     Ok(file)
+}
+
+/// Makes a SIGBUS (a VMM thread touched guest RAM whose backing file a peer truncated)
+/// end the VMM with a message saying so and exit code 1, instead of a bare crash. Guest
+/// accesses do not get here: KVM reports those as a failed vCPU.
+pub fn report_sigbus() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"error: SIGBUS: guest memory is no longer backed (the migration \
+peer sharing a guest RAM memfd truncated it?); exiting\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: installs a handler that only calls async-signal-safe functions; the
+    // sigaction struct is fully initialised (zeroed, then handler and flags set).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+            log::warn!(
+                "cannot install the SIGBUS handler: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Seals `file` (a memfd) against shrinking and growing. Fails with EPERM for a memfd
+/// created without MFD_ALLOW_SEALING (or already sealed with F_SEAL_SEAL), EINVAL for
+/// anything that is not a memfd.
+pub fn seal_size(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_ADD_SEALS on an fd we own only changes which later size changes the kernel
+    // allows; it touches no memory of ours.
+    let ret = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -36,6 +36,18 @@ pub fn empty_vmm(name: &str) -> VmmProcess {
     vmm
 }
 
+/// A VMM without a VM whose own `--serial` is `serial` (a source's log, so the received
+/// guest's lines follow the source's in one file).
+pub fn empty_vmm_with_serial(name: &str, serial: &Path) -> VmmProcess {
+    let mut vmm = VmmBuilder::new(bins())
+        .tmp_prefix(name)
+        .serial_file(serial)
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm
+}
+
 /// Starts `vm.receive-migration` on `dest` in a thread (the call blocks until the VM has
 /// arrived); returns once it listens. The handle yields the HTTP status and body.
 pub fn receive_in_background(
@@ -66,7 +78,7 @@ pub fn start_migration(
     send_fields: &str,
 ) -> Started {
     let src = boot_source(dir, name, memory, guest);
-    let dest = empty_vmm(&format!("{name}-dest"));
+    let dest = empty_vmm_with_serial(&format!("{name}-dest"), &src.serial);
     let url = format!("unix:{}", dir.join("mig.sock").display());
     let receiver = receive_in_background(&dest, &url, receive_postcopy);
     src.vmm
@@ -135,7 +147,7 @@ pub fn migrate_guest(
 ) -> Migrated {
     let dir = TempDir::new(name).unwrap();
     let mut src = boot_source(&dir, name, memory, guest_extra);
-    let mut dest = empty_vmm(&format!("{name}-dest"));
+    let mut dest = empty_vmm_with_serial(&format!("{name}-dest"), &src.serial);
     let receiver = receive_in_background(&dest, url, postcopy);
     let before = last_tick(&src.serial);
     let out = src
@@ -156,7 +168,8 @@ pub fn migrate_guest(
     let threads = test_infra::procfs::thread_nices(dest.pid()).unwrap();
     assert!(threads.iter().all(|t| t.nice == 0), "{threads:?}");
 
-    // The destination appends to the same serial log: wait for its fresh ticks.
+    // The destination was told to append to the same serial log: wait for its fresh
+    // ticks.
     dest.follow_serial(&src.serial);
     dest.serial().refresh().unwrap();
     let from = dest.serial().len();

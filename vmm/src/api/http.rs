@@ -210,6 +210,26 @@ fn handle_connection(mut stream: UnixStream, vmm: &Sender<VmmEvent>, reply_timeo
         return;
     }
     let response = match read_request(&mut stream) {
+        // Answered only once a VM has arrived, which may take minutes while the control
+        // loop serves others: its wait must not hold up the next connection.
+        Ok(Some(request))
+            if routes::find(&request.method, &request.path)
+                .is_ok_and(|r| r.endpoint == "vm.receive-migration") =>
+        {
+            let vmm = vmm.clone();
+            let spawned = thread::Builder::new()
+                .name("http-receive".to_string())
+                .spawn(move || {
+                    let response = respond(&request, &vmm, reply_timeout);
+                    if let Err(e) = write_response(&mut stream, &response) {
+                        log::debug!("API socket: cannot write the response: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("API socket: cannot start a thread for receive-migration: {e}");
+            }
+            return;
+        }
         Ok(Some(request)) => respond(&request, vmm, reply_timeout),
         // Connected and closed without a word: e.g. another VMM probing the socket.
         Ok(None) => return,

@@ -27,14 +27,9 @@ pub enum ApiRequest {
     VmRestore(RestoreParams),
     /// Start sending the VM to another VMM (returns once the worker runs).
     VmSendMigration(Box<crate::migration::send::SendParams>),
-    /// Receive a VM (returns when it has arrived); `postcopy`: its memory arrives on
-    /// demand from the sender.
-    VmReceiveMigration {
-        url: crate::migration::MigrationUrl,
-        postcopy: bool,
-        /// Post-copy: the longest wait for one page from the sender.
-        page_timeout: std::time::Duration,
-    },
+    /// Receive a VM (answered when it has arrived; the VMM serves other requests
+    /// meanwhile).
+    VmReceiveMigration(crate::migration::receive::ReceiveParams),
     /// End the running send-migration (Cloud Hypervisor's `vm.cancel-migration`).
     VmCancelMigration,
 }
@@ -48,7 +43,7 @@ impl ApiRequest {
             self,
             ApiRequest::VmSnapshot { .. }
                 | ApiRequest::VmRestore(_)
-                | ApiRequest::VmReceiveMigration { .. }
+                | ApiRequest::VmReceiveMigration(_)
         )
     }
 }

@@ -106,17 +106,10 @@ fn vm_send_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
 
 fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
     let config: ReceiveMigrationConfig = parse_body(body)?;
-    let url = config
-        .url()
+    let params = config
+        .params()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let page_timeout = config
-        .page_timeout()
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(ApiRequest::VmReceiveMigration {
-        url,
-        postcopy: config.postcopy(),
-        page_timeout,
-    })
+    Ok(ApiRequest::VmReceiveMigration(params))
 }
 
 fn vm_snapshot(body: &[u8]) -> Result<ApiRequest, ApiError> {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::options::{Key, Options, OptionsError, Toggle, value};
 use crate::migration::MigrationUrl;
+use crate::migration::receive::{self, ReceiveParams};
 use crate::migration::send::{SendParams, TimeoutStrategy};
 
 /// Pre-copy (memory before the switch) or post-copy (after it, pulled by the destination).
@@ -31,6 +32,8 @@ pub enum ParamsError {
     Zero { field: &'static str },
     #[error("connections must be 1..=128, got {0}")]
     Connections(u64),
+    #[error("max_connections must be 1..=128, got {0}")]
+    MaxConnections(u64),
     #[error("connections > 1 needs a tcp: URL (memory connections are TCP only)")]
     ConnectionsNeedTcp,
     #[error("local=on works only with a unix: URL (memory fds are passed over it)")]
@@ -228,6 +231,17 @@ pub struct ReceiveMigrationConfig {
     /// pull before it stops the VM with an error naming the page and the source.
     #[serde(default = "default_page_timeout_s")]
     pub page_timeout_s: u64,
+    /// Seconds the sender may take to connect (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_s: Option<u64>,
+    /// Seconds the sender may go without sending anything, between or inside messages
+    /// (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// Extra memory/fault connections the sender may have open at once (default 16, at
+    /// most 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
 }
 
 impl ReceiveMigrationConfig {
@@ -236,6 +250,36 @@ impl ReceiveMigrationConfig {
             return Err(ParamsError::Tls);
         }
         Ok(self.receiver_url.parse()?)
+    }
+
+    /// The validated request, defaults filled in.
+    pub fn params(&self) -> Result<ReceiveParams, ParamsError> {
+        let seconds = |v: Option<u64>, default: Duration, field| match v {
+            Some(0) => Err(ParamsError::Zero { field }),
+            Some(s) => Ok(Duration::from_secs(s)),
+            None => Ok(default),
+        };
+        let max_connections = match self.max_connections {
+            None => receive::DEFAULT_MAX_CONNECTIONS,
+            Some(n @ 1..=128) => n as usize,
+            Some(n) => return Err(ParamsError::MaxConnections(n)),
+        };
+        Ok(ReceiveParams {
+            url: self.url()?,
+            postcopy: self.postcopy(),
+            connect_timeout: seconds(
+                self.connect_timeout_s,
+                receive::DEFAULT_CONNECT_TIMEOUT,
+                "connect_timeout_s",
+            )?,
+            idle_timeout: seconds(
+                self.idle_timeout_s,
+                receive::DEFAULT_IDLE_TIMEOUT,
+                "idle_timeout_s",
+            )?,
+            max_connections,
+            page_timeout: self.page_timeout()?,
+        })
     }
 
     /// Memory on demand from the sender (`postcopy: true` or `memory_mode: Postcopy`).
@@ -272,6 +316,9 @@ const RECEIVE_KEYS: &[Key] = &[
     value("memory_mode"),
     value("postcopy"),
     value("page_timeout_s"),
+    value("connect_timeout_s"),
+    value("idle_timeout_s"),
+    value("max_connections"),
 ];
 
 fn toggle(opts: &Options, key: &'static str) -> Result<bool, OptionsError> {
@@ -304,7 +351,8 @@ pub fn parse_send_migration(input: &str) -> Result<SendMigrationConfig, OptionsE
     })
 }
 
-/// ch-remote `receive-migration receiver_url=unix:PATH[,memory_mode=precopy]`.
+/// ch-remote `receive-migration receiver_url=unix:PATH[,memory_mode=precopy]
+/// [,connect_timeout_s=N][,idle_timeout_s=N][,max_connections=N]`.
 pub fn parse_receive_migration(input: &str) -> Result<ReceiveMigrationConfig, OptionsError> {
     let opts = Options::parse("receive-migration", RECEIVE_KEYS, input)?;
     Ok(ReceiveMigrationConfig {
@@ -315,6 +363,9 @@ pub fn parse_receive_migration(input: &str) -> Result<ReceiveMigrationConfig, Op
         page_timeout_s: opts
             .convert("page_timeout_s")?
             .unwrap_or(default_page_timeout_s()),
+        connect_timeout_s: opts.convert("connect_timeout_s")?,
+        idle_timeout_s: opts.convert("idle_timeout_s")?,
+        max_connections: opts.convert("max_connections")?,
     })
 }
 
@@ -442,5 +493,31 @@ mod tests {
                 .unwrap()
                 .postcopy()
         );
+        let p = parse_receive_migration("receiver_url=unix:/x")
+            .unwrap()
+            .params()
+            .unwrap();
+        assert_eq!(p.connect_timeout, receive::DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(p.idle_timeout, receive::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(p.max_connections, receive::DEFAULT_MAX_CONNECTIONS);
+        let p = parse_receive_migration(
+            "receiver_url=unix:/x,connect_timeout_s=2,idle_timeout_s=3,max_connections=4",
+        )
+        .unwrap()
+        .params()
+        .unwrap();
+        assert_eq!(
+            (p.connect_timeout, p.idle_timeout, p.max_connections),
+            (Duration::from_secs(2), Duration::from_secs(3), 4)
+        );
+        for bad in [
+            "receiver_url=unix:/x,idle_timeout_s=0",
+            "receiver_url=unix:/x,connect_timeout_s=0",
+            "receiver_url=unix:/x,max_connections=0",
+            "receiver_url=unix:/x,max_connections=129",
+        ] {
+            let e = parse_receive_migration(bad).unwrap().params();
+            assert!(e.is_err(), "{bad}");
+        }
     }
 }

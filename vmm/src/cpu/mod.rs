@@ -226,10 +226,9 @@ impl Vcpu {
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
-                // A triple fault: the guest cannot continue. Treat like a reset request.
-                log::warn!("vcpu{}: guest triple-faulted", self.id);
-                let _ = ctx.events.send(VmmEvent::GuestReset);
-                return Err("guest triple fault (KVM_EXIT_SHUTDOWN)".into());
+                // A triple fault: the guest crashed. That is a failure of the VM, never
+                // the clean exit a guest's deliberate reset (i8042) is.
+                return Err("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(format!(

@@ -2,6 +2,7 @@
 //! live migration (URLs, transport, the Config payload, sending and receiving).
 
 pub mod config;
+mod connections;
 mod populate_ahead;
 pub mod postcopy;
 pub mod receive;
@@ -9,5 +10,6 @@ pub mod send;
 pub mod store;
 pub mod transport;
 pub mod url;
+pub mod watch;
 
 pub use url::MigrationUrl;

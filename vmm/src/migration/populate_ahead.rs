@@ -10,10 +10,14 @@
 //! allocates it: the helper takes the next unclaimed piece, and the reader, as it comes to
 //! a piece, claims it and everything before it, so the helper skips what the reader has
 //! reached. Each piece is allocated once, in one call (MADV_POPULATE_WRITE), and the
-//! reader never waits for the helper. Pieces are worked out as they are needed, so a
-//! table that claims absurd amounts of data costs nothing until the data comes.
+//! reader never waits for the helper. Pieces are worked out as they are needed, and the
+//! helper stays at most [`MAX_AHEAD`] pieces ahead of the reader, so a table that claims
+//! absurd amounts of data costs nothing until the data comes.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::Thread;
+use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vm_migration::MemoryRangeTable;
@@ -23,12 +27,20 @@ use crate::memory_manager::populate_for_write;
 /// Piece size: big enough that one call allocates many pages, small enough that the
 /// helper gets ahead of the reader soon after a request starts.
 const PIECE: u64 = 2 << 20;
+/// How many pieces (32 MiB) the helper may allocate beyond the reader: enough to stay
+/// ahead of it, while a sender that announces gigabytes and sends nothing makes the
+/// receiver allocate no more than this.
+pub const MAX_AHEAD: u64 = 16;
 
 /// The pieces of one Memory request's data, in the order the data arrives.
 pub struct Pieces<'a> {
     table: &'a MemoryRangeTable,
     /// Every piece before this one has been claimed (or passed by the reader).
     next_unclaimed: AtomicU64,
+    /// The piece the reader is in.
+    reader_at: AtomicU64,
+    /// The helper, parked while it is [`MAX_AHEAD`] pieces ahead.
+    helper: OnceLock<Thread>,
 }
 
 impl<'a> Pieces<'a> {
@@ -36,6 +48,8 @@ impl<'a> Pieces<'a> {
         Pieces {
             table,
             next_unclaimed: AtomicU64::new(0),
+            reader_at: AtomicU64::new(0),
+            helper: OnceLock::new(),
         }
     }
 
@@ -62,17 +76,38 @@ impl<'a> Pieces<'a> {
     /// Called by the reader before it reads piece `i` at `gpa`: allocates it unless the
     /// helper has claimed it already.
     pub fn reader_enters(&self, mem: &GuestMemoryMmap, i: u64, gpa: u64, len: u64) {
+        self.reader_at.store(i, Ordering::Release);
+        if let Some(helper) = self.helper.get() {
+            helper.unpark();
+        }
         if self.reader_claims(i) {
             populate_for_write(mem, gpa, len as usize);
+        }
+    }
+
+    /// Tells the helper to stop, and wakes it if it waits for the reader.
+    pub fn stop_helper(&self, stop: &AtomicBool) {
+        stop.store(true, Ordering::Release);
+        if let Some(helper) = self.helper.get() {
+            helper.unpark();
         }
     }
 
     /// The helper's walk: the next unclaimed piece, until `stop` is set or the pieces run
     /// out.
     pub fn populate_ahead(&self, mem: &GuestMemoryMmap, stop: &AtomicBool) {
+        let _ = self.helper.set(std::thread::current());
         let mut pieces = self.iter();
         let mut at = 0u64; // the index `pieces` yields next
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Acquire) {
+            if self.next_unclaimed.load(Ordering::SeqCst)
+                >= self.reader_at.load(Ordering::Acquire) + MAX_AHEAD
+            {
+                // The reader unparks us as it moves on (and at the stop); the timeout
+                // only covers a wake-up that came before we parked.
+                std::thread::park_timeout(Duration::from_millis(20));
+                continue;
+            }
             let i = self.helper_claims();
             let Some((_, gpa, len)) = pieces.nth((i - at) as usize) else {
                 return;
@@ -174,6 +209,41 @@ mod tests {
         let stopped = Pieces::of(&t);
         stopped.populate_ahead(&mem, &AtomicBool::new(true));
         assert!(stopped.reader_claims(0));
+    }
+
+    /// With no reader progress, the helper allocates MAX_AHEAD pieces and then waits;
+    /// it goes on as the reader moves, and stops when told.
+    #[test]
+    fn the_helper_stays_within_reach_of_the_reader() {
+        use super::MAX_AHEAD;
+        let t = table(MAX_AHEAD * 4);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(
+            GuestAddress(0),
+            (MAX_AHEAD * 4 * PIECE) as usize,
+        )])
+        .unwrap();
+        let pieces = Pieces::of(&t);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| pieces.populate_ahead(&mem, &stop));
+            let claimed = || {
+                pieces
+                    .next_unclaimed
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            };
+            let settle = |want: u64| {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while claimed() < want && std::time::Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+            };
+            settle(MAX_AHEAD);
+            assert_eq!(claimed(), MAX_AHEAD);
+            pieces.reader_enters(&mem, 10, 10 * PIECE, PIECE);
+            settle(10 + MAX_AHEAD);
+            assert_eq!(claimed(), 10 + MAX_AHEAD);
+            pieces.stop_helper(&stop);
+        });
     }
 
     #[test]

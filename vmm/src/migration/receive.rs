@@ -1,29 +1,41 @@
-//! The destination side of a live migration (`vm.receive-migration`): listens, then runs
-//! the receiver state machine of the wire protocol on the main connection, and takes
-//! extra memory connections (role PrecopyMemory) between Config and State.
+//! The destination side of a live migration (`vm.receive-migration`): on a worker thread
+//! of its own (the control loop stays free to answer the API and to cancel), accepts the
+//! sender within a deadline, then runs the receiver state machine of the wire protocol on
+//! the main connection, and takes extra connections (role PrecopyMemory, Fault) between
+//! Config and State.
+//!
+//! A sender is never trusted: it gets a deadline to connect and an idle deadline for
+//! every message ([`watch`](super::watch)); every memory range it announces must lie in
+//! the guest RAM its own Config described, the range table is capped by that RAM's size,
+//! and page data is only allocated as it arrives. Its Config names no host file this VMM
+//! opens: serial and console go where this VMM's own command line says.
 //!
 //! Any error is answered with an Error response where the protocol allows one, and no VM
 //! is left behind: the half-built VM is dropped.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vm_migration::{
-    ConnectionRole, Limits, MemoryRangeTable, Request, Status, check_version, read_request,
-    read_role, recv_memory_fd_payload, send_response,
+    Limits, MEMORY_RANGE_SIZE, MemoryRangeTable, Request, Status, check_version, read_request,
+    recv_memory_fd_payload, send_response,
 };
 
 use super::config::VmMigrationConfig;
+use super::connections::Connections;
 use super::populate_ahead::Pieces;
 use super::postcopy::{self, PostcopyState};
 use super::transport::{Listener, Stream};
 use super::url::MigrationUrl;
+use super::watch::{Phase, WaitError, Waited, Watch, is_timeout};
+use crate::config::ConsoleConfig;
 use crate::event_monitor;
+use crate::memory_manager::GuestRamMapping;
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
 use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
@@ -38,10 +50,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot accept the migration connection")]
-    Accept(#[source] std::io::Error),
+    #[error("waiting for the sender")]
+    Wait(#[source] WaitError),
     #[error("migration protocol")]
     Protocol(#[source] vm_migration::Error),
+    #[error("the sender stopped in the middle of a message for {0:?} (idle_timeout_s)")]
+    Stalled(Duration),
     #[error("the sender sent {got} while the receiver expected {expected}")]
     UnexpectedCommand {
         got: vm_migration::Command,
@@ -59,6 +73,11 @@ pub enum Error {
     MissingMemoryFd(u32),
     #[error("the sender's guest RAM layout does not match the VM its config describes")]
     LayoutMismatch,
+    #[error(
+        "the sender announced memory at {gpa:#x} (+{len:#x} bytes), outside the guest RAM \
+         its config describes"
+    )]
+    RangeOutsideRam { gpa: u64, len: u64 },
     #[error("cannot build the VM")]
     Vm(#[source] vm::Error),
     #[error("writing guest memory at {gpa:#x} (+{len} bytes)")]
@@ -79,6 +98,8 @@ pub enum Error {
          {missing} bytes of the request still to come)"
     )]
     DisconnectedInMemory { gpa: u64, missing: u64 },
+    #[error("the receive was cancelled (the VMM is shutting down)")]
+    Cancelled,
     #[error(
         "no fault connection arrived within {FAULT_CONNECTION_WAIT:?}: the sender does not \
          serve memory on demand (receive without postcopy, or restore the daemon with --ondemand)"
@@ -112,38 +133,60 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// More memory fds than any VM of ours has RAM slots.
 const MAX_MEMORY_FDS: usize = 64;
 /// How long a postcopy receiver waits at State for the sender's fault connection.
-const FAULT_CONNECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const FAULT_CONNECTION_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Established,
-    Started,
-    Configured,
-    StateReceived,
+/// Default `connect_timeout_s`: long enough for an operator to start the sender after
+/// the receiver.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `idle_timeout_s`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `max_connections`: extra memory connections a sender may open (Cloud
+/// Hypervisor's own limit is 128).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// A `vm.receive-migration` request after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveParams {
+    pub url: MigrationUrl,
+    /// Guest memory arrives on demand from the sender after the VM runs.
+    pub postcopy: bool,
+    /// How long the sender may take to connect.
+    pub connect_timeout: Duration,
+    /// How long the sender may send nothing (on any of its connections), between and
+    /// within messages.
+    pub idle_timeout: Duration,
+    /// Extra (PrecopyMemory or Fault) connections the sender may have open at once.
+    pub max_connections: usize,
+    /// Post-copy: the longest wait for one page pulled from the sender.
+    pub page_timeout: Duration,
 }
 
-/// How a receiving thread gets fresh destination pages allocated.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Allocation {
-    /// A helper thread allocates ahead of the reader (see [`super::populate_ahead`]):
-    /// for the one connection that carries all memory.
-    Ahead,
-    /// The reader allocates each piece just before reading it: with several memory
-    /// connections, whose readers already keep the cores busy (a helper each made a
-    /// 4-connection migration 20% slower here).
-    Inline,
+/// The devices of the VM this VMM receives: its own command line's, never the sender's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDevices {
+    pub serial: ConsoleConfig,
+    pub console: ConsoleConfig,
+}
+
+/// A VM that arrived: not started yet; `resume` says whether the sender asked for it to
+/// run (Complete) or stay paused (CompletePaused).
+pub struct Received {
+    pub vm: Vm,
+    pub resume: bool,
 }
 
 /// Writes the page data that follows a Memory request into guest memory, range by
-/// range, in table order (later ranges win where they overlap).
-fn receive_memory(
+/// range, in table order (later ranges win where they overlap). Every range was checked
+/// to lie in guest RAM.
+pub(super) fn receive_memory(
     stream: &mut Stream,
     mem: &GuestMemoryMmap,
     table: &MemoryRangeTable,
     allocation: Allocation,
+    watch: &Watch,
+    idle: Duration,
 ) -> Result<()> {
-    // Only while the data comes in: a thread inherits its creator's priority, and this
-    // may be the thread that goes on to build the VM and its vCPU threads. The helper
+    // Only while the data comes in: a thread inherits its creator's priority. The helper
     // below inherits it.
     let _boost = Boost::current_thread();
     let pieces = Pieces::of(table);
@@ -174,184 +217,90 @@ fn receive_memory(
                             missing: table.total_bytes() - done,
                         }
                     }
+                    vm_memory::GuestMemoryError::IOError(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        Error::Stalled(idle)
+                    }
                     source => Error::GuestMemory { gpa, len, source },
                 })?;
             done += len;
+            watch.add_bytes(len);
             Ok(())
         });
-        stop.store(true, Ordering::Relaxed);
+        pieces.stop_helper(&stop);
         result
     })
 }
 
-/// Extra connections opened by the sender between Config and State.
-struct MemoryConnections {
-    stop: Arc<AtomicBool>,
-    url: MigrationUrl,
-    acceptor: Option<JoinHandle<()>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    /// Fault connections (role 2) the sender opened, in arrival order.
-    faults: std::sync::mpsc::Receiver<Stream>,
+/// How a receiving thread gets fresh destination pages allocated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Allocation {
+    /// A helper thread allocates ahead of the reader (see [`super::populate_ahead`]):
+    /// for the one connection that carries all memory.
+    Ahead,
+    /// The reader allocates each piece just before reading it: with several memory
+    /// connections, whose readers already keep the cores busy (a helper each made a
+    /// 4-connection migration 20% slower here).
+    Inline,
 }
 
-impl MemoryConnections {
-    fn start(
-        listener: Arc<Listener>,
-        url: MigrationUrl,
-        mem: GuestMemoryMmap,
-        postcopy: bool,
-    ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let workers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
-        let (s, e, w) = (stop.clone(), errors.clone(), workers.clone());
-        let (fault_tx, faults) = std::sync::mpsc::channel();
-        let acceptor = std::thread::Builder::new()
-            .name("migration-accept".into())
-            .spawn(move || accept_loop(&listener, &s, &e, &w, &mem, &fault_tx, postcopy))
-            .ok();
-        MemoryConnections {
-            stop,
-            url,
-            acceptor,
-            errors,
-            workers,
-            faults,
-        }
-    }
-
-    /// The first error a memory connection hit so far, if any.
-    fn first_error(&self) -> Option<String> {
-        lock(&self.errors).first().cloned()
-    }
-
-    /// Stops accepting, waits for every memory connection to finish, and reports the
-    /// first error any of them hit. Returns the fault connections that came, in order.
-    fn finish(mut self) -> Result<Vec<Stream>> {
-        self.stop.store(true, Ordering::Release);
-        wake_acceptor(&self.url);
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
-        let workers = std::mem::take(&mut *lock(&self.workers));
-        for w in workers {
-            let _ = w.join();
-        }
-        match lock(&self.errors).first() {
-            Some(e) => Err(Error::MemoryConnection(e.clone())),
-            None => Ok(self.faults.try_iter().collect()),
-        }
-    }
-}
-
-impl Drop for MemoryConnections {
-    fn drop(&mut self) {
-        if self.acceptor.is_some() {
-            self.stop.store(true, Ordering::Release);
-            wake_acceptor(&self.url);
-            if let Some(a) = self.acceptor.take() {
-                let _ = a.join();
-            }
-        }
-    }
-}
-
-/// Unblocks the acceptor's accept() with a connection of our own. It sends role 0, which
-/// the acceptor rejects at once; connections queued before it are handled first (the
-/// backlog is in order), so a fault connection the sender opened before State is never
-/// lost to the stop.
-fn wake_acceptor(url: &MigrationUrl) {
-    if let Ok(mut s) = Stream::connect(url) {
-        let _ = std::io::Write::write_all(&mut s, &[0, 0]);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn accept_loop(
-    listener: &Listener,
-    stop: &AtomicBool,
-    errors: &Arc<Mutex<Vec<String>>>,
-    workers: &Mutex<Vec<JoinHandle<()>>>,
-    mem: &GuestMemoryMmap,
-    faults: &std::sync::mpsc::Sender<Stream>,
-    postcopy: bool,
-) {
-    crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationReceive);
-    loop {
-        let mut stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                lock(errors).push(format!("accepting a memory connection: {e}"));
-                return;
-            }
-        };
-        // A peer that connects and says nothing must not hold up the migration.
-        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-        let role = read_role(&mut stream);
-        let _ = stream.set_read_timeout(None);
-        match role {
-            Ok(ConnectionRole::PrecopyMemory) if postcopy => {
-                lock(errors).push(Error::PrecopySender.to_string());
-            }
-            Ok(ConnectionRole::PrecopyMemory) => {
-                let (worker_errors, mem) = (errors.clone(), mem.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("migration-memory".into())
-                    .spawn(move || {
-                        // The whole life of the connection: between chunks it waits for
-                        // the next one, which should not queue behind vCPUs either. It
-                        // starts no thread that outlives it.
-                        let _boost = Boost::current_thread();
-                        if let Err(e) = memory_worker(&mut stream, &mem) {
-                            lock(&worker_errors).push(crate::vmm::error_chain(&e));
-                        }
-                    });
-                match spawned {
-                    Ok(w) => lock(workers).push(w),
-                    Err(e) => lock(errors).push(format!("spawning a memory worker: {e}")),
-                }
-            }
-            Ok(ConnectionRole::Fault) => {
-                let _ = faults.send(stream);
-            }
-            // Once stopping, a connection without a role is our own wake-up: everything
-            // queued before it has been handled.
-            Err(e) if stop.load(Ordering::Acquire) => {
-                log::debug!("acceptor stopping ({e})");
-                return;
-            }
-            Err(e) => log::warn!("dropping a migration connection: {e}"),
-        }
-    }
-}
-
-fn memory_worker(stream: &mut Stream, mem: &GuestMemoryMmap) -> Result<()> {
-    let limits = Limits::default();
-    loop {
-        let request = match read_request(stream, &limits) {
-            Ok(r) => r,
-            // The sender closes its memory connections after the last iteration.
-            Err(e) if e.is_closed_between_messages() => return Ok(()),
-            Err(e) => return Err(Error::Protocol(e)),
-        };
-        let Request::Memory(table) = request else {
-            return Err(Error::UnexpectedCommand {
-                got: request.command(),
-                expected: "Memory on a memory connection",
+/// Refuses a table with a range outside guest RAM before any of its data is read.
+pub(super) fn check_ranges(table: &MemoryRangeTable, ram: &[GuestRamMapping]) -> Result<()> {
+    for r in table.iter().filter(|r| r.length > 0) {
+        let end = r.gpa + r.length; // cannot overflow: the decoder checked it
+        if !ram.iter().any(|m| r.gpa >= m.gpa && end <= m.gpa + m.size) {
+            return Err(Error::RangeOutsideRam {
+                gpa: r.gpa,
+                len: r.length,
             });
-        };
-        let result = receive_memory(stream, mem, &table, Allocation::Inline);
-        let status = if result.is_ok() {
-            Status::Ok
-        } else {
-            Status::Error
-        };
-        send_response(stream, status, &[]).map_err(Error::Protocol)?;
-        result?;
+        }
+    }
+    Ok(())
+}
+
+/// What a peer may announce on a connection, given the guest RAM (if known yet).
+pub(super) fn limits_for(ram: Option<&[GuestRamMapping]>) -> Limits {
+    // A sane sender's table has at most one range per page (a dirty log merges
+    // neighbours) and sends memory and device logs back to back: two per page at most.
+    // Before Config no Memory request is valid at all.
+    let max_range_table = ram.map_or(MEMORY_RANGE_SIZE as u64, |ram| {
+        let pages: u64 = ram.iter().map(|m| m.size / 4096).sum();
+        (2 * pages).max(4096) * MEMORY_RANGE_SIZE as u64
+    });
+    Limits {
+        max_range_table: max_range_table.min(vm_migration::DEFAULT_MAX_RANGE_TABLE_BYTES),
+        ..Limits::default()
+    }
+}
+
+/// Reads the next request on `stream`: waits for it within the idle deadline (`check`
+/// can fail the wait early), then reads it with the socket's read timeout bounding
+/// every read.
+pub(super) fn next_request<E: Into<Error>>(
+    stream: &mut Stream,
+    watch: &Watch,
+    params: &ReceiveParams,
+    limits: &Limits,
+    check: impl FnMut() -> std::result::Result<(), E>,
+) -> Result<Option<Request>> {
+    match watch.wait_message(stream, params.idle_timeout, check) {
+        Ok(()) => {}
+        Err(Waited::Wait(e)) => return Err(Error::Wait(e)),
+        Err(Waited::Other(e)) => return Err(e.into()),
+    }
+    match read_request(stream, limits) {
+        Ok(r) => {
+            watch.touch();
+            Ok(Some(r))
+        }
+        Err(_) if watch.is_cancelled() => Err(Error::Cancelled),
+        Err(e) if e.is_closed_between_messages() => Ok(None),
+        Err(e) if is_timeout(&e) => Err(Error::Stalled(params.idle_timeout)),
+        Err(e) => Err(Error::Protocol(e)),
     }
 }
 
@@ -366,91 +315,145 @@ impl Drop for UnlinkOnDrop {
     }
 }
 
-/// Receives a VM on `url`. Returns it running (Complete) or paused (CompletePaused).
-/// `postcopy`: guest memory arrives on demand from the sender over fault connections,
-/// after the VM runs: written by the sender into the memfds it passed (an offload daemon
-/// restoring `--ondemand`), or pulled inline from a post-copy source VMM.
-pub fn receive(
-    url: &MigrationUrl,
-    events: Sender<VmmEvent>,
-    postcopy: bool,
-    page_timeout: std::time::Duration,
-) -> Result<Vm> {
-    let listener = Listener::bind(url).map_err(|source| Error::Listen {
+/// Binds the receiver's listening socket: done by the control loop before the worker
+/// starts, so a bad URL is an immediate error.
+pub fn listen(url: &MigrationUrl) -> Result<Listener> {
+    Listener::bind(url).map_err(|source| Error::Listen {
         url: url.clone(),
         source,
-    })?;
-    let _unlink = UnlinkOnDrop(match url {
+    })
+}
+
+/// Receives a VM on `listener` (bound to `params.url`): waits for the sender, runs the
+/// protocol, and returns the VM built from what arrived, not yet started. Runs on a
+/// worker thread; `watch` is how the control loop sees its progress and cancels it.
+pub fn receive(
+    listener: Listener,
+    params: &ReceiveParams,
+    local: &LocalDevices,
+    events: Sender<VmmEvent>,
+    watch: Arc<Watch>,
+) -> Result<Received> {
+    let _unlink = UnlinkOnDrop(match &params.url {
         MigrationUrl::Unix(p) => Some(p.clone()),
         MigrationUrl::Tcp { .. } => None,
     });
+    let _forget = ForgetStreams(&watch);
     let listener = Arc::new(listener);
     event_monitor::event("vm", "migration-receive-ready", None);
-    let mut main = listener.accept().map_err(Error::Accept)?;
+    let mut main = watch
+        .accept(&listener, params.connect_timeout)
+        .map_err(|e| match e {
+            WaitError::Cancelled => Error::Cancelled,
+            e => Error::Wait(e),
+        })?;
+    let _ = main.set_read_timeout(Some(params.idle_timeout));
+    watch.set_phase(Phase::Connected);
     event_monitor::event("vm", "migration-receive-started", None);
 
     let mut receiver = Receiver {
-        phase: Phase::Established,
+        phase: ProtocolPhase::Established,
         fds: BTreeMap::new(),
         vm: None,
         connections: None,
         listener,
-        url: url.clone(),
+        params: params.clone(),
+        local: local.clone(),
         events,
-        postcopy,
         peer_memfds: false,
-        page_timeout,
+        watch: watch.clone(),
     };
-    let limits = Limits::default();
-    loop {
-        let request = match read_request(&mut main, &limits) {
-            Ok(r) => r,
-            Err(e) if e.is_closed_between_messages() => return Err(Error::Disconnected),
-            // A request we cannot even parse: say so (the peer may be listening) and stop.
-            Err(e) => {
-                let _ = send_response(&mut main, Status::Error, &[]);
-                return Err(Error::Protocol(e));
-            }
-        };
-        let abandon = matches!(request, Request::Abandon);
-        let result = receiver.handle(request, &mut main);
-        let status = if result.is_ok() {
-            Status::Ok
-        } else {
-            Status::Error
-        };
-        send_response(&mut main, status, &[]).map_err(Error::Protocol)?;
-        if abandon {
-            return Err(Error::Abandoned);
+    let result = receiver.run(&mut main);
+    match result {
+        Err(_) if watch.is_cancelled() => Err(Error::Cancelled),
+        // A sender that hung up because a memory connection was refused: say why.
+        Err(Error::Disconnected | Error::Protocol(_)) if receiver.connection_error().is_some() => {
+            Err(Error::MemoryConnection(
+                receiver.connection_error().unwrap_or_default(),
+            ))
         }
-        if let Some(resume) = result? {
-            let mut vm = receiver.vm.take().ok_or(Error::UnexpectedCommand {
-                got: vm_migration::Command::Complete,
-                expected: "State first",
-            })?;
-            vm.start(!resume).map_err(Error::Vm)?;
-            event_monitor::event("vm", "migration-receive-finished", None);
-            return Ok(vm);
-        }
+        other => other,
     }
 }
 
+/// Clears the watch's clones of the connections when the receive ends, so a connection
+/// that lives on (a fault connection) is not kept open by them.
+struct ForgetStreams<'a>(&'a Watch);
+
+impl Drop for ForgetStreams<'_> {
+    fn drop(&mut self) {
+        self.0.forget_streams();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProtocolPhase {
+    Established,
+    Started,
+    Configured,
+    StateReceived,
+}
+
 struct Receiver {
-    phase: Phase,
+    phase: ProtocolPhase,
     fds: BTreeMap<u32, File>,
     vm: Option<Vm>,
-    connections: Option<MemoryConnections>,
+    connections: Option<Connections>,
     listener: Arc<Listener>,
-    url: MigrationUrl,
+    params: ReceiveParams,
+    local: LocalDevices,
     events: Sender<VmmEvent>,
-    postcopy: bool,
     /// The sender passed memfds: in post-copy it fills them itself.
     peer_memfds: bool,
-    /// Post-copy: the longest wait for one page pulled from the sender.
-    page_timeout: std::time::Duration,
+    watch: Arc<Watch>,
 }
 
 impl Receiver {
+    fn connection_error(&self) -> Option<String> {
+        self.connections.as_ref().and_then(Connections::first_error)
+    }
+
+    fn run(&mut self, main: &mut Stream) -> Result<Received> {
+        loop {
+            let limits = limits_for(self.vm.as_ref().map(|vm| vm.memory().mappings()));
+            let connections = self.connections.as_ref();
+            // A failed memory connection fails the migration now, not at State.
+            let check = || match connections.and_then(Connections::first_error) {
+                Some(e) => Err(Error::MemoryConnection(e)),
+                None => Ok(()),
+            };
+            let request = match next_request(main, &self.watch, &self.params, &limits, check) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(Error::Disconnected),
+                // A request we cannot even parse, or one the sender stopped sending
+                // halfway: say so (the peer may be listening) and stop.
+                Err(e @ (Error::Protocol(_) | Error::Stalled(_))) => {
+                    let _ = send_response(main, Status::Error, &[]);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let abandon = matches!(request, Request::Abandon);
+            let result = self.handle(request, main);
+            let status = if result.is_ok() {
+                Status::Ok
+            } else {
+                Status::Error
+            };
+            send_response(main, status, &[]).map_err(Error::Protocol)?;
+            if abandon {
+                return Err(Error::Abandoned);
+            }
+            if let Some(resume) = result? {
+                let vm = self.vm.take().ok_or(Error::UnexpectedCommand {
+                    got: vm_migration::Command::Complete,
+                    expected: "State first",
+                })?;
+                return Ok(Received { vm, resume });
+            }
+        }
+    }
+
     /// Handles one request. `Ok(Some(resume))` once Complete/CompletePaused arrived.
     fn handle(&mut self, request: Request, main: &mut Stream) -> Result<Option<bool>> {
         let unexpected = |got: &Request, expected| Error::UnexpectedCommand {
@@ -459,45 +462,62 @@ impl Receiver {
         };
         match (self.phase, request) {
             (_, Request::Abandon) => Ok(None),
-            (Phase::Established, Request::Start { version }) => {
+            (ProtocolPhase::Established, Request::Start { version }) => {
                 check_version(version).map_err(Error::Protocol)?;
-                self.phase = Phase::Started;
+                self.phase = ProtocolPhase::Started;
                 Ok(None)
             }
-            (Phase::Started, Request::MemoryFd) => {
-                // A guest has a handful of RAM slots. The cap also bounds what a hostile
-                // peer can pin: an fd attached beyond the first to one message stays
-                // open in this process (vmm-sys-util receives only the first).
+            (ProtocolPhase::Started, Request::MemoryFd) => {
+                // A guest has a handful of RAM slots; each fd pins memory.
                 if self.fds.len() >= MAX_MEMORY_FDS {
                     return Err(Error::TooManyMemoryFds);
                 }
                 let unix = main.as_unix().ok_or(Error::MemoryFdOverTcp)?;
-                let (slot, file) = recv_memory_fd_payload(unix).map_err(Error::Protocol)?;
+                let (slot, file) = recv_memory_fd_payload(unix).map_err(|e| {
+                    if is_timeout(&e) {
+                        Error::Stalled(self.params.idle_timeout)
+                    } else {
+                        Error::Protocol(e)
+                    }
+                })?;
                 self.fds.insert(slot, file);
                 Ok(None)
             }
-            (Phase::Started, Request::Config(bytes)) => {
+            (ProtocolPhase::Started, Request::Config(bytes)) => {
                 self.configure(&bytes)?;
-                self.phase = Phase::Configured;
+                self.phase = ProtocolPhase::Configured;
+                self.watch.set_phase(Phase::Memory);
                 Ok(None)
             }
-            (Phase::Configured, Request::Memory(_)) if self.postcopy => Err(Error::PrecopySender),
-            (Phase::Configured, Request::Memory(table)) => {
+            (ProtocolPhase::Configured, Request::Memory(_)) if self.params.postcopy => {
+                Err(Error::PrecopySender)
+            }
+            (ProtocolPhase::Configured, Request::Memory(table)) => {
                 let vm = self.vm.as_ref().ok_or(Error::LayoutMismatch)?;
-                receive_memory(main, vm.memory().guest_memory(), &table, Allocation::Ahead)?;
+                check_ranges(&table, vm.memory().mappings())?;
+                receive_memory(
+                    main,
+                    vm.memory().guest_memory(),
+                    &table,
+                    Allocation::Ahead,
+                    &self.watch,
+                    self.params.idle_timeout,
+                )?;
                 Ok(None)
             }
-            (Phase::Configured, Request::State(bytes)) => {
+            (ProtocolPhase::Configured, Request::State(bytes)) => {
+                self.watch.set_phase(Phase::State);
                 self.apply_state(&bytes)?;
-                self.phase = Phase::StateReceived;
+                self.phase = ProtocolPhase::StateReceived;
+                self.watch.set_phase(Phase::Completing);
                 Ok(None)
             }
-            (Phase::StateReceived, Request::Complete) => Ok(Some(true)),
-            (Phase::StateReceived, Request::CompletePaused) => Ok(Some(false)),
-            (Phase::Established, r) => Err(unexpected(&r, "Start")),
-            (Phase::Started, r) => Err(unexpected(&r, "MemoryFd or Config")),
-            (Phase::Configured, r) => Err(unexpected(&r, "Memory or State")),
-            (Phase::StateReceived, r) => Err(unexpected(&r, "Complete or CompletePaused")),
+            (ProtocolPhase::StateReceived, Request::Complete) => Ok(Some(true)),
+            (ProtocolPhase::StateReceived, Request::CompletePaused) => Ok(Some(false)),
+            (ProtocolPhase::Established, r) => Err(unexpected(&r, "Start")),
+            (ProtocolPhase::Started, r) => Err(unexpected(&r, "MemoryFd or Config")),
+            (ProtocolPhase::Configured, r) => Err(unexpected(&r, "Memory or State")),
+            (ProtocolPhase::StateReceived, r) => Err(unexpected(&r, "Complete or CompletePaused")),
         }
     }
 
@@ -506,22 +526,22 @@ impl Receiver {
     fn apply_state(&mut self, bytes: &[u8]) -> Result<()> {
         let mut faults = Vec::new();
         if let Some(c) = self.connections.take() {
-            if self.postcopy {
+            if self.params.postcopy {
                 if let Some(e) = c.first_error() {
                     return Err(Error::MemoryConnection(e));
                 }
                 // The sender opens its fault connections before State; give a slow one
                 // a bounded while before the acceptor stops.
-                faults.extend(c.faults.recv_timeout(FAULT_CONNECTION_WAIT).ok());
+                c.wait_fault(FAULT_CONNECTION_WAIT);
             }
-            faults.extend(c.finish()?);
+            faults = c.finish()?;
         }
         let mut tree: StateTree = serde_json::from_slice(bytes).map_err(Error::BadState)?;
         let postcopy_state: Option<PostcopyState> = tree
             .take_if_present(postcopy::STATE_ID)
             .map_err(Error::BadPostcopyState)?;
         let vm = self.vm.as_mut().ok_or(Error::LayoutMismatch)?;
-        match (self.postcopy, faults.is_empty()) {
+        match (self.params.postcopy, faults.is_empty()) {
             (true, true) => return Err(Error::NoFaultConnection),
             (false, false) => return Err(Error::UnexpectedFaultConnection),
             (false, true) if postcopy_state.is_some() => return Err(Error::PostcopySender),
@@ -545,8 +565,8 @@ impl Receiver {
                 let data = postcopy_state.as_ref().map(PostcopyState::ranges);
                 let confirm = postcopy_state.as_ref().is_some_and(|s| s.confirm_complete);
                 let peer = RemotePeer {
-                    url: self.url.clone(),
-                    timeout: self.page_timeout,
+                    url: self.params.url.clone(),
+                    timeout: self.params.page_timeout,
                 };
                 let source = RemoteSource::new(regions, data.as_deref(), faults, confirm, peer)
                     .map_err(Error::FaultConnections)?;
@@ -564,7 +584,7 @@ impl Receiver {
         let files = if self.fds.is_empty() {
             None
         } else {
-            let mut files = Vec::with_capacity(mappings.len());
+            let mut files = Vec::with_capacity(mappings.len().min(MAX_MEMORY_FDS));
             for m in &mappings {
                 let file = self
                     .fds
@@ -574,18 +594,45 @@ impl Receiver {
             }
             Some(files)
         };
-        let vm = Vm::new_for_migration(&config.vm_config, self.events.clone(), files)
-            .map_err(Error::Vm)?;
+        let vm_config = self.local_config(config.vm_config);
+        let vm =
+            Vm::new_for_migration(&vm_config, self.events.clone(), files).map_err(Error::Vm)?;
         if vm.memory().mappings() != mappings.as_slice() {
             return Err(Error::LayoutMismatch);
         }
-        self.connections = Some(MemoryConnections::start(
+        self.connections = Some(Connections::start(
             self.listener.clone(),
-            self.url.clone(),
+            &self.params,
             vm.memory().guest_memory().clone(),
-            self.postcopy,
+            vm.memory().mappings().to_vec(),
+            self.watch.clone(),
         ));
         self.vm = Some(vm);
         Ok(())
+    }
+
+    /// The sender's VM config with every host path it names replaced by ours: the guest's
+    /// serial and console go where this VMM's command line says, and the kernel and
+    /// initramfs paths (never opened for a received VM) are dropped.
+    fn local_config(&self, mut config: crate::config::VmConfig) -> crate::config::VmConfig {
+        for (what, peer, ours) in [
+            ("serial", &config.serial, &self.local.serial),
+            ("console", &config.console, &self.local.console),
+        ] {
+            if let Some(path) = &peer.file
+                && peer.file != ours.file
+            {
+                log::info!(
+                    "ignoring the sender's {what} file {}: the received VM's {what} is this \
+                     VMM's own (--{what})",
+                    path.display()
+                );
+            }
+        }
+        config.serial = self.local.serial.clone();
+        config.console = self.local.console.clone();
+        config.payload.kernel = None;
+        config.payload.initramfs = None;
+        config
     }
 }

@@ -15,6 +15,9 @@ use crate::vm::{self, Vm};
 
 impl Vmm {
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
+        if self.vm.is_none() {
+            return Err(self.no_vm());
+        }
         self.vm.as_mut().ok_or(ApiError::NoVm)
     }
 
@@ -27,7 +30,7 @@ impl Vmm {
                 features: Vec::new(),
             })),
             ApiRequest::VmInfo => {
-                let vm = self.vm.as_ref().ok_or(ApiError::NoVm)?;
+                let vm = self.vm.as_ref().ok_or_else(|| self.no_vm())?;
                 Ok(ApiResponse::Info(Box::new(VmInfoResponse {
                     config: vm.config().clone(),
                     state: vm.state(),
@@ -84,6 +87,7 @@ impl Vmm {
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmmShutdown => {
+                self.cancel_receive();
                 self.stop_vm();
                 Ok(ApiResponse::Empty)
             }
@@ -113,15 +117,12 @@ impl Vmm {
                 self.cancel_migration().map_err(migration_api_error)?;
                 Ok(ApiResponse::Empty)
             }
-            ApiRequest::VmReceiveMigration {
-                url,
-                postcopy,
-                page_timeout,
-            } => {
-                self.receive_migration(&url, postcopy, page_timeout)
-                    .map_err(migration_api_error)?;
-                Ok(ApiResponse::Empty)
-            }
+            // Answered when the VM has arrived: the run loop hands the reply over.
+            ApiRequest::VmReceiveMigration(_) => Err(ApiError::Internal {
+                action: "migrate",
+                message: "receive-migration reached the wrong handler".into(),
+            }),
+            ApiRequest::VmRestore(_) if self.receiving() => Err(self.no_vm()),
             ApiRequest::VmRestore(params) => {
                 self.restore(&params).map_err(|e| match e {
                     RestoreError::VmExists(state) => ApiError::InvalidState {
@@ -165,7 +166,7 @@ fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
 
 /// A migration that cannot start because of the VM's or the request's state is 4xx;
 /// one that failed while running is 5xx.
-fn migration_api_error(e: MigrationError) -> ApiError {
+pub(super) fn migration_api_error(e: MigrationError) -> ApiError {
     match e {
         MigrationError::NoVm => ApiError::NoVm,
         MigrationError::WrongState(_)

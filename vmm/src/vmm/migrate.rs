@@ -3,12 +3,20 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
 
+use super::api::migration_api_error;
 use super::{Vmm, VmmEvent, error_chain};
-use crate::api::VmState;
+use crate::api::{ApiError, ApiResponse, ApiResult, VmState};
 use crate::event_monitor;
+use crate::migration::receive::ReceiveParams;
 use crate::migration::transport::Cancel;
+use crate::migration::watch::Watch;
 use crate::migration::{MigrationUrl, receive, send};
+
+/// How long `vmm.shutdown` waits for a cancelled receive to let go of its sockets.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -36,6 +44,31 @@ pub enum MigrationError {
     DirtyLog(#[source] crate::memory_manager::Error),
     #[error("receiving the VM")]
     Receive(#[source] receive::Error),
+}
+
+/// A receive in progress.
+pub(super) struct Incoming {
+    watch: Arc<Watch>,
+    url: MigrationUrl,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// The `vm.receive-migration` request, answered when the receive ends.
+    reply: Sender<ApiResult>,
+}
+
+impl Drop for Incoming {
+    /// Whatever ends the VMM also ends its receive (sockets closed, listener unlinked).
+    fn drop(&mut self) {
+        self.watch.cancel();
+    }
+}
+
+/// The VM a receive worker built, on its way to the control loop.
+pub struct ReceivedVm(pub Box<receive::Received>);
+
+impl std::fmt::Debug for ReceivedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReceivedVm(resume: {})", self.0.resume)
+    }
 }
 
 /// A send-migration in progress (or just finished).
@@ -254,27 +287,132 @@ impl Vmm {
         }
     }
 
-    /// Receives a VM on `url`, blocking until it is complete.
-    pub(super) fn receive_migration(
+    /// Starts receiving a VM on a worker thread. The API request is answered when the
+    /// VM has arrived (or the receive failed, or was cancelled); meanwhile the control
+    /// loop serves every other request.
+    pub(super) fn start_receive(&mut self, params: ReceiveParams, reply: Sender<ApiResult>) {
+        if let Err(e) = self.try_start_receive(params, &reply) {
+            let _ = reply.send(Err(migration_api_error(e)));
+        }
+    }
+
+    fn try_start_receive(
         &mut self,
-        url: &MigrationUrl,
-        postcopy: bool,
-        page_timeout: std::time::Duration,
+        params: ReceiveParams,
+        reply: &Sender<ApiResult>,
     ) -> Result<(), MigrationError> {
+        if self.incoming.is_some() {
+            return Err(MigrationError::Busy);
+        }
         if let Some(vm) = &self.vm
             && vm.state() != VmState::Shutdown
         {
             return Err(MigrationError::VmExists(vm.state()));
         }
-        match receive::receive(url, self.events.clone(), postcopy, page_timeout) {
+        let listener = receive::listen(&params.url).map_err(MigrationError::Receive)?;
+        let watch = Arc::new(Watch::new().map_err(MigrationError::Prepare)?);
+        let (events, local, w) = (self.events.clone(), self.local.clone(), watch.clone());
+        let p = params.clone();
+        let worker = std::thread::Builder::new()
+            .name("migration-receive".into())
+            .spawn(move || {
+                let result = receive::receive(listener, &p, &local, events.clone(), w);
+                let _ = events.send(VmmEvent::ReceiveDone {
+                    result: result.map(|r| ReceivedVm(Box::new(r))),
+                });
+            })
+            .map_err(MigrationError::Prepare)?;
+        self.incoming = Some(Incoming {
+            watch,
+            url: params.url,
+            worker: Some(worker),
+            reply: reply.clone(),
+        });
+        Ok(())
+    }
+
+    /// The receive worker is done: the VM starts (running or paused, as the sender
+    /// said) and the waiting API request gets its answer.
+    pub(super) fn receive_done(&mut self, result: Result<ReceivedVm, receive::Error>) {
+        let Some(mut incoming) = self.incoming.take() else {
+            return;
+        };
+        if let Some(w) = incoming.worker.take() {
+            let _ = w.join();
+        }
+        let result = result
+            .map_err(MigrationError::Receive)
+            .and_then(|received| {
+                let receive::Received { mut vm, resume } = *received.0;
+                vm.start(!resume)
+                    .map_err(|e| MigrationError::Receive(receive::Error::Vm(e)))?;
+                Ok(vm)
+            });
+        match result {
             Ok(vm) => {
                 self.vm = Some(vm);
-                Ok(())
+                event_monitor::event("vm", "migration-receive-finished", None);
+                let _ = incoming.reply.send(Ok(ApiResponse::Empty));
             }
             Err(e) => {
-                event_monitor::event("vm", "migration-receive-failed", None);
-                Err(MigrationError::Receive(e))
+                log::error!("receiving a migration failed: {}", error_chain(&e));
+                event_monitor::event(
+                    "vm",
+                    "migration-receive-failed",
+                    Some(
+                        &[("error".to_string(), error_chain(&e))]
+                            .into_iter()
+                            .collect(),
+                    ),
+                );
+                let _ = incoming.reply.send(Err(migration_api_error(e)));
             }
         }
+    }
+
+    /// Ends a receive in progress (the VMM is shutting down) and answers its request.
+    /// Waits a bounded while for the worker to let go of its sockets.
+    pub(super) fn cancel_receive(&mut self) {
+        let Some(incoming) = &self.incoming else {
+            return;
+        };
+        incoming.watch.cancel();
+        let deadline = std::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.receiver.recv_timeout(left) {
+                Ok(VmmEvent::ReceiveDone { result }) => {
+                    // Whatever arrived is not kept: the VMM is going away.
+                    let result = result.and_then(|_| Err(receive::Error::Cancelled));
+                    return self.receive_done(result);
+                }
+                // Anything else is dropped (an API caller sees the VMM shut down).
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(incoming) = self.incoming.take() {
+            log::warn!("the receive worker did not stop within {CANCEL_WAIT:?}");
+            let e = MigrationError::Receive(receive::Error::Cancelled);
+            let _ = incoming.reply.send(Err(migration_api_error(e)));
+        }
+    }
+
+    /// What to answer a request that needs a VM while there is none: during a receive,
+    /// that one is on its way.
+    pub(super) fn no_vm(&self) -> ApiError {
+        match &self.incoming {
+            Some(incoming) => ApiError::Conflict(format!(
+                "no VM yet: receiving one on {} ({}, {} bytes of guest memory so far)",
+                incoming.url,
+                incoming.watch.phase().name(),
+                incoming.watch.bytes()
+            )),
+            None => ApiError::NoVm,
+        }
+    }
+
+    pub(super) fn receiving(&self) -> bool {
+        self.incoming.is_some()
     }
 }

@@ -10,11 +10,12 @@ use std::sync::{Arc, mpsc};
 use crate::api::{ApiRequest, ApiResult, VmState};
 use crate::config::{RestoreParams, VmConfig};
 use crate::event_monitor;
+use crate::migration::receive::{self, LocalDevices};
 use crate::migration::send;
 use crate::vm::{self, Vm};
 
-pub use migrate::MigrationError;
-use migrate::Outgoing;
+use migrate::{Incoming, Outgoing};
+pub use migrate::{MigrationError, ReceivedVm};
 pub use snapshot::{RestoreError, SnapshotError};
 
 /// Everything that can wake the control loop. API threads, vCPU threads and devices all
@@ -26,7 +27,8 @@ pub enum VmmEvent {
         request: ApiRequest,
         reply: mpsc::Sender<ApiResult>,
     },
-    /// The guest asked for a reset (i8042 0xFE): this VMM shuts down cleanly.
+    /// The guest asked for a reset (i8042 0xFE): this VMM shuts down cleanly (the test
+    /// guest's way to end a run). A triple fault is a `VcpuFailed` instead.
     GuestReset,
     /// A vCPU thread hit an error it cannot recover from.
     VcpuFailed { id: u8, error: String },
@@ -40,6 +42,10 @@ pub enum VmmEvent {
     },
     /// The migration worker finished; `Err` holds the reason it failed.
     MigrationDone { result: Result<(), String> },
+    /// The receive worker finished: the VM that arrived, or why none did.
+    ReceiveDone {
+        result: Result<ReceivedVm, receive::Error>,
+    },
 }
 
 /// Why `Vmm::run` returned without an error.
@@ -70,6 +76,8 @@ pub enum Error {
     Restore(#[source] RestoreError),
     #[error("vCPU {id} failed: {error}")]
     VcpuFailed { id: u8, error: String },
+    #[error("the VM stopped ({what}) because it lost guest memory: {cause}")]
+    GuestMemoryLost { what: String, cause: String },
     #[error("guest memory could not be restored: {0}")]
     MemoryFailed(String),
 }
@@ -82,6 +90,9 @@ pub struct Vmm {
     migration: Option<Outgoing>,
     /// The last migration's figures stay visible in vm.info.
     last_migration: Option<Arc<send::Progress>>,
+    incoming: Option<Incoming>,
+    /// Serial and console of a VM this VMM receives: its own command line's.
+    local: LocalDevices,
 }
 
 impl Vmm {
@@ -94,7 +105,26 @@ impl Vmm {
             vm: None,
             migration: None,
             last_migration: None,
+            incoming: None,
+            local: LocalDevices {
+                serial: crate::config::ConsoleConfig {
+                    file: None,
+                    mode: crate::config::ConsoleOutputMode::Null,
+                },
+                console: crate::config::ConsoleConfig {
+                    file: None,
+                    mode: crate::config::ConsoleOutputMode::Off,
+                },
+            },
         }
+    }
+
+    /// The serial and console a received VM gets (by default serial to nowhere, no
+    /// console): `cloud-hypervisor` passes its own `--serial`/`--console` here, so a
+    /// migration source never chooses the host files this VMM writes.
+    pub fn with_local_devices(mut self, local: LocalDevices) -> Self {
+        self.local = local;
+        self
     }
 
     /// Boots or restores a VM (if asked) and serves events until the VMM should exit.
@@ -115,6 +145,10 @@ impl Vmm {
                 return Ok(VmmExit::Shutdown);
             };
             match event {
+                VmmEvent::Api {
+                    request: ApiRequest::VmReceiveMigration(params),
+                    reply,
+                } => self.start_receive(params, reply),
                 VmmEvent::Api { request, reply } => {
                     let exit = request == ApiRequest::VmmShutdown;
                     let result = self.handle_api(request);
@@ -126,13 +160,25 @@ impl Vmm {
                     }
                 }
                 VmmEvent::GuestReset => {
+                    let lost = self.lost_memory();
                     self.stop_vm();
                     event_monitor::event("vmm", "shutdown", None);
+                    if let Some(cause) = lost {
+                        let what = "the guest reset itself".to_string();
+                        return Err(Error::GuestMemoryLost { what, cause });
+                    }
                     return Ok(VmmExit::GuestReset);
                 }
                 VmmEvent::VcpuFailed { id, error } => {
+                    let lost = self.lost_memory();
                     self.stop_vm();
-                    return Err(Error::VcpuFailed { id, error });
+                    return Err(match lost {
+                        Some(cause) => Error::GuestMemoryLost {
+                            what: format!("vCPU {id}: {error}"),
+                            cause,
+                        },
+                        None => Error::VcpuFailed { id, error },
+                    });
                 }
                 VmmEvent::MemoryFailed { error } => {
                     if let Some(vm) = self.vm.as_mut() {
@@ -151,8 +197,14 @@ impl Vmm {
                         return Ok(VmmExit::Migrated);
                     }
                 }
+                VmmEvent::ReceiveDone { result } => self.receive_done(result),
             }
         }
+    }
+
+    /// Why the VM's memory is gone, if it is (a peer truncated a memfd it shares).
+    fn lost_memory(&self) -> Option<String> {
+        self.vm.as_ref().and_then(|vm| vm.memory().shrunk_backing())
     }
 
     fn stop_vm(&mut self) {
