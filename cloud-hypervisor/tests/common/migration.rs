@@ -159,7 +159,12 @@ pub fn migrate_guest(
         "send-migration: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, body) = receiver.join().unwrap();
+    let (status, body) = receiver.join().unwrap_or_else(|_| {
+        panic!(
+            "receive-migration got no answer; destination stderr:\n{}",
+            dest.stderr()
+        )
+    });
     assert_eq!(status, 204, "receive-migration: {body}");
     let switched = std::time::Instant::now();
     assert_eq!(dest.vm_state().unwrap(), "Running");

@@ -344,6 +344,8 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
             threads(&mut a)?;
             priority(&mut a)?;
             socket_io(&mut a)?;
+            // std's available_parallelism reads /sys/devices/system/cpu/online.
+            file_read(&mut a)?;
         }
         ThreadKind::Uffd => {
             threads(&mut a)?;
