@@ -344,7 +344,8 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
             threads(&mut a)?;
             priority(&mut a)?;
             socket_io(&mut a)?;
-            // std's available_parallelism reads /sys/devices/system/cpu/online.
+            // A memory connection's thread was seen reading /sys/devices/system/cpu/online
+            // (read-only) on its first allocations.
             file_read(&mut a)?;
         }
         ThreadKind::Uffd => {
