@@ -14,6 +14,7 @@
 pub mod daemon;
 pub mod damage;
 pub mod guest;
+pub mod hostile_api;
 pub mod lines;
 pub mod migration;
 pub mod process;
