@@ -98,6 +98,7 @@ impl RequestParser {
             // past the cap; what is left over after the head is body.
             let room = MAX_HEAD_BYTES - self.buf.len();
             let (now, later) = bytes.split_at(bytes.len().min(room));
+            grow_within(&mut self.buf, now.len(), MAX_HEAD_BYTES);
             self.buf.extend_from_slice(now);
             *bytes = later;
             match self.parse_head()? {
@@ -162,20 +163,14 @@ impl RequestParser {
     }
 
     /// Appends body bytes up to the announced length, growing the buffer as data
-    /// arrives (amortized doubling, never past the announced length).
+    /// arrives.
     fn push_body(&mut self, bytes: &[u8]) {
         let Some(head) = &self.head else {
             return;
         };
         let wanted = head.content_length.saturating_sub(self.buf.len());
         let take = &bytes[..bytes.len().min(wanted)];
-        let needed = self.buf.len() + take.len();
-        if needed > self.buf.capacity() {
-            let target = needed
-                .max(self.buf.capacity().saturating_mul(2))
-                .min(head.content_length);
-            self.buf.reserve_exact(target - self.buf.len());
-        }
+        grow_within(&mut self.buf, take.len(), head.content_length);
         self.buf.extend_from_slice(take);
     }
 
@@ -194,6 +189,17 @@ impl RequestParser {
                 ),
             )),
         }
+    }
+}
+
+/// Makes room for `extra` more bytes in `buf` by amortized doubling, but never past
+/// `limit` bytes of capacity (the caller never stores more than `limit`), so a buffer
+/// is at most as large as its cap.
+fn grow_within(buf: &mut Vec<u8>, extra: usize, limit: usize) {
+    let needed = buf.len() + extra;
+    if needed > buf.capacity() {
+        let target = needed.max(buf.capacity().saturating_mul(2)).min(limit);
+        buf.reserve_exact(target.max(needed) - buf.len());
     }
 }
 
