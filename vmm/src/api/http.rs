@@ -40,7 +40,7 @@ use crate::vmm::VmmEvent;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection thread only parses a bounded request and routes it (serde_json limits
 /// nesting to 128 levels), so it needs far less than the default 2 MiB.
-const CONNECTION_STACK: usize = 256 * 1024;
+const CONNECTION_STACK: usize = 512 * 1024;
 /// How much unread request is drained before a refused connection is closed.
 const DRAIN_BYTES: usize = 64 * 1024;
 
@@ -1139,5 +1139,20 @@ mod tests {
         assert_eq!(first, (ApiRequest::VmResume, false));
         let second = ran_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(second, (ApiRequest::VmPause, true));
+    }
+
+    /// Connection threads have a small stack: deeply nested bodies must not overflow it.
+    #[test]
+    fn deeply_nested_bodies_are_400_on_a_small_stack() {
+        let sock = server();
+        let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        for route in routes::ROUTES {
+            let body = format!("{{\"destination_url\":{nested},\"x\":{nested}}}");
+            let resp = call(&sock, route.method.as_str(), route.endpoint, Some(&body));
+            assert_eq!(resp.status, 400, "{}: {resp:?}", route.endpoint);
+            let resp = call(&sock, route.method.as_str(), route.endpoint, Some(&nested));
+            assert_eq!(resp.status, 400, "{}: {resp:?}", route.endpoint);
+        }
+        assert_eq!(call(&sock, "GET", "vmm.ping", None).status, 200);
     }
 }
