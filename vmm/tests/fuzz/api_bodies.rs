@@ -33,7 +33,7 @@ fn check_all_routes(body: &[u8], peak: &Peak) {
 #[test]
 fn fuzz_api_bodies_arbitrary_bytes() {
     let peak = Peak::default();
-    proptest!(fuzz_harness::config(1000), |(body in prop::collection::vec(any::<u8>(), 0..4096))| {
+    proptest!(fuzz_harness::config(500), |(body in prop::collection::vec(any::<u8>(), 0..4096))| {
         check_all_routes(&body, &peak);
     });
     report("api_bodies_arbitrary_bytes", peak.get(), CAP);
@@ -42,7 +42,7 @@ fn fuzz_api_bodies_arbitrary_bytes() {
 #[test]
 fn fuzz_api_bodies_json() {
     let peak = Peak::default();
-    proptest!(fuzz_harness::config(1000), |(value in json())| {
+    proptest!(fuzz_harness::config(500), |(value in json())| {
         let body = serde_json::to_vec(&value).unwrap();
         check_all_routes(&body, &peak);
     });

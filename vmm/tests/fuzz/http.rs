@@ -102,7 +102,7 @@ fn request() -> impl Strategy<Value = (Vec<u8>, Option<usize>, Vec<u8>)> {
 #[test]
 fn fuzz_http_parser_arbitrary_bytes() {
     let peak = Peak::default();
-    let config = fuzz_harness::config(3000);
+    let config = fuzz_harness::config(1000);
     proptest!(config, |(bytes in prop::collection::vec(any::<u8>(), 0..4096),
                         cuts in prop::collection::vec(any::<usize>(), 0..16))| {
         check(&split(bytes, cuts), &peak);

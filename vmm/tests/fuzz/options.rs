@@ -77,7 +77,7 @@ fn fuzz_options_arbitrary_strings() {
 #[test]
 fn fuzz_options_structured() {
     let peak = Peak::default();
-    proptest!(fuzz_harness::config(3000), |(input in option_string())| {
+    proptest!(fuzz_harness::config(2000), |(input in option_string())| {
         check(&input, &peak);
     });
     report("options_structured", peak.get(), CAP);

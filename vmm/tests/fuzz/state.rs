@@ -170,7 +170,7 @@ fn replace_one(tree: &mut Value, mut pick: usize, with: Value) {
 #[test]
 fn fuzz_config_state_arbitrary_bytes() {
     let peak = Peak::default();
-    proptest!(fuzz_harness::config(2000), |(bytes in prop::collection::vec(any::<u8>(), 0..4096))| {
+    proptest!(fuzz_harness::config(1000), |(bytes in prop::collection::vec(any::<u8>(), 0..4096))| {
         check(&bytes, &peak);
     });
     report("config_state_arbitrary_bytes", peak.get(), CAP);
@@ -192,7 +192,7 @@ fn fuzz_config_state_mutated() {
     let peak = Peak::default();
     let config = valid_config();
     let state = valid_state();
-    proptest!(fuzz_harness::config(2000), |(pick in any::<usize>(), with in json(), which in any::<bool>())| {
+    proptest!(fuzz_harness::config(1000), |(pick in any::<usize>(), with in json(), which in any::<bool>())| {
         let mut tree = if which { config.clone() } else { state.clone() };
         replace_one(&mut tree, pick, with);
         check(&serde_json::to_vec(&tree).unwrap(), &peak);
