@@ -48,7 +48,8 @@ struct Cli {
     /// off|null|tty|file=<path>
     #[arg(long, value_name = "OPTIONS", default_value = "off")]
     console: String,
-    /// <path> or path=<path>: serve the REST API on this UNIX socket.
+    /// <path> or path=<path>[,max_connections=32][,request_timeout_s=10][,reply_timeout_s=30]:
+    /// serve the REST API on this UNIX socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<String>,
     /// source_url=file:///dir[,memory_restore_mode=copy|ondemand][,resume=on]: start by
@@ -73,7 +74,7 @@ struct Startup {
     vm: Option<VmStartup>,
     /// `--serial`/`--console`, also for a VM this VMM receives by migration.
     local: LocalDevices,
-    api_socket: Option<PathBuf>,
+    api_socket: Option<options::ApiSocketConfig>,
     event_monitor: Option<PathBuf>,
 }
 
@@ -153,7 +154,7 @@ fn main() -> ExitCode {
 
     let (tx, rx) = mpsc::channel::<VmmEvent>();
     let server = match &startup.api_socket {
-        Some(path) => match http::spawn_http_server(path, tx.clone(), http::REPLY_TIMEOUT) {
+        Some(api) => match http::spawn_http_server(&api.path, tx.clone(), api.limits) {
             Ok(server) => Some(server),
             Err(e) => {
                 eprintln!("error: {}", error_chain(&e));
@@ -173,10 +174,10 @@ fn main() -> ExitCode {
         server.wait_idle();
     }
     // The socket file would otherwise look like a stale server to the next VMM.
-    if let Some(path) = &startup.api_socket
-        && let Err(e) = std::fs::remove_file(path)
+    if let Some(api) = &startup.api_socket
+        && let Err(e) = std::fs::remove_file(&api.path)
     {
-        log::warn!("cannot remove API socket {}: {e}", path.display());
+        log::warn!("cannot remove API socket {}: {e}", api.path.display());
     }
     match result {
         Ok(exit) => {
@@ -228,7 +229,10 @@ mod tests {
         let cli = parse(&["--api-socket", "path=/tmp/x.sock"]).unwrap();
         let startup = parse_options(&cli).unwrap();
         assert!(startup.vm.is_none());
-        assert_eq!(startup.api_socket, Some(PathBuf::from("/tmp/x.sock")));
+        assert_eq!(
+            startup.api_socket.map(|a| a.path),
+            Some(PathBuf::from("/tmp/x.sock"))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod damage;
 pub mod guest;
 pub mod hostile;
+pub mod hostile_api;
 pub mod hostile_peer;
 pub mod lines;
 pub mod migration;

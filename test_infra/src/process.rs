@@ -154,6 +154,8 @@ pub struct VmmBuilder {
     /// Serial output to this file instead of `serial.log` in the temp dir.
     serial_file: Option<PathBuf>,
     api_socket: bool,
+    /// Appended to `--api-socket path=<socket>`, e.g. `max_connections=4`.
+    api_socket_options: Option<String>,
     event_monitor: bool,
     extra_args: Vec<OsString>,
     raw_args: Option<Vec<OsString>>,
@@ -173,6 +175,7 @@ impl VmmBuilder {
             serial: true,
             serial_file: None,
             api_socket: true,
+            api_socket_options: None,
             event_monitor: true,
             extra_args: Vec::new(),
             raw_args: None,
@@ -233,6 +236,12 @@ impl VmmBuilder {
     /// No `--api-socket`.
     pub fn no_api_socket(mut self) -> Self {
         self.api_socket = false;
+        self
+    }
+
+    /// `--api-socket path=<socket>,<options>` (e.g. `max_connections=4`).
+    pub fn api_socket_options(mut self, options: impl Into<String>) -> Self {
+        self.api_socket_options = Some(options.into());
         self
     }
 
@@ -309,7 +318,16 @@ impl VmmBuilder {
         }
         push("--console", OsStr::new("off"));
         if self.api_socket {
-            push("--api-socket", dir.join("api.sock").as_os_str());
+            let socket = dir.join("api.sock");
+            match &self.api_socket_options {
+                Some(options) => {
+                    let mut v = OsString::from("path=");
+                    v.push(&socket);
+                    v.push(format!(",{options}"));
+                    push("--api-socket", &v);
+                }
+                None => push("--api-socket", socket.as_os_str()),
+            }
         }
         if self.event_monitor {
             let mut v = OsString::from("path=");

@@ -1,34 +1,48 @@
 //! HTTP/1.1 server on the API UNIX socket.
 //!
-//! One thread accepts connections one at a time and answers one request per connection
-//! (`Connection: close`). A request is matched against the route table, turned into an
-//! [`ApiRequest`] and sent to the VMM control loop, which alone owns the VM; the reply
-//! comes back on a one-shot channel. Errors become a JSON body
-//! `{"error": "<display>", "chain": ["<display>", "<source>", ...]}` with a status chosen
-//! in one place, [`status`].
+//! One thread accepts connections and gives each its own thread, up to
+//! [`ApiLimits::max_connections`]; one more is answered 503 and closed, so idle or slow
+//! clients cannot block other clients, and cannot make the VMM start unbounded threads.
+//! A request (head and body) must arrive within [`ApiLimits::request_timeout`] in total,
+//! however its client paces the bytes (408 otherwise). Each connection answers one
+//! request (`Connection: close`): parsed by [`parser`](super::parser), matched against
+//! the route table, turned into an [`ApiRequest`] and sent to the VMM control loop,
+//! which alone owns the VM and handles requests one at a time in arrival order; the
+//! reply comes back on a one-shot channel. A request whose client hung up while it
+//! waited for the control loop is dropped unrun (see [`Reply::abandoned`]).
+//!
+//! Errors become a JSON body `{"error": "<display>", "chain": ["<display>", "<source>",
+//! ...]}` with a status chosen in one place, [`status`].
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::parser::{Progress, Reject, Request, RequestParser};
 use super::routes::{self, RouteError};
 use super::{ApiError, ApiRequest, ApiResponse, ApiResult};
+pub use crate::config::options::ApiLimits;
+use crate::event_monitor;
 use crate::vmm::VmmEvent;
 
-/// How long a request waits for the VMM's answer before the client gets a 504 (not for
-/// long-running requests, see `ApiRequest::is_long_running`).
+/// The default of [`ApiLimits::reply_timeout`].
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bounds a slow or silent client: connections are served one at a time.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-const MAX_HEADERS: usize = 32;
-const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// A connection thread only parses a bounded request and routes it (serde_json limits
+/// nesting to 128 levels), so it needs far less than the default 2 MiB.
+const CONNECTION_STACK: usize = 512 * 1024;
+/// How much unread request is drained before a refused connection is closed.
+const DRAIN_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,9 +78,10 @@ pub enum Error {
     SpawnThread(#[source] io::Error),
 }
 
-/// Binds `path` and serves the REST API on a new thread, forwarding requests to `vmm`.
+/// Binds `path` and serves the REST API on a new thread with the default limits,
+/// forwarding requests to `vmm`.
 pub fn start_http_server(path: &Path, vmm: Sender<VmmEvent>) -> Result<JoinHandle<()>, Error> {
-    spawn_http_server(path, vmm, REPLY_TIMEOUT).map(HttpServer::into_thread)
+    spawn_http_server(path, vmm, ApiLimits::default()).map(HttpServer::into_thread)
 }
 
 /// A running server. Keep it to let `main` wait for an in-flight response (the 204 to
@@ -74,17 +89,24 @@ pub fn start_http_server(path: &Path, vmm: Sender<VmmEvent>) -> Result<JoinHandl
 #[derive(Debug)]
 pub struct HttpServer {
     thread: JoinHandle<()>,
-    // Held by the server thread for the whole of each connection.
-    busy: Arc<Mutex<()>>,
+    shared: Arc<Shared>,
 }
 
 impl HttpServer {
-    /// Waits until no connection is being served. Once the VMM's control loop is gone
-    /// this returns quickly: a request still waiting for it fails at once with 503, and
-    /// only a client stalling mid-request can delay it (by at most the connection
-    /// timeout).
+    /// Waits until every answer the control loop gave has been written to its client
+    /// (at most the request timeout, which also bounds each write). Once the control
+    /// loop is gone, requests fail at once with 503, so nothing new starts to wait.
     pub fn wait_idle(&self) {
-        drop(self.busy.lock().unwrap_or_else(PoisonError::into_inner));
+        let answering = self
+            .shared
+            .answering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _ = self.shared.idle.wait_timeout_while(
+            answering,
+            self.shared.limits.request_timeout,
+            |n| *n > 0,
+        );
     }
 
     pub fn into_thread(self) -> JoinHandle<()> {
@@ -92,20 +114,26 @@ impl HttpServer {
     }
 }
 
-/// [`start_http_server`] with a chosen VMM reply timeout, returning an [`HttpServer`].
+/// [`start_http_server`] with chosen limits, returning an [`HttpServer`].
 pub fn spawn_http_server(
     path: &Path,
     vmm: Sender<VmmEvent>,
-    reply_timeout: Duration,
+    limits: ApiLimits,
 ) -> Result<HttpServer, Error> {
     let listener = bind(path)?;
-    let busy = Arc::new(Mutex::new(()));
-    let server_busy = Arc::clone(&busy);
+    let shared = Arc::new(Shared {
+        vmm,
+        limits,
+        open: AtomicUsize::new(0),
+        answering: Mutex::new(0),
+        idle: Condvar::new(),
+    });
+    let server_shared = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name("http-server".to_string())
-        .spawn(move || serve(listener, vmm, reply_timeout, &server_busy))
+        .spawn(move || serve(&listener, &server_shared))
         .map_err(Error::SpawnThread)?;
-    Ok(HttpServer { thread, busy })
+    Ok(HttpServer { thread, shared })
 }
 
 fn bind(path: &Path) -> Result<UnixListener, Error> {
@@ -150,15 +178,170 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-fn serve(listener: UnixListener, vmm: Sender<VmmEvent>, reply_timeout: Duration, busy: &Mutex<()>) {
+/// What the acceptor and the connection threads share.
+#[derive(Debug)]
+struct Shared {
+    vmm: Sender<VmmEvent>,
+    limits: ApiLimits,
+    /// Connection slots taken (see [`Slot`]).
+    open: AtomicUsize,
+    /// Answers the control loop gave that are not yet written (see [`Answering`]).
+    answering: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// One of the `max_connections` slots. It is shared by the connection's thread and the
+/// request it sent to the control loop, and is free only when both are gone: a request
+/// still queued in a busy control loop keeps its slot after its client gave up (504), so
+/// a wedged VMM cannot be made to queue requests (and their fds) without bound.
+#[derive(Debug)]
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Arc<Slot>> {
+        let max = shared.limits.max_connections;
+        shared
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Arc::new(Slot(Arc::clone(shared))))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts an answer from the moment the control loop gives it until it is written (or
+/// its connection is gone), for [`HttpServer::wait_idle`].
+#[derive(Debug)]
+struct Answering(Arc<Shared>);
+
+impl Answering {
+    fn new(shared: &Arc<Shared>) -> Self {
+        *shared
+            .answering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        Answering(Arc::clone(shared))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let mut n = self
+            .0
+            .answering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// The control loop's answer on its way back to the connection thread.
+#[derive(Debug)]
+struct Answer {
+    result: ApiResult,
+    _answering: Option<Answering>,
+}
+
+/// Where the control loop sends its single answer to one API request, and how it tells
+/// whether anybody still waits for it.
+#[derive(Debug)]
+pub struct Reply {
+    tx: Sender<Answer>,
+    /// The connection the request came on (a duplicate of its fd) and its slot; `None`
+    /// when the request did not come from a client that can hang up.
+    client: Option<(UnixStream, Arc<Slot>)>,
+}
+
+impl Reply {
+    /// Sends the answer. `Err` gives it back when nobody waits for it any more.
+    pub fn send(&self, result: ApiResult) -> Result<(), ApiResult> {
+        let answering = self
+            .client
+            .as_ref()
+            .map(|(_, slot)| Answering::new(&slot.0));
+        self.tx
+            .send(Answer {
+                result,
+                _answering: answering,
+            })
+            .map_err(|e| e.0.result)
+    }
+
+    /// True when the client hung up (or the server gave up on it with a 504) while the
+    /// request waited for the control loop: the control loop then drops the request
+    /// without running it, and says so in the log and the event monitor. A client that
+    /// only shut down its sending side still waits for the answer, so only a full hang-up
+    /// (EPOLLHUP) counts.
+    pub fn abandoned(&self, request: &ApiRequest) -> bool {
+        let Some((stream, _)) = &self.client else {
+            return false;
+        };
+        if !hung_up(stream) {
+            return false;
+        }
+        log::warn!("API: dropping {request:?}: its client hung up before it could run");
+        let mut properties = BTreeMap::new();
+        properties.insert("request".to_string(), format!("{request:?}"));
+        event_monitor::event("api", "request-dropped", Some(&properties));
+        true
+    }
+}
+
+/// Whether the peer of `stream` has closed its end (or the connection was shut down).
+/// If the check itself fails the answer is "no": running a request nobody waits for is
+/// the lesser harm than dropping one somebody does.
+fn hung_up(stream: &UnixStream) -> bool {
+    let check = || -> io::Result<bool> {
+        let epoll = Epoll::new()?;
+        // EPOLLHUP and EPOLLERR are always reported; ask for nothing else.
+        epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(EventSet::empty(), 0),
+        )?;
+        let mut events = [EpollEvent::default(); 1];
+        let n = epoll.wait(0, &mut events)?;
+        Ok(n > 0
+            && events[0]
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR))
+    };
+    check().unwrap_or_else(|e| {
+        log::debug!("API: cannot check whether a client is still connected: {e}");
+        false
+    })
+}
+
+fn serve(listener: &UnixListener, shared: &Arc<Shared>) {
+    // Connection threads start from this one and inherit its filter.
     crate::seccomp::enter(crate::seccomp::ThreadKind::HttpApi);
+    let mut refused = VecDeque::new();
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                // Taken before the request reaches the VMM, so any request the VMM has
-                // answered is covered until its response is written.
-                let _busy = busy.lock().unwrap_or_else(PoisonError::into_inner);
-                handle_connection(stream, &vmm, reply_timeout);
+                let Some(slot) = Slot::take(shared) else {
+                    refuse(stream, shared.limits.max_connections, &mut refused);
+                    continue;
+                };
+                let spawned = thread::Builder::new()
+                    .name("http-conn".to_string())
+                    .stack_size(CONNECTION_STACK)
+                    .spawn(move || handle_connection(stream, &slot));
+                if let Err(e) = spawned {
+                    // The closure (and with it the stream and slot) is dropped: the
+                    // client sees the connection close.
+                    log::warn!("API socket: cannot start a connection thread: {e}");
+                }
             }
             Err(e) => {
                 log::warn!("API socket: accept failed: {e}");
@@ -169,26 +352,46 @@ fn serve(listener: UnixListener, vmm: Sender<VmmEvent>, reply_timeout: Duration,
     }
 }
 
-/// A parsed request.
-#[derive(Debug)]
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
+/// Connections refused at the cap, kept open for a while: only their sending side is
+/// shut down, so a client that writes its request after we answered gets no EPIPE and
+/// still reads the 503. The oldest is closed when a new one comes: at most this many
+/// fds are held.
+const REFUSED_KEPT: usize = 16;
+
+/// Answers a connection beyond the cap with 503 without blocking the acceptor: the
+/// socket is non-blocking, and a fresh connection's send buffer takes the short answer.
+fn refuse(mut stream: UnixStream, max: usize, kept: &mut VecDeque<UnixStream>) {
+    log::warn!("API socket: refusing a connection, {max} are already open");
+    let response = error_response(
+        503,
+        &[format!(
+            "the API serves at most {max} connections at once and all are taken (open, or \
+             waiting for the VMM); try again later, or raise max_connections in \
+             --api-socket"
+        )],
+    );
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let _ = write_response(&mut stream, &response);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    if kept.len() >= REFUSED_KEPT
+        && let Some(mut old) = kept.pop_front()
+    {
+        drain(&mut old);
+    }
+    kept.push_back(stream);
 }
 
-/// An answer before any route ran (malformed HTTP, too large...).
-#[derive(Debug)]
-struct Reject {
-    status: u16,
-    message: String,
-}
-
-impl Reject {
-    fn new(status: u16, message: impl Into<String>) -> Self {
-        Reject {
-            status,
-            message: message.into(),
+/// Reads what a client sent and we will never use: closing a UNIX socket with unread
+/// data makes the client's next read fail with ECONNRESET instead of seeing the end.
+fn drain(stream: &mut UnixStream) {
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < DRAIN_BYTES {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
         }
     }
 }
@@ -201,140 +404,95 @@ struct HttpResponse {
     allow: Option<String>,
 }
 
-fn handle_connection(mut stream: UnixStream, vmm: &Sender<VmmEvent>, reply_timeout: Duration) {
-    if let Err(e) = stream
-        .set_read_timeout(Some(CONNECTION_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(CONNECTION_TIMEOUT)))
-    {
-        log::warn!("API socket: cannot set timeouts: {e}");
-        return;
-    }
-    let response = match read_request(&mut stream) {
-        // Answered only once a VM has arrived, which may take minutes while the control
-        // loop serves others: its wait must not hold up the next connection.
-        Ok(Some(request))
-            if routes::find(&request.method, &request.path)
-                .is_ok_and(|r| r.endpoint == "vm.receive-migration") =>
-        {
-            let vmm = vmm.clone();
-            let spawned = thread::Builder::new()
-                .name("http-receive".to_string())
-                .spawn(move || {
-                    let response = respond(&request, &vmm, reply_timeout);
-                    if let Err(e) = write_response(&mut stream, &response) {
-                        log::debug!("API socket: cannot write the response: {e}");
-                    }
-                });
-            if let Err(e) = spawned {
-                log::warn!("API socket: cannot start a thread for receive-migration: {e}");
-            }
-            return;
-        }
-        Ok(Some(request)) => respond(&request, vmm, reply_timeout),
+fn handle_connection(mut stream: UnixStream, slot: &Arc<Slot>) {
+    let limits = slot.0.limits;
+    let deadline = Instant::now() + limits.request_timeout;
+    let (response, _answering) = match read_request(&mut stream, deadline, limits.request_timeout) {
+        Ok(Some(request)) => respond(&request, &stream, slot),
         // Connected and closed without a word: e.g. another VMM probing the socket.
         Ok(None) => return,
-        Err(reject) => error_response(reject.status, &[reject.message]),
+        Err(reject) => (error_response(reject.status, &[reject.message]), None),
     };
-    if let Err(e) = write_response(&mut stream, &response) {
+    let written = stream
+        .set_write_timeout(Some(limits.request_timeout))
+        .and_then(|()| write_response(&mut stream, &response));
+    if let Err(e) = written {
         log::debug!("API socket: cannot write the response: {e}");
     }
+    // A rejected request may be partly unread.
+    if stream.set_nonblocking(true).is_ok() {
+        drain(&mut stream);
+    }
+    // The control loop may hold a duplicate of this fd: shutting the connection down
+    // (not just closing our fd) tells it nobody waits for an answer any more.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, Reject> {
+/// Reads one request; all of it must arrive by `deadline`.
+fn read_request(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Option<Request>, Reject> {
     let io_error = |e: io::Error| Reject::new(400, format!("cannot read the request: {e}"));
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let (method, path, head_len, content_length, expect_continue) = loop {
-        let n = stream.read(&mut chunk).map_err(io_error)?;
-        if n == 0 {
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            return Err(Reject::new(400, "the request head is incomplete"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let method = request.method.unwrap_or_default().to_string();
-                let path = request.path.unwrap_or_default().to_string();
-                let (content_length, expect_continue) = body_headers(request.headers)?;
-                break (method, path, head_len, content_length, expect_continue);
-            }
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
-                return Err(Reject::new(431, "the request head is too large"));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Reject::new(431, "too many request headers"));
-            }
-            Err(e) => return Err(Reject::new(400, format!("malformed HTTP request: {e}"))),
-        }
+    let too_slow = || {
+        Reject::new(
+            408,
+            format!(
+                "the request did not arrive within {}s (request_timeout_s)",
+                timeout.as_secs()
+            ),
+        )
     };
-
-    if content_length > MAX_BODY_BYTES {
-        return Err(Reject::new(
-            413,
-            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-        ));
-    }
-    let mut body = buf.split_off(head_len);
-    if expect_continue && body.len() < content_length {
-        // curl waits for this before sending a large body.
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .map_err(io_error)?;
-    }
-    while body.len() < content_length {
-        let n = stream.read(&mut chunk).map_err(io_error)?;
-        if n == 0 {
-            return Err(Reject::new(
-                400,
-                format!(
-                    "the request body ended after {} of {content_length} bytes",
-                    body.len()
-                ),
-            ));
+    let mut parser = RequestParser::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_slow());
         }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    // Without keep-alive anything after the announced body is ignored.
-    body.truncate(content_length);
-    Ok(Some(Request { method, path, body }))
-}
-
-/// Content-Length (0 when absent) and whether the client expects `100 Continue`.
-fn body_headers(headers: &[httparse::Header<'_>]) -> Result<(usize, bool), Reject> {
-    let mut length = None;
-    let mut expect_continue = false;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| Reject::new(400, "invalid Content-Length header"))?;
-            if length.is_some_and(|l| l != value) {
-                return Err(Reject::new(400, "conflicting Content-Length headers"));
+        stream.set_read_timeout(Some(left)).map_err(io_error)?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(too_slow());
             }
-            length = Some(value);
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Reject::new(
-                501,
-                "Transfer-Encoding is not supported; send Content-Length",
-            ));
-        } else if header.name.eq_ignore_ascii_case("expect") {
-            expect_continue = header.value.eq_ignore_ascii_case(b"100-continue");
+            Err(e) => return Err(io_error(e)),
+        };
+        if n == 0 {
+            return parser.finish();
+        }
+        match parser.feed(&chunk[..n])? {
+            Progress::NeedMore => {}
+            Progress::SendContinue => {
+                stream
+                    .set_write_timeout(Some(left))
+                    .and_then(|()| stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"))
+                    .map_err(io_error)?;
+            }
+            Progress::Complete(request) => return Ok(Some(request)),
         }
     }
-    Ok((length.unwrap_or(0), expect_continue))
 }
 
-fn respond(request: &Request, vmm: &Sender<VmmEvent>, reply_timeout: Duration) -> HttpResponse {
+fn respond(
+    request: &Request,
+    stream: &UnixStream,
+    slot: &Arc<Slot>,
+) -> (HttpResponse, Option<Answering>) {
     let route = match routes::find(&request.method, &request.path) {
         Ok(route) => route,
         Err(RouteError::NotFound) => {
-            return error_response(404, &[format!("no endpoint {}", request.path)]);
+            return (
+                error_response(404, &[format!("no endpoint {}", request.path)]),
+                None,
+            );
         }
         Err(RouteError::MethodNotAllowed { allowed }) => {
             let allowed = allowed.join(", ");
@@ -346,51 +504,70 @@ fn respond(request: &Request, vmm: &Sender<VmmEvent>, reply_timeout: Duration) -
                 )],
             );
             response.allow = Some(allowed);
-            return response;
+            return (response, None);
         }
     };
     let api_request = match (route.handler)(&request.body) {
         Ok(api_request) => api_request,
-        Err(e) => return api_response(Err(e)),
+        Err(e) => return (api_response(Err(e)), None),
     };
+    let reply_timeout = slot.0.limits.reply_timeout;
     let timeout = (!api_request.is_long_running()).then_some(reply_timeout);
-    match call_vmm(vmm, api_request, timeout) {
-        Ok(response) => api_response(Ok(response)),
-        Err(CallError::Api(e)) => api_response(Err(e)),
-        Err(CallError::Timeout) => error_response(
-            504,
-            &[format!(
-                "the VMM did not answer {} within {:?}",
-                route.endpoint, reply_timeout
-            )],
+    match call_vmm(api_request, stream, slot, timeout) {
+        Ok((response, answering)) => (api_response(Ok(response)), answering),
+        Err(CallError::Api(e, answering)) => (api_response(Err(e)), answering),
+        Err(CallError::Timeout) => (
+            error_response(
+                504,
+                &[format!(
+                    "the VMM did not answer {} within {}s (reply_timeout_s); it may be busy \
+                     with an earlier request",
+                    route.endpoint,
+                    reply_timeout.as_secs_f64()
+                )],
+            ),
+            None,
         ),
     }
 }
 
 enum CallError {
-    Api(ApiError),
+    Api(ApiError, Option<Answering>),
     Timeout,
 }
 
 /// Sends `request` to the control loop and waits for its single answer.
 fn call_vmm(
-    vmm: &Sender<VmmEvent>,
     request: ApiRequest,
+    stream: &UnixStream,
+    slot: &Arc<Slot>,
     reply_timeout: Option<Duration>,
-) -> Result<ApiResponse, CallError> {
-    let (reply, answer) = mpsc::channel();
-    vmm.send(VmmEvent::Api { request, reply })
-        .map_err(|_| CallError::Api(ApiError::VmmGone))?;
-    let Some(timeout) = reply_timeout else {
-        return answer
-            .recv()
-            .map_err(|_| CallError::Api(ApiError::VmmGone))?
-            .map_err(CallError::Api);
+) -> Result<(ApiResponse, Option<Answering>), CallError> {
+    let (tx, answer) = mpsc::channel();
+    let client = match stream.try_clone() {
+        Ok(dup) => Some((dup, Arc::clone(slot))),
+        Err(e) => {
+            log::debug!("API socket: cannot duplicate the connection: {e}");
+            None
+        }
     };
-    match answer.recv_timeout(timeout) {
-        Ok(result) => result.map_err(CallError::Api),
-        Err(RecvTimeoutError::Timeout) => Err(CallError::Timeout),
-        Err(RecvTimeoutError::Disconnected) => Err(CallError::Api(ApiError::VmmGone)),
+    let reply = Reply { tx, client };
+    let gone = || CallError::Api(ApiError::VmmGone, None);
+    slot.0
+        .vmm
+        .send(VmmEvent::Api { request, reply })
+        .map_err(|_| gone())?;
+    let answer = match reply_timeout {
+        None => answer.recv().map_err(|_| gone())?,
+        Some(timeout) => match answer.recv_timeout(timeout) {
+            Ok(answer) => answer,
+            Err(RecvTimeoutError::Timeout) => return Err(CallError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+        },
+    };
+    match answer.result {
+        Ok(response) => Ok((response, answer._answering)),
+        Err(e) => Err(CallError::Api(e, answer._answering)),
     }
 }
 
@@ -460,6 +637,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
@@ -496,6 +674,7 @@ fn write_response(stream: &mut impl Write, response: &HttpResponse) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::parser::{MAX_BODY_BYTES, MAX_HEAD_BYTES};
     use crate::api::{VmInfoResponse, VmState, VmmPingResponse};
     use crate::config::{
         ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
@@ -809,7 +988,11 @@ mod tests {
         let (tx, rx) = mpsc::channel::<VmmEvent>();
         // Holds the requests (and their reply senders) without answering.
         let hoarder = thread::spawn(move || rx.iter().collect::<Vec<_>>());
-        spawn_http_server(&path, tx, Duration::from_millis(50)).unwrap();
+        let limits = ApiLimits {
+            reply_timeout: Duration::from_millis(50),
+            ..ApiLimits::default()
+        };
+        spawn_http_server(&path, tx, limits).unwrap();
         let resp = call(&path, "GET", "vm.info", None);
         assert_eq!(resp.status, 504);
         assert!(resp.error_message().contains("did not answer vm.info"));
@@ -819,7 +1002,7 @@ mod tests {
     #[test]
     fn wait_idle_returns_after_served_requests() {
         let path = temp_socket();
-        let server = spawn_http_server(&path, fake_vmm(), REPLY_TIMEOUT).unwrap();
+        let server = spawn_http_server(&path, fake_vmm(), ApiLimits::default()).unwrap();
         server.wait_idle();
         assert_eq!(call(&path, "PUT", "vm.resume", None).status, 204);
         server.wait_idle();
@@ -849,5 +1032,130 @@ mod tests {
         let err = start_http_server(&file, fake_vmm()).unwrap_err();
         assert!(matches!(err, Error::NotASocket { .. }), "{err}");
         assert_eq!(fs::read_to_string(&file).unwrap(), "not a socket");
+    }
+
+    fn server_with(limits: ApiLimits, vmm: Sender<VmmEvent>) -> TempSocket {
+        let path = temp_socket();
+        spawn_http_server(&path, vmm, limits).unwrap();
+        path
+    }
+
+    #[test]
+    fn idle_clients_do_not_block_and_the_cap_refuses_cleanly() {
+        let limits = ApiLimits {
+            max_connections: 3,
+            ..ApiLimits::default()
+        };
+        let sock = server_with(limits, fake_vmm());
+        let idle: Vec<UnixStream> = (0..2)
+            .map(|_| UnixStream::connect(&*sock).unwrap())
+            .collect();
+        let start = Instant::now();
+        assert_eq!(call(&sock, "GET", "vmm.ping", None).status, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+
+        let third = UnixStream::connect(&*sock).unwrap();
+        let resp = call(&sock, "GET", "vmm.ping", None);
+        assert_eq!(resp.status, 503, "{resp:?}");
+        assert!(
+            resp.error_message().contains("at most 3 connections"),
+            "{resp:?}"
+        );
+        drop(third);
+        drop(idle);
+        // The slots free as soon as the connection threads see the hang-ups.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while call(&sock, "GET", "vmm.ping", None).status != 200 {
+            assert!(Instant::now() < deadline, "the slots never freed");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_whole_request_has_a_deadline() {
+        let limits = ApiLimits {
+            request_timeout: Duration::from_millis(300),
+            ..ApiLimits::default()
+        };
+        let sock = server_with(limits, fake_vmm());
+        let mut s = UnixStream::connect(&*sock).unwrap();
+        let start = Instant::now();
+        // One byte every 50 ms: no single read waits long, the whole does.
+        for b in b"GET /api/v1/vmm.ping HTTP/1.1\r\n".iter() {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    /// A control loop busy with a first request; the second request's client hangs up
+    /// while it waits, and the loop must not run it.
+    #[test]
+    fn a_request_whose_client_left_is_not_run() {
+        let (tx, rx) = mpsc::channel::<VmmEvent>();
+        let (busy_tx, busy_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (ran_tx, ran_rx) = mpsc::channel::<(ApiRequest, bool)>();
+        thread::spawn(move || {
+            for event in rx {
+                let VmmEvent::Api { request, reply } = event else {
+                    continue;
+                };
+                if request == ApiRequest::VmResume {
+                    let _ = busy_tx.send(());
+                    let _ = release_rx.recv();
+                }
+                let abandoned = reply.abandoned(&request);
+                let _ = ran_tx.send((request, abandoned));
+                let _ = reply.send(Ok(ApiResponse::Empty));
+            }
+        });
+        let sock = server_with(ApiLimits::default(), tx);
+        let busy = {
+            let sock = sock.0.clone();
+            thread::spawn(move || call(&sock, "PUT", "vm.resume", None))
+        };
+        busy_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The loop is busy: whenever the server queues this request, the client has
+        // hung up before the loop gets to it.
+        let mut quitter = UnixStream::connect(&*sock).unwrap();
+        quitter
+            .write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        drop(quitter);
+        release_tx.send(()).unwrap();
+        assert_eq!(busy.join().unwrap().status, 204);
+        let first = ran_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, (ApiRequest::VmResume, false));
+        let second = ran_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(second, (ApiRequest::VmPause, true));
+    }
+
+    /// Connection threads have a small stack: deeply nested bodies must not overflow it.
+    #[test]
+    fn deeply_nested_bodies_are_400_on_a_small_stack() {
+        let sock = server();
+        let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        for route in routes::ROUTES {
+            let body = format!("{{\"destination_url\":{nested},\"x\":{nested}}}");
+            let resp = call(&sock, route.method.as_str(), route.endpoint, Some(&body));
+            assert_eq!(resp.status, 400, "{}: {resp:?}", route.endpoint);
+            let resp = call(&sock, route.method.as_str(), route.endpoint, Some(&nested));
+            assert_eq!(resp.status, 400, "{}: {resp:?}", route.endpoint);
+        }
+        assert_eq!(call(&sock, "GET", "vmm.ping", None).status, 200);
     }
 }

@@ -2,7 +2,10 @@
 //! control loop, which alone owns the VM.
 
 pub mod http;
+pub mod parser;
 pub mod routes;
+
+pub use http::Reply;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use super::vm_config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, MemoryRestoreMode, PayloadConfig,
@@ -380,7 +381,12 @@ const CPUS_KEYS: &[Key] = &[value("boot")];
 const MEMORY_KEYS: &[Key] = &[value("size"), value("shared"), value("thp")];
 const CONSOLE_KEYS: &[Key] = &[flag("off"), flag("tty"), flag("null"), value("file")];
 const EVENT_MONITOR_KEYS: &[Key] = &[value("path")];
-const API_SOCKET_KEYS: &[Key] = &[value("path")];
+const API_SOCKET_KEYS: &[Key] = &[
+    value("path"),
+    value("max_connections"),
+    value("request_timeout_s"),
+    value("reply_timeout_s"),
+];
 const RESTORE_KEYS: &[Key] = &[
     value("source_url"),
     value("memory_restore_mode"),
@@ -492,23 +498,92 @@ pub fn parse_event_monitor(input: &str) -> Result<EventMonitorConfig, OptionsErr
     })
 }
 
-/// `--api-socket <path>` or `--api-socket path=<path>`, as Cloud Hypervisor accepts both.
-pub fn parse_api_socket(input: &str) -> Result<PathBuf, OptionsError> {
+/// What protects the REST API from slow, idle or too many clients (see `docs/api.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Connections served at once, counting requests still waiting for the control loop;
+    /// one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// The whole request (head and body) must arrive within this, however the client
+    /// paces its bytes; else 408.
+    pub request_timeout: Duration,
+    /// How long a request waits for the control loop's answer before 504 (snapshot,
+    /// restore and receive-migration wait as long as they take).
+    pub reply_timeout: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_connections: 32,
+            request_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The largest `max_connections`: each connection may have a thread.
+pub const MAX_API_CONNECTIONS: u64 = 1024;
+/// The longest `request_timeout_s` / `reply_timeout_s`: a day.
+pub const MAX_API_TIMEOUT_S: u64 = 86_400;
+
+/// `--api-socket` parsed: the socket path and the server's limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiSocketConfig {
+    pub path: PathBuf,
+    pub limits: ApiLimits,
+}
+
+/// `--api-socket <path>` or `--api-socket path=<path>[,max_connections=N]
+/// [,request_timeout_s=S][,reply_timeout_s=S]` (Cloud Hypervisor accepts the first two).
+pub fn parse_api_socket(input: &str) -> Result<ApiSocketConfig, OptionsError> {
     // A bare path may itself contain `=` or `,`; only the `key=` forms go to the parser
     // (so `fd=3` is reported as an unknown key instead of becoming a file named "fd=3").
-    if input.starts_with("path=") || input.starts_with("fd=") {
-        let opts = Options::parse("api-socket", API_SOCKET_KEYS, input)?;
-        return Ok(opts.required::<NonEmptyPath>("path")?.0);
+    if !(input.starts_with("path=") || input.starts_with("fd=")) {
+        let path =
+            input
+                .parse::<NonEmptyPath>()
+                .map(|p| p.0)
+                .map_err(|e| OptionsError::InvalidValue {
+                    group: "api-socket",
+                    key: "path",
+                    value: input.to_string(),
+                    source: Box::new(e),
+                })?;
+        return Ok(ApiSocketConfig {
+            path,
+            limits: ApiLimits::default(),
+        });
     }
-    input
-        .parse::<NonEmptyPath>()
-        .map(|p| p.0)
-        .map_err(|e| OptionsError::InvalidValue {
-            group: "api-socket",
-            key: "path",
-            value: input.to_string(),
-            source: Box::new(e),
-        })
+    let opts = Options::parse("api-socket", API_SOCKET_KEYS, input)?;
+    let defaults = ApiLimits::default();
+    let ranged = |key: &'static str, max: u64| -> Result<Option<u64>, OptionsError> {
+        let value = opts.convert::<u64>(key)?;
+        match value {
+            Some(v) if !(1..=max).contains(&v) => Err(opts.invalid(
+                key,
+                opts.get(key).unwrap_or_default(),
+                Box::new(ValueError::OutOfRange { min: 1, max }),
+            )),
+            _ => Ok(value),
+        }
+    };
+    let seconds = |key, default: Duration| {
+        ranged(key, MAX_API_TIMEOUT_S).map(|v| v.map_or(default, Duration::from_secs))
+    };
+    let max_connections = match ranged("max_connections", MAX_API_CONNECTIONS)? {
+        // In range, so it fits.
+        Some(n) => usize::try_from(n).unwrap_or(defaults.max_connections),
+        None => defaults.max_connections,
+    };
+    Ok(ApiSocketConfig {
+        path: opts.required::<NonEmptyPath>("path")?.0,
+        limits: ApiLimits {
+            max_connections,
+            request_timeout: seconds("request_timeout_s", defaults.request_timeout)?,
+            reply_timeout: seconds("reply_timeout_s", defaults.reply_timeout)?,
+        },
+    })
 }
 
 /// The raw CLI strings a `VmConfig` is built from.
@@ -792,14 +867,32 @@ mod tests {
 
     #[test]
     fn api_socket() {
+        let plain = ApiSocketConfig {
+            path: PathBuf::from("/tmp/api.sock"),
+            limits: ApiLimits::default(),
+        };
+        assert_eq!(parse_api_socket("/tmp/api.sock").unwrap(), plain);
+        assert_eq!(parse_api_socket("path=/tmp/api.sock").unwrap(), plain);
+        let tuned =
+            parse_api_socket("path=/s,max_connections=4,request_timeout_s=2,reply_timeout_s=5")
+                .unwrap();
         assert_eq!(
-            parse_api_socket("/tmp/api.sock").unwrap(),
-            PathBuf::from("/tmp/api.sock")
+            tuned.limits,
+            ApiLimits {
+                max_connections: 4,
+                request_timeout: Duration::from_secs(2),
+                reply_timeout: Duration::from_secs(5),
+            }
         );
-        assert_eq!(
-            parse_api_socket("path=/tmp/api.sock").unwrap(),
-            PathBuf::from("/tmp/api.sock")
-        );
+        for bad in [
+            "path=/s,max_connections=0",
+            "path=/s,max_connections=100000",
+            "path=/s,request_timeout_s=0",
+            "path=/s,reply_timeout_s=-1",
+        ] {
+            let e = parse_api_socket(bad).unwrap_err();
+            assert!(matches!(e, OptionsError::InvalidValue { .. }), "{bad}: {e}");
+        }
         let e = parse_api_socket("fd=3").unwrap_err();
         assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
         let e = parse_api_socket("").unwrap_err();

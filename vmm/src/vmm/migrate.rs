@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::api::migration_api_error;
 use super::{Vmm, VmmEvent, error_chain};
-use crate::api::{ApiError, ApiResponse, ApiResult, VmState};
+use crate::api::{ApiError, ApiResponse, Reply, VmState};
 use crate::event_monitor;
 use crate::migration::receive::ReceiveParams;
 use crate::migration::transport::Cancel;
@@ -52,7 +51,7 @@ pub(super) struct Incoming {
     url: MigrationUrl,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The `vm.receive-migration` request, answered when the receive ends.
-    reply: Sender<ApiResult>,
+    reply: Reply,
 }
 
 impl Drop for Incoming {
@@ -290,8 +289,8 @@ impl Vmm {
     /// Starts receiving a VM on a worker thread. The API request is answered when the
     /// VM has arrived (or the receive failed, or was cancelled); meanwhile the control
     /// loop serves every other request.
-    pub(super) fn start_receive(&mut self, params: ReceiveParams, reply: Sender<ApiResult>) {
-        if let Err(e) = self.try_start_receive(params, &reply) {
+    pub(super) fn start_receive(&mut self, params: ReceiveParams, reply: Reply) {
+        if let Err((e, reply)) = self.try_start_receive(params, reply) {
             let _ = reply.send(Err(migration_api_error(e)));
         }
     }
@@ -299,34 +298,43 @@ impl Vmm {
     fn try_start_receive(
         &mut self,
         params: ReceiveParams,
-        reply: &Sender<ApiResult>,
-    ) -> Result<(), MigrationError> {
+        reply: Reply,
+    ) -> Result<(), (MigrationError, Reply)> {
         if self.incoming.is_some() {
-            return Err(MigrationError::Busy);
+            return Err((MigrationError::Busy, reply));
         }
         if let Some(vm) = &self.vm
             && vm.state() != VmState::Shutdown
         {
-            return Err(MigrationError::VmExists(vm.state()));
+            return Err((MigrationError::VmExists(vm.state()), reply));
         }
-        let listener = receive::listen(&params.url).map_err(MigrationError::Receive)?;
-        let watch = Arc::new(Watch::new().map_err(MigrationError::Prepare)?);
+        let listener = match receive::listen(&params.url) {
+            Ok(l) => l,
+            Err(e) => return Err((MigrationError::Receive(e), reply)),
+        };
+        let watch = match Watch::new() {
+            Ok(w) => Arc::new(w),
+            Err(e) => return Err((MigrationError::Prepare(e), reply)),
+        };
         let (events, local, w) = (self.events.clone(), self.local.clone(), watch.clone());
         let p = params.clone();
-        let worker = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("migration-receive".into())
             .spawn(move || {
                 let result = receive::receive(listener, &p, &local, events.clone(), w);
                 let _ = events.send(VmmEvent::ReceiveDone {
                     result: result.map(|r| ReceivedVm(Box::new(r))),
                 });
-            })
-            .map_err(MigrationError::Prepare)?;
+            });
+        let worker = match spawned {
+            Ok(w) => w,
+            Err(e) => return Err((MigrationError::Prepare(e), reply)),
+        };
         self.incoming = Some(Incoming {
             watch,
             url: params.url,
             worker: Some(worker),
-            reply: reply.clone(),
+            reply,
         });
         Ok(())
     }

@@ -7,7 +7,7 @@ mod snapshot;
 
 use std::sync::{Arc, mpsc};
 
-use crate::api::{ApiRequest, ApiResult, VmState};
+use crate::api::{ApiRequest, VmState};
 use crate::config::{RestoreParams, VmConfig};
 use crate::event_monitor;
 use crate::migration::receive::{self, LocalDevices};
@@ -25,7 +25,7 @@ pub enum VmmEvent {
     /// An API request and where to send its single answer.
     Api {
         request: ApiRequest,
-        reply: mpsc::Sender<ApiResult>,
+        reply: crate::api::Reply,
     },
     /// The guest asked for a reset (i8042 0xFE): this VMM shuts down cleanly (the test
     /// guest's way to end a run). A triple fault is a `VcpuFailed` instead.
@@ -150,6 +150,9 @@ impl Vmm {
                     reply,
                 } => self.start_receive(params, reply),
                 VmmEvent::Api { request, reply } => {
+                    if reply.abandoned(&request) {
+                        continue;
+                    }
                     let exit = request == ApiRequest::VmmShutdown;
                     let result = self.handle_api(request);
                     let ok = result.is_ok();
