@@ -32,7 +32,9 @@ fn boot_with_api(name: &str, options: &str) -> (VmmProcess, usize) {
 fn assert_prompt(vmm: &VmmProcess, context: &str) {
     for endpoint in ["vmm.ping", "vm.info"] {
         let start = Instant::now();
-        let resp = vmm.api("GET", endpoint, None).unwrap();
+        let resp = vmm.api("GET", endpoint, None).unwrap_or_else(|e| {
+            panic!("{endpoint} {context}: {e:?}; VMM stderr:\n{}", vmm.stderr())
+        });
         let took = start.elapsed();
         assert_eq!(resp.status, 200, "{endpoint} {context}: {resp:?}");
         assert!(took < PROMPT, "{endpoint} took {took:?} {context}");

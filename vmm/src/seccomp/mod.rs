@@ -138,9 +138,24 @@ pub fn install_process(mode: SeccompMode, kind: ThreadKind) -> Result<(), Error>
     if mode == SeccompMode::Trap {
         install_sigsys_handler().map_err(Error::Handler)?;
     }
+    fix_malloc_arena_limit();
     seccompiler::apply_filter(&clone3_filter(kind)?)
         .map_err(|source| Error::Apply { kind, source })?;
     apply(mode, kind)
+}
+
+/// glibc works out its malloc arena limit (8 per CPU) the first time a process has
+/// more than 8 arenas, by opening /sys/devices/system/cpu/online from whichever thread
+/// happens to need a new arena then: a vCPU, an API connection, a migration worker,
+/// none of which may open files. Setting the same limit before any filter is installed
+/// keeps glibc's behaviour and takes that open off every thread.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets a malloc tunable; M_ARENA_MAX takes any positive value.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) } != 1 {
+        log::debug!("mallopt(M_ARENA_MAX, {limit}) failed: a thread may open a /sys file");
+    }
 }
 
 /// Narrows the calling thread to `kind`'s list; a no-op without [`install_process`] or

@@ -344,9 +344,6 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
             threads(&mut a)?;
             priority(&mut a)?;
             socket_io(&mut a)?;
-            // A memory connection's thread was seen reading /sys/devices/system/cpu/online
-            // (read-only) on its first allocations.
-            file_read(&mut a)?;
         }
         ThreadKind::Uffd => {
             threads(&mut a)?;

@@ -99,13 +99,12 @@ fn no_kind_may_start_programs_or_touch_other_processes() {
             assert!(!allowed.allows_unconditionally(nr), "{kind:?}: {nr}");
         }
     }
-    // Threads that do no I/O of their own cannot open anything. (Receive workers may
-    // open read-only: a memory connection's thread was seen reading
-    // /sys/devices/system/cpu/online on its first allocations.)
+    // Threads that do no I/O of their own cannot open anything.
     for kind in [
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
         ThreadKind::EventMonitor,
+        ThreadKind::MigrationReceive,
     ] {
         let allowed = rules::allowed(kind, pid).unwrap();
         assert!(
