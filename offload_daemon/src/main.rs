@@ -135,22 +135,7 @@ fn main() -> ExitCode {
 /// takes (milliseconds), short enough that a stalled peer is noticed.
 const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 
-/// Whether `e` (or an error in its chain) is a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO).
-pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
+pub(crate) use vmm::migration::transport::is_timeout;
 
 /// Sets both I/O deadlines of a connection to a peer.
 pub(crate) fn set_io_timeout(

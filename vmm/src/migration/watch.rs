@@ -268,24 +268,6 @@ impl Waited<WaitError> {
     }
 }
 
-/// The source's I/O error of `e` timed out (a socket read timeout fired): the peer
-/// stopped sending in the middle of a message.
-pub fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -293,6 +275,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::transport::is_timeout;
     use std::os::unix::net::UnixStream;
 
     #[test]
