@@ -89,7 +89,9 @@ du -sh "$WORK/snapshot" | sed 's/^/   on disk: /'
 mv "$SERIAL" "$WORK/serial.before.log"
 
 echo "==> restoring on demand through the daemon into a new VMM"
-"$BIN/cloud-hypervisor" --api-socket "$SOCK" \
+# A VM that arrives by migration writes to the destination's own --serial, never to a
+# path the sender names.
+"$BIN/cloud-hypervisor" --api-socket "$SOCK" --serial "file=$SERIAL" \
     --event-monitor "path=$WORK/events.restored.json" \
     2>"$WORK/stderr.restored.log" &
 VMM_PID=$!
