@@ -176,6 +176,19 @@ pub struct Received {
     pub resume: bool,
 }
 
+/// The sender's Complete, not answered yet. The sender takes Ok as the end of the
+/// migration (it exits), so Ok may go out only once the VM has started here; an Error
+/// makes it resume its own copy.
+pub struct PendingComplete(Stream);
+
+impl PendingComplete {
+    /// Answers Complete: Ok if the VM started here, Error if it did not.
+    pub fn answer(mut self, started: bool) -> std::result::Result<(), vm_migration::Error> {
+        let status = if started { Status::Ok } else { Status::Error };
+        send_response(&mut self.0, status, &[])
+    }
+}
+
 /// Writes the page data that follows a Memory request into guest memory, range by
 /// range, in table order (later ranges win where they overlap). Every range was checked
 /// to lie in guest RAM.
@@ -326,15 +339,16 @@ pub fn listen(url: &MigrationUrl) -> Result<Listener> {
 }
 
 /// Receives a VM on `listener` (bound to `params.url`): waits for the sender, runs the
-/// protocol, and returns the VM built from what arrived, not yet started. Runs on a
-/// worker thread; `watch` is how the control loop sees its progress and cancels it.
+/// protocol, and returns the VM built from what arrived, not yet started, with the
+/// sender's Complete still to answer. Runs on a worker thread; `watch` is how the control
+/// loop sees its progress and cancels it.
 pub fn receive(
     listener: Listener,
     params: &ReceiveParams,
     local: &LocalDevices,
     events: Sender<VmmEvent>,
     watch: Arc<Watch>,
-) -> Result<Received> {
+) -> Result<(Received, PendingComplete)> {
     let _unlink = UnlinkOnDrop(match &params.url {
         MigrationUrl::Unix(p) => Some(p.clone()),
         MigrationUrl::Tcp { .. } => None,
@@ -366,6 +380,7 @@ pub fn receive(
     };
     let result = receiver.run(&mut main);
     match result {
+        Ok(received) => Ok((received, PendingComplete(main))),
         Err(_) if watch.is_cancelled() => Err(Error::Cancelled),
         // A sender that hung up because a memory connection was refused: say why.
         Err(Error::Disconnected | Error::Protocol(_)) if receiver.connection_error().is_some() => {
@@ -373,7 +388,7 @@ pub fn receive(
                 receiver.connection_error().unwrap_or_default(),
             ))
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
@@ -436,6 +451,17 @@ impl Receiver {
             };
             let abandon = matches!(request, Request::Abandon);
             let result = self.handle(request, main);
+            // Complete is answered by whoever starts the VM, once it has started.
+            if let Ok(Some(resume)) = result {
+                let Some(vm) = self.vm.take() else {
+                    let _ = send_response(main, Status::Error, &[]);
+                    return Err(Error::UnexpectedCommand {
+                        got: vm_migration::Command::Complete,
+                        expected: "State first",
+                    });
+                };
+                return Ok(Received { vm, resume });
+            }
             let status = if result.is_ok() {
                 Status::Ok
             } else {
@@ -445,13 +471,7 @@ impl Receiver {
             if abandon {
                 return Err(Error::Abandoned);
             }
-            if let Some(resume) = result? {
-                let vm = self.vm.take().ok_or(Error::UnexpectedCommand {
-                    got: vm_migration::Command::Complete,
-                    expected: "State first",
-                })?;
-                return Ok(Received { vm, resume });
-            }
+            result?;
         }
     }
 

@@ -177,12 +177,14 @@ pub(super) fn migration_api_error(e: MigrationError) -> ApiError {
         MigrationError::LocalNeedsSharedMemory | MigrationError::LocalNeedsUnix => {
             ApiError::BadRequest(error_chain(&e))
         }
-        MigrationError::Prepare(_) | MigrationError::DirtyLog(_) | MigrationError::Receive(_) => {
-            ApiError::Internal {
-                action: "migrate",
-                message: error_chain(&e),
-            }
-        }
+        MigrationError::Prepare(_)
+        | MigrationError::DirtyLog(_)
+        | MigrationError::Receive(_)
+        | MigrationError::Start(_)
+        | MigrationError::StartAbandoned => ApiError::Internal {
+            action: "migrate",
+            message: error_chain(&e),
+        },
     }
 }
 

@@ -2,7 +2,8 @@
 //! requests, finishing (exit or resume), and receiving a VM.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use super::api::migration_api_error;
@@ -43,6 +44,28 @@ pub enum MigrationError {
     DirtyLog(#[source] crate::memory_manager::Error),
     #[error("receiving the VM")]
     Receive(#[source] receive::Error),
+    #[error("cannot start the received VM; the sender was answered Error and keeps its VM")]
+    Start(#[source] crate::vm::Error),
+    #[error(
+        "the received VM was not started in time (idle_timeout_s); the sender was answered Error and keeps its VM"
+    )]
+    StartAbandoned,
+}
+
+/// Starts a received VM with every vCPU thread parked first and only then lets them run,
+/// so a start that fails halfway has not run a single guest instruction here (the sender
+/// will resume its copy, which may share this memory). A failed start leaves no vCPU.
+fn start_received(vm: &mut crate::vm::Vm, resume: bool) -> Result<(), MigrationError> {
+    let started = vm
+        .start(true)
+        .and_then(|()| if resume { vm.resume() } else { Ok(()) });
+    if let Err(e) = started {
+        if let Err(stop) = vm.shutdown() {
+            log::warn!("stopping the vCPUs of the VM that failed to start: {stop}");
+        }
+        return Err(MigrationError::Start(e));
+    }
+    Ok(())
 }
 
 /// A receive in progress.
@@ -61,8 +84,84 @@ impl Drop for Incoming {
     }
 }
 
-/// The VM a receive worker built, on its way to the control loop.
-pub struct ReceivedVm(pub Box<receive::Received>);
+/// The VM a receive worker built, on its way to the control loop, and how the control
+/// loop tells the worker (which still holds the sender's unanswered Complete) whether
+/// the VM started.
+pub struct ReceivedVm(pub Box<receive::Received>, StartHandoff);
+
+/// The worker waits for the start; it gives up after a deadline only if the control loop
+/// has not begun starting the VM, so an Error answer never goes out for a VM that runs.
+struct StartHandoff {
+    started: mpsc::Sender<Result<(), String>>,
+    claim: Arc<AtomicU8>,
+}
+
+const HANDOFF_WAITING: u8 = 0;
+const HANDOFF_STARTING: u8 = 1;
+const HANDOFF_ABANDONED: u8 = 2;
+
+impl StartHandoff {
+    /// The control loop takes the VM over; false if the worker already gave up on it.
+    fn claim(&self) -> bool {
+        self.claim
+            .compare_exchange(
+                HANDOFF_WAITING,
+                HANDOFF_STARTING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+}
+
+/// On the receive worker: waits for the control loop to start the VM, then answers the
+/// sender's Complete. Ok only once the VM runs here (or is paused, as asked); Error if
+/// the start failed or the VM was dropped (then the sender resumes its copy). If the
+/// start was begun but no result came within the deadline, nothing is answered: the
+/// sender then keeps its copy paused and says so (the VM may be running here).
+fn answer_complete(
+    pending: receive::PendingComplete,
+    started: mpsc::Receiver<Result<(), String>>,
+    claim: &AtomicU8,
+    deadline: Duration,
+) {
+    let result = match started.recv_timeout(deadline) {
+        Ok(r) => Some(r.is_ok()),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let gave_up = claim
+                .compare_exchange(
+                    HANDOFF_WAITING,
+                    HANDOFF_ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
+            if gave_up {
+                log::error!(
+                    "the received VM was not started within {deadline:?}: refusing Complete"
+                );
+                Some(false)
+            } else {
+                match started.recv_timeout(deadline) {
+                    Ok(r) => Some(r.is_ok()),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                }
+            }
+        }
+    };
+    match result {
+        Some(started) => {
+            if let Err(e) = pending.answer(started) {
+                log::warn!("answering the sender's Complete: {e}");
+            }
+        }
+        None => log::error!(
+            "starting the received VM took longer than {deadline:?}: Complete left unanswered"
+        ),
+    }
+}
 
 impl std::fmt::Debug for ReceivedVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -320,12 +419,26 @@ impl Vmm {
         let p = params.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-receive".into())
-            .spawn(move || {
-                let result = receive::receive(listener, &p, &local, events.clone(), w);
-                let _ = events.send(VmmEvent::ReceiveDone {
-                    result: result.map(|r| ReceivedVm(Box::new(r))),
-                });
-            });
+            .spawn(
+                move || match receive::receive(listener, &p, &local, events.clone(), w) {
+                    Ok((received, pending)) => {
+                        let (started, wait) = mpsc::channel();
+                        let claim = Arc::new(AtomicU8::new(HANDOFF_WAITING));
+                        let handoff = StartHandoff {
+                            started,
+                            claim: claim.clone(),
+                        };
+                        let received = ReceivedVm(Box::new(received), handoff);
+                        let _ = events.send(VmmEvent::ReceiveDone {
+                            result: Ok(received),
+                        });
+                        answer_complete(pending, wait, &claim, p.idle_timeout);
+                    }
+                    Err(e) => {
+                        let _ = events.send(VmmEvent::ReceiveDone { result: Err(e) });
+                    }
+                },
+            );
         let worker = match spawned {
             Ok(w) => w,
             Err(e) => return Err((MigrationError::Prepare(e), reply)),
@@ -340,22 +453,29 @@ impl Vmm {
     }
 
     /// The receive worker is done: the VM starts (running or paused, as the sender
-    /// said) and the waiting API request gets its answer.
+    /// said), the worker answers the sender's Complete with how that went, and the
+    /// waiting API request gets its answer.
     pub(super) fn receive_done(&mut self, result: Result<ReceivedVm, receive::Error>) {
         let Some(mut incoming) = self.incoming.take() else {
             return;
         };
+        let result =
+            result
+                .map_err(MigrationError::Receive)
+                .and_then(|ReceivedVm(received, handoff)| {
+                    let receive::Received { mut vm, resume } = *received;
+                    if !handoff.claim() {
+                        return Err(MigrationError::StartAbandoned);
+                    }
+                    let started = start_received(&mut vm, resume);
+                    let answer = started.as_ref().map(|_| ()).map_err(|e| error_chain(e));
+                    let _ = handoff.started.send(answer);
+                    started.map(|()| vm)
+                });
+        // The worker has the answer to Complete (or has finished): it ends promptly.
         if let Some(w) = incoming.worker.take() {
             let _ = w.join();
         }
-        let result = result
-            .map_err(MigrationError::Receive)
-            .and_then(|received| {
-                let receive::Received { mut vm, resume } = *received.0;
-                vm.start(!resume)
-                    .map_err(|e| MigrationError::Receive(receive::Error::Vm(e)))?;
-                Ok(vm)
-            });
         match result {
             Ok(vm) => {
                 self.vm = Some(vm);
