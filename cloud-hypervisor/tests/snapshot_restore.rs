@@ -461,7 +461,7 @@ fn damaged_snapshots_are_refused() {
                 "vm.restore",
                 Some(&restore_body(&copy, "Copy", true)),
             )
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{what}: {e:?}; VMM stderr:\n{}", vmm.stderr()));
         assert_eq!(resp.status, 400, "{what}: {}", resp.body);
         assert!(
             resp.body.contains(expect),

@@ -120,8 +120,23 @@ pub enum Error {
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
 /// Compiled once per kind: memory connections and vCPUs start often.
-static PROGRAMS: [OnceLock<BpfProgram>; ThreadKind::ALL.len()] =
+static PROGRAMS: [OnceLock<Compiled>; ThreadKind::ALL.len()] =
     [const { OnceLock::new() }; ThreadKind::ALL.len()];
+
+/// The second filter of the kinds that may not open files (see [`Compiled`]).
+static NO_OPENS: OnceLock<BpfProgram> = OnceLock::new();
+
+/// A kind's filter, and whether the thread gets [`NO_OPENS`] on top of it.
+///
+/// glibc opens files on its own from whichever thread happens to need them
+/// (`/proc/sys/vm/overcommit_memory` when a thread's malloc heap first shrinks, and
+/// others), and copes when the open fails. Killing a vCPU or the API thread for that
+/// would take the VM down at random, so for kinds without file access an open is
+/// refused with EACCES instead: still denied, but not fatal.
+pub struct Compiled {
+    pub program: BpfProgram,
+    pub refuse_opens: bool,
+}
 
 /// The mode [`install_process`] set, if it ran.
 pub fn mode() -> Option<SeccompMode> {
@@ -173,18 +188,46 @@ pub fn enter(kind: ThreadKind) {
 }
 
 fn apply(mode: SeccompMode, kind: ThreadKind) -> Result<(), Error> {
-    let program = match PROGRAMS[kind.index()].get() {
+    let compiled = match PROGRAMS[kind.index()].get() {
         Some(p) => p,
         None => {
             let p = compile(mode, kind)?;
             PROGRAMS[kind.index()].get_or_init(|| p)
         }
     };
-    seccompiler::apply_filter(program).map_err(|source| Error::Apply { kind, source })
+    let apply = |program| {
+        seccompiler::apply_filter(program).map_err(|source| Error::Apply { kind, source })
+    };
+    apply(&compiled.program)?;
+    if compiled.refuse_opens {
+        let no_opens = match NO_OPENS.get() {
+            Some(p) => p,
+            None => {
+                let p = no_opens_filter(kind)?;
+                NO_OPENS.get_or_init(|| p)
+            }
+        };
+        apply(no_opens)?;
+    }
+    Ok(())
 }
 
-/// `kind`'s filter as BPF: its list allowed, anything else per `mode`.
-pub fn compile(mode: SeccompMode, kind: ThreadKind) -> Result<BpfProgram, Error> {
+/// `openat` refused with EACCES, everything else left to the other filters.
+fn no_opens_filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
+    let build = |source| Error::Build { kind, source };
+    SeccompFilter::new(
+        [(libc::SYS_openat, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(build)
+}
+
+/// `kind`'s filter as BPF: its list allowed, anything else per `mode`; for a kind that
+/// may not open files, `openat` passes this filter and is refused by [`NO_OPENS`].
+pub fn compile(mode: SeccompMode, kind: ThreadKind) -> Result<Compiled, Error> {
     let mismatch = match mode {
         SeccompMode::Trap => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
@@ -192,14 +235,18 @@ pub fn compile(mode: SeccompMode, kind: ThreadKind) -> Result<BpfProgram, Error>
     };
     let build = |source| Error::Build { kind, source };
     let allowed = rules::allowed(kind, std::process::id()).map_err(build)?;
-    SeccompFilter::new(
-        allowed.into_map(),
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(build)
+    let refuse_opens = !allowed.mentions(libc::SYS_openat);
+    let mut map = allowed.into_map();
+    if refuse_opens {
+        map.insert(libc::SYS_openat, Vec::new());
+    }
+    let program = SeccompFilter::new(map, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .and_then(BpfProgram::try_from)
+        .map_err(build)?;
+    Ok(Compiled {
+        program,
+        refuse_opens,
+    })
 }
 
 /// clone3 answered ENOSYS, so glibc falls back to clone, whose flags a filter can see.

@@ -37,7 +37,6 @@ impl Allowed {
         self.0.get(&nr).is_some_and(Vec::is_empty)
     }
 
-    #[cfg(test)]
     pub(super) fn mentions(&self, nr: i64) -> bool {
         self.0.contains_key(&nr)
     }
