@@ -244,7 +244,7 @@ fn fuzz_snapshot_sums_files() {
                     0 => (offset, u64::from(len)),
                     1 => (offset % (2 * SLOT_SIZE), u64::from(len) % (memsum::GRID + 2)),
                     2 => ((offset % 8) * memsum::GRID, memsum::GRID),
-                    _ => (offset % SLOT_SIZE & !4095, 4096),
+                    _ => ((offset % SLOT_SIZE) & !4095, 4096),
                 };
                 sums.extend_from_slice(&offset.to_le_bytes());
                 sums.extend_from_slice(&(len as u32).to_le_bytes());
