@@ -8,6 +8,8 @@
 mod api_bodies;
 mod http;
 mod options;
+mod receiver;
+mod snapshot;
 mod state;
 mod strategies;
 

@@ -163,3 +163,31 @@ pub fn option_string() -> impl Strategy<Value = String> {
     ];
     prop::collection::vec(item, 0..8).prop_map(|items| items.join(","))
 }
+
+/// Replaces the value at a pseudo-random position of `tree` with `with` (a valid
+/// payload with one value swapped, so a decoder gets past its syntax into its checks).
+pub fn replace_one(tree: &mut Value, mut pick: usize, with: Value) {
+    fn count(v: &Value) -> usize {
+        1 + match v {
+            Value::Array(a) => a.iter().map(count).sum(),
+            Value::Object(o) => o.values().map(count).sum(),
+            _ => 0,
+        }
+    }
+    fn walk(v: &mut Value, pick: &mut usize, with: &mut Option<Value>) {
+        if *pick == 0 {
+            if let Some(w) = with.take() {
+                *v = w;
+            }
+            return;
+        }
+        *pick -= 1;
+        match v {
+            Value::Array(a) => a.iter_mut().for_each(|c| walk(c, pick, with)),
+            Value::Object(o) => o.values_mut().for_each(|c| walk(c, pick, with)),
+            _ => {}
+        }
+    }
+    pick %= count(tree);
+    walk(tree, &mut pick, &mut Some(with));
+}
