@@ -236,8 +236,10 @@ fn run_case(msgs: &[Msg], postcopy: bool, config: &Value, peak: &Peak) -> bool {
         measure(|| receive::receive(listener, &params, &local, events, watch));
     let elapsed = started.elapsed();
     let got_vm = match result {
-        Ok(received) => {
+        Ok((received, pending)) => {
             drop(received.vm);
+            // Nothing started here: the sender is told so.
+            let _ = pending.answer(false);
             true
         }
         Err(e) => {
