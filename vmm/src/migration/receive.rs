@@ -552,8 +552,9 @@ impl Receiver {
                     return Err(Error::MemoryConnection(e));
                 }
                 // The sender opens its fault connections before State; give a slow one
-                // a bounded while before the acceptor stops.
-                c.wait_fault(FAULT_CONNECTION_WAIT);
+                // a bounded while before the acceptor stops (never longer than the
+                // sender may be idle anyway).
+                c.wait_fault(FAULT_CONNECTION_WAIT.min(self.params.idle_timeout));
             }
             faults = c.finish()?;
         }
