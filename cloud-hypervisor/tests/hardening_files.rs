@@ -50,17 +50,6 @@ fn snapshot_into(dir: &TempDir, name: &str, dests: &[&Path]) -> VmmProcess {
     vmm
 }
 
-/// Copies a snapshot directory, keeping memory files sparse.
-fn copy_dir(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .args(["-r", "--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Guest RAM is the owner's alone: the snapshot directory is 0700 and every file in it
 /// 0600, also when the user created the (empty) destination with looser permissions.
 #[test]
@@ -112,7 +101,7 @@ fn symlinked_and_fifo_snapshot_files_are_refused_at_once() {
     ] {
         for kind in ["symlink", "fifo"] {
             let case = dir.join(format!("{kind}-{name}"));
-            copy_dir(&snap, &case);
+            test_infra::damage::copy_snapshot(&snap, &case).unwrap();
             let target = elsewhere.join(format!("{kind}-{name}"));
             fs::rename(case.join(name), &target).unwrap();
             let needle = if kind == "symlink" {

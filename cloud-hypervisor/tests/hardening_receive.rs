@@ -172,10 +172,16 @@ fn announced_memory_that_never_comes_costs_nothing() {
     let (url, sock) = unix_url(&dir, "mig.sock");
     let config = config_json(2 * GIB, &PeerPaths::default());
 
-    let receiving = receive_with(&dest, &url, r#","idle_timeout_s":3"#);
-    let mut sender = FakeSender::connect(&sock).unwrap();
-    sender.start().unwrap();
-    sender.config(&config).unwrap();
+    // A receive, and a sender that got as far as its Config.
+    let configured = |config: &str, fields: &str| {
+        let receiving = receive_with(&dest, &url, fields);
+        let mut sender = FakeSender::connect(&sock).unwrap();
+        sender.start().unwrap();
+        sender.config(config).unwrap();
+        (receiving, sender)
+    };
+
+    let (receiving, mut sender) = configured(&config, r#","idle_timeout_s":3"#);
     let before = hostile::status_field(pid, "VmRSS").unwrap();
     let table = MemoryRangeTable::from_ranges([MemoryRange::new(0, 2 * GIB)]).unwrap();
     vm_migration::send_memory_table(&mut sender.conn, &table).unwrap();
@@ -201,12 +207,7 @@ fn announced_memory_that_never_comes_costs_nothing() {
     );
 
     // A range beyond the 64 MiB VM the Config describes.
-    let receiving = receive_with(&dest, &url, "");
-    let mut sender = FakeSender::connect(&sock).unwrap();
-    sender.start().unwrap();
-    sender
-        .config(&config_json(64 << 20, &PeerPaths::default()))
-        .unwrap();
+    let (receiving, mut sender) = configured(&config_json(64 << 20, &PeerPaths::default()), "");
     let table = MemoryRangeTable::from_ranges([MemoryRange::new(60 << 20, 8 << 20)]).unwrap();
     vm_migration::send_memory_table(&mut sender.conn, &table).unwrap();
     assert_eq!(sender.status().unwrap(), Status::Error);
@@ -218,12 +219,7 @@ fn announced_memory_that_never_comes_costs_nothing() {
     );
 
     // A range table of 4 Mi ranges for a 64 MiB VM (16 Ki pages).
-    let receiving = receive_with(&dest, &url, "");
-    let mut sender = FakeSender::connect(&sock).unwrap();
-    sender.start().unwrap();
-    sender
-        .config(&config_json(64 << 20, &PeerPaths::default()))
-        .unwrap();
+    let (receiving, mut sender) = configured(&config_json(64 << 20, &PeerPaths::default()), "");
     sender
         .conn
         .write_all(&RequestHeader::memory(64 << 20).to_bytes())

@@ -453,7 +453,7 @@ fn damaged_snapshots_are_refused() {
     let mut vmm = empty_vmm("damaged-restore");
     for (what, damage, expect) in cases {
         let copy = dir.join(format!("copy-{}", what.replace(' ', "-")));
-        copy_dir(&snap, &copy);
+        test_infra::damage::copy_snapshot(&snap, &copy).unwrap();
         damage(&copy);
         let resp = vmm
             .api(
@@ -478,7 +478,7 @@ fn damaged_snapshots_are_refused() {
     // The same VMM restores the intact snapshot afterwards, in the older format (version
     // 2, piece sums inside the manifest), which it still reads.
     let old = dir.join("version-2");
-    copy_dir(&snap, &old);
+    test_infra::damage::copy_snapshot(&snap, &old).unwrap();
     to_version_2(&old);
     vmm.api_ok("PUT", "vm.restore", Some(&restore_body(&old, "Copy", true)))
         .unwrap();
@@ -575,17 +575,6 @@ fn flip_bit(path: &Path) {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x04;
     fs::write(path, bytes).unwrap();
-}
-
-/// Copies a snapshot directory, keeping memory files sparse.
-fn copy_dir(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .args(["-r", "--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// A snapshot onto a full filesystem fails with the reason, leaves neither the snapshot

@@ -289,15 +289,6 @@ fn snapshot_then_eager_restore_carries_on() {
     );
 }
 
-/// Copies a snapshot dir keeping holes, so each damage case starts from a good one.
-fn copy_snapshot(from: &Path, to: &Path) {
-    let out = std::process::Command::new("cp")
-        .args(["-r", "--sparse=always", s(from), s(to)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cp: {}", show(&out));
-}
-
 /// Runs restore against a plain listener standing in for the VMM, expects it to fail
 /// with `needle` in its message, and checks it never connected.
 fn expect_refused(dir: &TempDir, snap: &Path, needle: &str) {
@@ -326,19 +317,19 @@ fn damaged_snapshots_are_refused_before_connecting() {
 
     // One flipped byte inside a data extent of memory-0.
     let flipped = dir.join("flipped");
-    copy_snapshot(&snap, &flipped);
+    test_infra::damage::copy_snapshot(&snap, &flipped).unwrap();
     test_infra::damage::flip_byte(&flipped.join("memory-0"), offset, 0x40).unwrap();
     expect_refused(&dir, &flipped, "checksum mismatch at bytes");
 
     // A flipped bit in the memory checksums.
     let sums = dir.join("flipped-sums");
-    copy_snapshot(&snap, &sums);
+    test_infra::damage::copy_snapshot(&snap, &sums).unwrap();
     test_infra::damage::flip_byte(&sums.join("memory-0.sums"), 9, 0x01).unwrap();
     expect_refused(&dir, &sums, "memory-0.sums: does not match the manifest");
 
     // state.json cut in half.
     let cut = dir.join("cut-state");
-    copy_snapshot(&snap, &cut);
+    test_infra::damage::copy_snapshot(&snap, &cut).unwrap();
     let len = std::fs::metadata(cut.join("state.json")).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -350,7 +341,7 @@ fn damaged_snapshots_are_refused_before_connecting() {
 
     // A truncated memory file.
     let short = dir.join("short-memory");
-    copy_snapshot(&snap, &short);
+    test_infra::damage::copy_snapshot(&snap, &short).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(short.join("memory-0"))
@@ -361,7 +352,7 @@ fn damaged_snapshots_are_refused_before_connecting() {
 
     // No state.json at all.
     let missing = dir.join("no-state");
-    copy_snapshot(&snap, &missing);
+    test_infra::damage::copy_snapshot(&snap, &missing).unwrap();
     std::fs::remove_file(missing.join("state.json")).unwrap();
     expect_refused(&dir, &missing, "state.json is missing");
 }

@@ -96,14 +96,6 @@ fn write_manifest(dir: &Path, config: &[u8], state: &[u8], size: u64, sums: &[u8
     std::fs::write(dir.join(MANIFEST_FILE), manifest.to_string()).unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .args(["-r", "--sparse=always", s(from), s(to)])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// A listener standing in for the VMM that must never see a connection.
 struct NoConnect(UnixListener);
 
@@ -143,7 +135,7 @@ fn symlinked_and_fifo_snapshot_files_are_refused_before_connecting() {
     ] {
         for kind in ["symlink", "fifo"] {
             let case = dir.join(format!("{kind}-{name}"));
-            copy_dir(&good, &case);
+            test_infra::damage::copy_snapshot(&good, &case).unwrap();
             let target = elsewhere.join(format!("{kind}-{name}"));
             std::fs::rename(case.join(name), &target).unwrap();
             let needle = if kind == "symlink" {

@@ -38,3 +38,22 @@ pub fn middle_of_pieces(dir: &Path, slot: u32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other(format!("memory-{slot} holds no data")))?;
     Ok(piece.offset + piece.len / 2)
 }
+
+/// Copies a snapshot directory keeping its holes (`cp -r --sparse=always`), so each damage
+/// case starts from a good copy without costing the disk the guest RAM size.
+pub fn copy_snapshot(from: &Path, to: &Path) -> std::io::Result<()> {
+    let out = std::process::Command::new("cp")
+        .args(["-r", "--sparse=always"])
+        .arg(from)
+        .arg(to)
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "cp -r {} {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}

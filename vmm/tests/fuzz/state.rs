@@ -140,33 +140,6 @@ fn check(bytes: &[u8], peak: &Peak) {
     allocations.assert_within(cap(bytes), "Config/State decoders");
 }
 
-/// Replaces the value at a pseudo-random position of `tree` with `with`.
-fn replace_one(tree: &mut Value, mut pick: usize, with: Value) {
-    fn count(v: &Value) -> usize {
-        1 + match v {
-            Value::Array(a) => a.iter().map(count).sum(),
-            Value::Object(o) => o.values().map(count).sum(),
-            _ => 0,
-        }
-    }
-    fn walk(v: &mut Value, pick: &mut usize, with: &mut Option<Value>) {
-        if *pick == 0 {
-            if let Some(w) = with.take() {
-                *v = w;
-            }
-            return;
-        }
-        *pick -= 1;
-        match v {
-            Value::Array(a) => a.iter_mut().for_each(|c| walk(c, pick, with)),
-            Value::Object(o) => o.values_mut().for_each(|c| walk(c, pick, with)),
-            _ => {}
-        }
-    }
-    pick %= count(tree);
-    walk(tree, &mut pick, &mut Some(with));
-}
-
 #[test]
 fn fuzz_config_state_arbitrary_bytes() {
     let peak = Peak::default();
@@ -194,7 +167,7 @@ fn fuzz_config_state_mutated() {
     let state = valid_state();
     proptest!(fuzz_harness::config(1000), |(pick in any::<usize>(), with in json(), which in any::<bool>())| {
         let mut tree = if which { config.clone() } else { state.clone() };
-        replace_one(&mut tree, pick, with);
+        crate::strategies::replace_one(&mut tree, pick, with);
         check(&serde_json::to_vec(&tree).unwrap(), &peak);
     });
     report("config_state_mutated", peak.get(), CAP);
