@@ -102,15 +102,7 @@ fn symlinked_and_fifo_snapshot_files_are_refused_at_once() {
         for kind in ["symlink", "fifo"] {
             let case = dir.join(format!("{kind}-{name}"));
             test_infra::damage::copy_snapshot(&snap, &case).unwrap();
-            let target = elsewhere.join(format!("{kind}-{name}"));
-            fs::rename(case.join(name), &target).unwrap();
-            let needle = if kind == "symlink" {
-                std::os::unix::fs::symlink(&target, case.join(name)).unwrap();
-                "is a symbolic link"
-            } else {
-                hostile::mkfifo(&case.join(name)).unwrap();
-                "is a FIFO, not a regular file"
-            };
+            let needle = hostile::replace_with_special(kind, &case, name, &elsewhere).unwrap();
             for mode in ["Copy", "OnDemand"] {
                 let what = format!("{kind} {name} {mode}");
                 let started = Instant::now();

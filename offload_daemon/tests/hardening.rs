@@ -136,15 +136,7 @@ fn symlinked_and_fifo_snapshot_files_are_refused_before_connecting() {
         for kind in ["symlink", "fifo"] {
             let case = dir.join(format!("{kind}-{name}"));
             test_infra::damage::copy_snapshot(&good, &case).unwrap();
-            let target = elsewhere.join(format!("{kind}-{name}"));
-            std::fs::rename(case.join(name), &target).unwrap();
-            let needle = if kind == "symlink" {
-                std::os::unix::fs::symlink(&target, case.join(name)).unwrap();
-                "is a symbolic link"
-            } else {
-                hostile::mkfifo(&case.join(name)).unwrap();
-                "is a FIFO, not a regular file"
-            };
+            let needle = hostile::replace_with_special(kind, &case, name, &elsewhere).unwrap();
             // On demand, config and state are read before connecting, the rest beside
             // it (checked before State is sent, see daemon.rs): there the fake VMM's
             // silence ends the wait after --io-timeout.

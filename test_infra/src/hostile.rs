@@ -115,3 +115,29 @@ pub fn run_measured(cmd: &mut Command, timeout: std::time::Duration) -> io::Resu
         elapsed: started.elapsed(),
     })
 }
+
+/// Moves `dir/name` into `elsewhere` and puts in its place a symlink to it (`kind`
+/// "symlink") or a FIFO ("fifo"). Returns what a refusal of it should say.
+pub fn replace_with_special(
+    kind: &str,
+    dir: &Path,
+    name: &str,
+    elsewhere: &Path,
+) -> io::Result<&'static str> {
+    let target = elsewhere.join(format!("{kind}-{name}"));
+    std::fs::rename(dir.join(name), &target)?;
+    match kind {
+        "symlink" => {
+            std::os::unix::fs::symlink(&target, dir.join(name))?;
+            Ok("is a symbolic link")
+        }
+        "fifo" => {
+            mkfifo(&dir.join(name))?;
+            Ok("is a FIFO, not a regular file")
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no special file of kind {other:?}"),
+        )),
+    }
+}
