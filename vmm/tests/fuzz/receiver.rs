@@ -19,9 +19,7 @@ use fuzz_harness::{Peak, measure, report};
 use serde_json::Value;
 use vm_migration::memory::MemoryRange;
 use vm_migration::protocol::{CURRENT_PROTOCOL_VERSION, Command, RequestHeader};
-use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
-};
+use vmm::config::{ConsoleConfig, ConsoleOutputMode};
 use vmm::memory_manager::GuestRamMapping;
 use vmm::migration::config::VmMigrationConfig;
 use vmm::migration::receive::{self, LocalDevices, ReceiveParams};
@@ -49,24 +47,7 @@ fn off() -> ConsoleConfig {
 }
 
 fn valid_config() -> Value {
-    let config = VmConfig {
-        cpus: CpusConfig {
-            boot_vcpus: 1,
-            max_vcpus: 1,
-        },
-        memory: MemoryConfig {
-            size: RAM,
-            shared: true,
-            thp: false,
-        },
-        payload: PayloadConfig {
-            kernel: None,
-            cmdline: None,
-            initramfs: None,
-        },
-        serial: off(),
-        console: off(),
-    };
+    let config = crate::strategies::vm_config(1, RAM, None);
     let mappings = [GuestRamMapping {
         slot: 0,
         gpa: 0,

@@ -11,9 +11,6 @@ use std::path::{Path, PathBuf};
 use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
 use serde_json::{Value, json};
-use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
-};
 use vmm::memsum::{self, PieceSum};
 use vmm::migration::store;
 use vmm::state::StateTree;
@@ -37,31 +34,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn vm_config() -> VmConfig {
-    let off = ConsoleConfig {
-        file: None,
-        mode: ConsoleOutputMode::Off,
-    };
-    VmConfig {
-        cpus: CpusConfig {
-            boot_vcpus: 1,
-            max_vcpus: 1,
-        },
-        memory: MemoryConfig {
-            size: 2 * SLOT_SIZE,
-            shared: true,
-            thp: false,
-        },
-        payload: PayloadConfig {
-            kernel: None,
-            cmdline: None,
-            initramfs: None,
-        },
-        serial: off.clone(),
-        console: off,
-    }
 }
 
 fn digest(bytes: &[u8]) -> Value {
@@ -92,7 +64,7 @@ fn valid_files() -> Files {
         ]
     };
     Files {
-        config: serde_json::to_vec(&vm_config()).unwrap(),
+        config: serde_json::to_vec(&crate::strategies::vm_config(1, 2 * SLOT_SIZE, None)).unwrap(),
         state: serde_json::to_vec(&StateTree::new()).unwrap(),
         sums: [
             memsum::encode(&pieces(0)).unwrap(),

@@ -9,9 +9,6 @@
 use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
 use serde_json::Value;
-use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
-};
 use vmm::cpu::state::VcpuState;
 use vmm::devices::serial::{SerialDevice, SerialDeviceState};
 use vmm::memory_manager::GuestRamMapping;
@@ -29,31 +26,6 @@ fn cap(input: &[u8]) -> usize {
     16 * input.len() + 64 * 1024
 }
 
-fn vm_config() -> VmConfig {
-    let off = ConsoleConfig {
-        file: None,
-        mode: ConsoleOutputMode::Off,
-    };
-    VmConfig {
-        cpus: CpusConfig {
-            boot_vcpus: 2,
-            max_vcpus: 2,
-        },
-        memory: MemoryConfig {
-            size: 256 << 20,
-            shared: true,
-            thp: false,
-        },
-        payload: PayloadConfig {
-            kernel: None,
-            cmdline: Some("tick=100".into()),
-            initramfs: None,
-        },
-        serial: off.clone(),
-        console: off,
-    }
-}
-
 /// A valid Config payload, as a JSON tree.
 fn valid_config() -> Value {
     let mappings = [GuestRamMapping {
@@ -62,7 +34,11 @@ fn valid_config() -> Value {
         size: 256 << 20,
         file_offset: 0,
     }];
-    serde_json::to_value(VmMigrationConfig::new(&vm_config(), &mappings)).unwrap()
+    serde_json::to_value(VmMigrationConfig::new(
+        &crate::strategies::vm_config(2, 256 << 20, Some("tick=100")),
+        &mappings,
+    ))
+    .unwrap()
 }
 
 /// A state tree with the components a VM without KVM state can produce here.

@@ -191,3 +191,33 @@ pub fn replace_one(tree: &mut Value, mut pick: usize, with: Value) {
     pick %= count(tree);
     walk(tree, &mut pick, &mut Some(with));
 }
+
+/// A VM configuration without devices or kernel: what a valid Config payload describes
+/// in the targets that need one.
+pub fn vm_config(vcpus: u8, size: u64, cmdline: Option<&str>) -> vmm::config::VmConfig {
+    use vmm::config::{
+        ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+    };
+    let off = ConsoleConfig {
+        file: None,
+        mode: ConsoleOutputMode::Off,
+    };
+    VmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: vcpus,
+            max_vcpus: vcpus,
+        },
+        memory: MemoryConfig {
+            size,
+            shared: true,
+            thp: false,
+        },
+        payload: PayloadConfig {
+            kernel: None,
+            cmdline: cmdline.map(str::to_string),
+            initramfs: None,
+        },
+        serial: off.clone(),
+        console: off,
+    }
+}
