@@ -11,6 +11,10 @@
 //! RAM turns out empty), and maps exactly the pages the peer wrote (SEEK_DATA on the
 //! memfd), so never-written pages stay unallocated holes. When every chunk has been asked
 //! for, RAM is unregistered and the connection closed, which tells the peer it is done.
+//!
+//! A background request leaves out the pages a guest fault already asked for: a peer may
+//! write a whole requested range every time it is asked (Cloud Hypervisor's reference
+//! daemon does), and would then put snapshot data over what the guest wrote since.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +67,8 @@ pub struct PeerFilledMemory {
 struct Filler {
     uffd: Arc<Uffd>,
     regions: Vec<SharedRegion>,
+    /// Per region, one bit per page a guest fault asked for.
+    faulted: Vec<Vec<u64>>,
     stream: Stream,
     progress: Arc<Progress>,
     stopping: Arc<AtomicBool>,
@@ -107,9 +113,14 @@ impl PeerFilledMemory {
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let handle = stream.try_clone().map_err(Error::EventFd)?;
+        let faulted = regions
+            .iter()
+            .map(|r| vec![0; (r.size / PAGE_SIZE).div_ceil(64) as usize])
+            .collect();
         let filler = Filler {
             uffd: uffd.clone(),
             regions,
+            faulted,
             stream,
             progress: progress.clone(),
             stopping: stopping.clone(),
@@ -214,6 +225,8 @@ impl Filler {
             .ok_or(FillError::OutsideRam(addr))?;
         let offset = page - self.regions[index].host;
         let gpa = self.regions[index].gpa + offset;
+        let bit = offset / PAGE_SIZE;
+        self.faulted[index][(bit / 64) as usize] |= 1 << (bit % 64);
         self.ask(gpa, PAGE_SIZE)?;
         self.map(page, PAGE_SIZE)?;
         self.progress.faults.fetch_add(1, Ordering::Relaxed);
@@ -230,13 +243,34 @@ impl Filler {
             let r = &self.regions[index];
             (r.gpa + offset, r.host + offset, r.file_offset + offset)
         };
-        self.ask(gpa, len)?;
+        for (run, run_len) in self.unfaulted_runs(index, offset, len) {
+            self.ask(gpa + run, run_len)?;
+        }
         let extents = sparse::file_data_extents(&self.regions[index].memfd, file_offset, len)
             .map_err(FillError::Extents)?;
         for e in &extents {
             self.map(host + e.offset, e.len)?;
         }
         Ok(!extents.is_empty())
+    }
+
+    /// The runs of `[offset, offset+len)` of region `index` that no guest fault asked for,
+    /// as (offset from `offset`, length).
+    fn unfaulted_runs(&self, index: usize, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let bits = &self.faulted[index];
+        let faulted = |page: u64| bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
+            if faulted(page) {
+                continue;
+            }
+            let at = page * PAGE_SIZE - offset;
+            match runs.last_mut() {
+                Some((start, run_len)) if *start + *run_len == at => *run_len += PAGE_SIZE,
+                _ => runs.push((at, PAGE_SIZE)),
+            }
+        }
+        runs
     }
 
     /// UFFDIO_CONTINUE over `[addr, addr+len)`, skipping pages already mapped.
