@@ -1,13 +1,20 @@
 //! Owning a listening socket path: a lock file `<path>.lock` says which daemon owns it, so
 //! a second daemon is refused and a socket file left by a dead one can be removed safely.
 //!
+//! The lock is an open file description (OFD) write lock on the whole lock file, taken
+//! with `fcntl(F_OFD_SETLK)`: the lock Cloud Hypervisor's reference daemon takes on the
+//! same `<socket>.lock`, so either daemon refuses the other on one socket (`flock` and
+//! `fcntl` locks never see each other). Like `flock`, it belongs to the open file, not
+//! the process, and the kernel drops it when the process dies.
+//!
 //! Both paths may sit in a directory others can write to. The lock file is opened
 //! without following a symlink and must be a regular file (0600 when created). Only a
 //! stale UNIX socket is ever removed at the socket path: anything else there (a regular
 //! file, a symlink, a socket someone listens on) is refused, never deleted.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -71,7 +78,7 @@ pub enum Error {
 pub struct LockedListener {
     pub listener: UnixListener,
     path: PathBuf,
-    // Held for the flock; released when the File closes.
+    // Holds the OFD lock; released when the File closes.
     _lock: File,
 }
 
@@ -92,17 +99,17 @@ impl LockedListener {
                 source,
             }
         })?;
-        // flock: released by the kernel when the process dies, so a crash never leaves
-        // the path locked, only a stale socket file.
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
+        // Released by the kernel when the process dies, so a crash never leaves the path
+        // locked, only a stale socket file.
+        match try_write_lock(&lock) {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(Error::Busy {
                     lock: lock_path,
                     socket: path.to_path_buf(),
                 });
             }
-            Err(TryLockError::Error(source)) => {
+            Err(source) => {
                 return Err(Error::Lock {
                     path: lock_path,
                     source,
@@ -119,6 +126,35 @@ impl LockedListener {
             path: path.to_path_buf(),
             _lock: lock,
         })
+    }
+}
+
+/// Takes an OFD write lock on all of `file` without waiting: `false` if another open
+/// file (this daemon's twin, or Cloud Hypervisor's daemon) holds a lock on it.
+fn try_write_lock(file: &File) -> io::Result<bool> {
+    let whole_file = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        // 0: to the end of the file, however long it grows.
+        l_len: 0,
+        // Must be 0 for OFD locks.
+        l_pid: 0,
+    };
+    loop {
+        // SAFETY: the fd is open for writing (F_WRLCK needs it) and owned by `file` for
+        // the whole call; F_OFD_SETLK only reads `whole_file`, a valid `struct flock`
+        // that outlives the call.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &whole_file) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN | libc::EACCES) => return Ok(false),
+            _ => return Err(err),
+        }
     }
 }
 

@@ -112,6 +112,7 @@ fn runtime(a: &mut Allowed, pid: u32) -> Result<(), BackendError> {
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_close,
+        // fd flags, and the daemon's lock on <socket>.lock (F_OFD_SETLK, not flock).
         libc::SYS_fcntl,
         libc::SYS_seccomp,
         libc::SYS_getuid,
@@ -270,7 +271,6 @@ fn file_write(a: &mut Allowed) {
         libc::SYS_fchmod,
         libc::SYS_fchmodat,
         libc::SYS_umask,
-        libc::SYS_flock,
         libc::SYS_access,
         libc::SYS_getcwd,
     ]);
