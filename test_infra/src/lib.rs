@@ -12,7 +12,9 @@
 //! - [`hostile`]: FIFOs, modes, huge sparse files, peak RSS of a finished process.
 //! - [`wait`]: the one polling helper with a deadline.
 //! - [`hostile_peer`]: a misbehaving migration sender, and what it costs the receiver.
+//! - [`ch_daemon`]: Cloud Hypervisor's reference daemon's restore, as a stand-in for CI.
 
+pub mod ch_daemon;
 pub mod daemon;
 pub mod damage;
 pub mod guest;
