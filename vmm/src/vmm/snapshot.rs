@@ -89,9 +89,14 @@ impl Vmm {
         // lists are read and checked beside it; a damaged snapshot still fails before
         // the VM runs, and the VM is then dropped.
         let events = self.events.clone();
+        // A snapshot directory may come from anyone: it names no host file this VMM
+        // opens (the same rule as for a migration sender).
+        let config = self
+            .local
+            .apply(opened.config.clone(), "the snapshot", log::Level::Warn);
         let (vm, snapshot) = std::thread::scope(|s| {
             let snapshot = s.spawn(|| opened.load());
-            let vm = Vm::new_for_restore(&opened.config, events);
+            let vm = Vm::new_for_restore(&config, events);
             (vm, snapshot.join().unwrap_or(Err(store::Error::Panicked)))
         });
         let snapshot = snapshot.map_err(snapshot_error)?;
