@@ -148,3 +148,85 @@ fn restore_uses_its_own_serial_not_the_snapshots() {
     untouched();
     assert!(fs::read_to_string(&own).unwrap().contains("TG tick"));
 }
+
+/// A snapshot directory given as a symlink is refused at once with HTTP 400 naming the
+/// link, by `vm.snapshot` (to an empty directory, with a trailing `/`, or dangling:
+/// nothing is written behind it, no partial directory is left) and by `vm.restore` (to
+/// an intact snapshot); the same VMMs then snapshot and restore by the real path.
+#[test]
+fn symlinked_snapshot_directories_are_refused() {
+    let dir = TempDir::new("hr-symlink").unwrap();
+    let (snap, last) = snapshot(&dir, "hr-symlink");
+
+    let mut vmm = guest_builder("hr-symlink-src", 1, "mem=4M")
+        .memory("size=128M")
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    vmm.wait_boot(BOOT_TIMEOUT).unwrap();
+    vmm.api_ok("PUT", "vm.pause", None).unwrap();
+    let target = dir.join("target");
+    fs::create_dir(&target).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dangling = dir.join("dangling");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    let with_slash = format!("{}/", link.display());
+    for dest in [
+        link.to_str().unwrap(),
+        &with_slash,
+        dangling.to_str().unwrap(),
+    ] {
+        let body = format!(r#"{{"destination_url":"file://{dest}"}}"#);
+        let started = std::time::Instant::now();
+        let resp = vmm.api("PUT", "vm.snapshot", Some(&body)).unwrap();
+        assert_eq!(resp.status, 400, "{dest}: {}", resp.body);
+        assert!(resp.body.contains("symbolic link"), "{dest}: {}", resp.body);
+        assert!(started.elapsed() < Duration::from_secs(1), "{dest}");
+    }
+    assert_eq!(
+        fs::read_dir(&target).unwrap().count(),
+        0,
+        "written behind the link"
+    );
+    assert!(!dir.join("nowhere").exists());
+    let partial: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(partial.is_empty(), "{partial:?}");
+    // The real path still works, and the VM is unharmed.
+    let body = format!(r#"{{"destination_url":"{}"}}"#, file_url(&dir.join("real")));
+    vmm.api_ok("PUT", "vm.snapshot", Some(&body)).unwrap();
+    vmm.api_ok("PUT", "vm.resume", None).unwrap();
+    drop(vmm);
+
+    let snap_link = dir.join("snap-link");
+    std::os::unix::fs::symlink(&snap, &snap_link).unwrap();
+    let mut vmm = VmmBuilder::new(bins())
+        .tmp_prefix("hr-symlink-restore")
+        .spawn()
+        .unwrap();
+    vmm.wait_api_ready(BOOT_TIMEOUT).unwrap();
+    for source in [&snap_link, &dir.join("snap-link/")] {
+        let resp = vmm
+            .api("PUT", "vm.restore", Some(&restore_body(source)))
+            .unwrap();
+        assert_eq!(resp.status, 400, "{}", resp.body);
+        assert!(
+            resp.body.contains("symbolic link") && resp.body.contains("snap-link"),
+            "{}",
+            resp.body
+        );
+        assert_eq!(vmm.api("GET", "vm.info", None).unwrap().status, 409);
+    }
+    vmm.api_with_timeout(
+        "PUT",
+        "vm.restore",
+        Some(&restore_body(&snap)),
+        RESTORE_TIMEOUT,
+    )
+    .unwrap();
+    expect_carries_on(&mut vmm, &last);
+}

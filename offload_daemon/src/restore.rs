@@ -246,6 +246,11 @@ pub fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Error> {
 
 /// The raw bytes of `migration_config.json` and `state.json`.
 pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    // Given by its real path, like the files in it (`vmm::snapfile`).
+    vmm::snapfile::snapshot_dir(dir).map_err(|source| Error::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     Ok((
         read_small(&dir.join(CONFIG_FILE), MAX_JSON_FILE)?,
         read_small(&dir.join(STATE_FILE), MAX_JSON_FILE)?,
