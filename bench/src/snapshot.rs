@@ -71,15 +71,18 @@ pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
 }
 
 impl SnapshotRestore {
-    /// Restores `snap` into a fresh VMM; returns it and the time the API call took.
+    /// Restores `snap` into a fresh VMM whose serial goes to `serial`; returns it and the
+    /// time the API call took.
     fn restore(
         &self,
         ctx: &Ctx,
         snap: &Path,
         mode: &str,
+        serial: &Path,
     ) -> anyhow::Result<(VmmProcess, Instant, Duration)> {
         let mut vmm = VmmBuilder::new(ctx.bins.clone())
             .tmp_prefix("bench-restored")
+            .serial_file(serial)
             .spawn()?;
         vmm.wait_api_ready(STEP_TIMEOUT)?;
         let body = format!(
@@ -110,7 +113,7 @@ impl SnapshotRestore {
         bytes: u64,
     ) -> anyhow::Result<Vec<Sample>> {
         let mut samples = Vec::new();
-        let (mut vmm, start, call) = self.restore(ctx, snap, mode)?;
+        let (mut vmm, start, call) = self.restore(ctx, snap, mode, serial)?;
         samples.push(Sample::ms(format!("{prefix}_restore_call"), call));
         let tick_at = Self::first_tick(&mut vmm, serial, nonce)?;
         samples.push(Sample::ms(format!("{prefix}_first_tick"), tick_at - start));

@@ -3,17 +3,12 @@
 //! can be stored, encrypted or streamed without touching the VMM. Speaks the Cloud
 //! Hypervisor migration protocol (local mode, memory fds) through `vm-migration`.
 
-mod layout;
-mod lock;
-mod ondemand;
-mod restore;
-mod snapshot;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use offload_daemon::{ondemand, restore, snapshot};
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
 
 #[derive(Parser)]
@@ -134,17 +129,6 @@ fn main() -> ExitCode {
 /// How long a peer may stay silent by default: far longer than any step of the protocol
 /// takes (milliseconds), short enough that a stalled peer is noticed.
 const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
-
-pub(crate) use vmm::migration::transport::is_timeout;
-
-/// Sets both I/O deadlines of a connection to a peer.
-pub(crate) fn set_io_timeout(
-    conn: &std::os::unix::net::UnixStream,
-    timeout: Duration,
-) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(timeout))?;
-    conn.set_write_timeout(Some(timeout))
-}
 
 /// Info by default (the spec's default), `-v` debug, or `RUST_LOG` if set.
 fn log_level(verbose: u8) -> log::LevelFilter {

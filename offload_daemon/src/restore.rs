@@ -210,7 +210,7 @@ fn check_file(file: &str, bytes: &[u8], expected: layout::FileSum) -> Result<(),
 }
 
 /// A snapshot directory's config, state, manifest and mappings, checked.
-pub(crate) struct Meta {
+pub struct Meta {
     pub config: Vec<u8>,
     pub state: Vec<u8>,
     pub manifest: Option<Manifest>,
@@ -232,7 +232,7 @@ fn load(dir: &Path, allow_unverified: bool) -> Result<Loaded, Error> {
 
 /// Reads and checks everything but memory: config and state against the manifest first,
 /// so a damaged file is reported as such rather than as whatever it fails to parse as.
-pub(crate) fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Error> {
+pub fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Error> {
     let (config, state) = read_config_state(dir)?;
     let manifest = load_manifest(dir, &config, &state, allow_unverified)?;
     let mappings = parse_config_state(&config, &state)?;
@@ -246,6 +246,11 @@ pub(crate) fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Erro
 
 /// The raw bytes of `migration_config.json` and `state.json`.
 pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    // Given by its real path, like the files in it (`vmm::snapfile`).
+    vmm::snapfile::snapshot_dir(dir).map_err(|source| Error::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     Ok((
         read_small(&dir.join(CONFIG_FILE), MAX_JSON_FILE)?,
         read_small(&dir.join(STATE_FILE), MAX_JSON_FILE)?,
@@ -301,7 +306,7 @@ pub(crate) fn parse_config_state(
 
 /// One slot's memory file, checked against the config and the manifest: the open file
 /// and its data, cut on the checksum grid, with the manifest's sums.
-pub(crate) struct SlotSource {
+pub struct SlotSource {
     pub path: PathBuf,
     pub file: vmm::sparse::BulkFile,
     /// The data pieces in order. Without a manifest: the file's own data extents cut the
@@ -399,7 +404,7 @@ fn manifest_pieces(
 }
 
 /// Opens and checks slot `m`'s memory file (size, manifest entry, extent bounds).
-pub(crate) fn slot_source(
+pub fn slot_source(
     dir: &Path,
     m: &GuestRamMappingData,
     manifest: Option<&Manifest>,

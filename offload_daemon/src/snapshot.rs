@@ -79,6 +79,11 @@ fn write_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error
 /// Serves one snapshot on `socket` into `output_dir`. Once connected, the sender may stay
 /// silent at most `io_timeout` at a time.
 pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(), Error> {
+    let output_dir =
+        &vmm::snapfile::snapshot_dir(output_dir).map_err(|source| Error::InspectOutput {
+            path: output_dir.to_path_buf(),
+            source,
+        })?;
     check_output_dir(output_dir)?;
     let listener = LockedListener::bind(socket)?;
     log::info!("waiting for the sender on {}", socket.display());

@@ -220,8 +220,9 @@ impl VmmBuilder {
         self
     }
 
-    /// Serial output to `path`, which outlives the VMM's temp dir: a snapshot stores the
-    /// path, and the VM restored from it writes there again.
+    /// Serial output to `path`, which outlives the VMM's temp dir (a restored or
+    /// migrated VM writes to its own VMM's `--serial`, never to the path its snapshot
+    /// or sender names).
     pub fn serial_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.serial_file = Some(path.into());
         self
@@ -438,8 +439,8 @@ impl VmmProcess {
         self.tmp.keep();
     }
 
-    /// Follows the guest's serial output in `path` from now on (a restored VM writes
-    /// where its snapshot's config says, not where this process was told).
+    /// Follows the guest's serial output in `path` from now on (where another process
+    /// was told to write it).
     pub fn follow_serial(&mut self, path: impl Into<PathBuf>) {
         self.serial = SerialLog::new(path.into()).with_stderr(&self.stderr_path);
     }

@@ -49,6 +49,12 @@ pub enum Error {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("cannot keep guest RAM at {gpa:#x} out of core dumps (MADV_DONTDUMP)")]
+    ExcludeFromDumps {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest RAM regions overlap or are invalid")]
     BuildGuestMemory(#[source] vm_memory::GuestRegionCollectionError),
     #[error("{got} memory files for {want} guest RAM mappings")]
@@ -164,6 +170,8 @@ impl MemoryManager {
                     .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
             };
             let region = builder.build().map_err(map_err)?;
+            exclude_from_core_dumps(region.as_ptr(), m.size)
+                .map_err(|source| Error::ExcludeFromDumps { gpa: m.gpa, source })?;
             if backing.is_empty() {
                 advise_huge_pages(region.as_ptr(), m.size, config.thp);
             }
@@ -452,6 +460,18 @@ fn advise_huge_pages(host: *mut u8, size: u64, huge: bool) {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Guest RAM holds the guest's secrets and may be gigabytes: a crash of the VMM must not
+/// write it into a core dump that other users (or a crash reporter) can read.
+fn exclude_from_core_dumps(host: *mut u8, size: u64) -> std::io::Result<()> {
+    // SAFETY: `host..host+size` is a mapping this manager just created and owns;
+    // MADV_DONTDUMP only marks the VMA, never touching its contents.
+    let ret = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_DONTDUMP) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Allocates the pages of `gpa..gpa+len` of `mem` for writing in one call, before a bulk

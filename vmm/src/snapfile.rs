@@ -10,6 +10,12 @@
 //! What is written holds guest RAM, readable by nobody but the owner: files are created
 //! 0600 and directories 0700. The process umask still applies, so it can only make them
 //! stricter.
+//!
+//! The snapshot directory itself is given by its real path: a symlink in its place is
+//! refused ([`snapshot_dir`]), for a snapshot as for a restore. Whoever can plant a
+//! symlink could otherwise point a restore at a directory the caller cannot read (say,
+//! another user's snapshot, past a check of the path's prefix), or turn a snapshot into
+//! a late failure after gigabytes were written (rename(2) does not follow it).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,6 +27,24 @@ use std::path::Path;
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of every directory a snapshot creates (before the umask).
 pub const DIR_MODE: u32 = 0o700;
+
+/// `dir`, a snapshot directory to write or read, without a trailing `/` or `.`
+/// components; refused if it is a symbolic link. Missing is fine here (a snapshot
+/// creates it; a restore then fails to open its files and says so).
+pub fn snapshot_dir(dir: &Path) -> io::Result<std::path::PathBuf> {
+    // `lstat("link/")` would follow the link: compare the path without its slash.
+    let plain: std::path::PathBuf = dir.components().collect();
+    match std::fs::symlink_metadata(&plain) {
+        Ok(m) if m.file_type().is_symlink() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is a symbolic link: give the snapshot directory's real path (refused, not \
+             followed)",
+        )),
+        Ok(_) => Ok(plain),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(plain),
+        Err(e) => Err(e),
+    }
+}
 
 /// Opens `path` for reading if it is a regular file; a symlink (`ELOOP`), a FIFO, a
 /// socket, a device or a directory is refused with an error that says what it is.
@@ -141,6 +165,21 @@ mod tests {
         assert!(e.to_string().contains("a directory"), "{e}");
         let e = open_regular(&d.join("none")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn snapshot_dirs_are_given_by_their_real_path() {
+        let d = dir("snapdir");
+        std::fs::create_dir(d.join("real")).unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.join("none"), d.join("dangling")).unwrap();
+        assert_eq!(snapshot_dir(&d.join("real/")).unwrap(), d.join("real"));
+        assert_eq!(snapshot_dir(&d.join("new")).unwrap(), d.join("new"));
+        for link in ["link", "link/", "link/.", "dangling"] {
+            let e = snapshot_dir(&d.join(link)).unwrap_err();
+            assert!(e.to_string().contains("symbolic link"), "{link}: {e}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -162,11 +162,47 @@ pub struct ReceiveParams {
     pub page_timeout: Duration,
 }
 
-/// The devices of the VM this VMM receives: its own command line's, never the sender's.
+/// The devices of a VM this VMM receives or restores: its own command line's, never
+/// the ones a migration sender or a snapshot directory names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalDevices {
     pub serial: ConsoleConfig,
     pub console: ConsoleConfig,
+}
+
+impl LocalDevices {
+    /// `config` (from `origin`: "the sender", "the snapshot") with every host path it
+    /// names replaced by ours: the guest's serial and console go where this VMM's
+    /// command line says, and the kernel and initramfs paths (never opened for a VM that
+    /// carries on) are dropped. A file of `origin`'s that is not ours is logged at
+    /// `level`, so the user sees where the output did not go.
+    pub fn apply(
+        &self,
+        mut config: crate::config::VmConfig,
+        origin: &str,
+        level: log::Level,
+    ) -> crate::config::VmConfig {
+        for (what, theirs, ours) in [
+            ("serial", &config.serial, &self.serial),
+            ("console", &config.console, &self.console),
+        ] {
+            if let Some(path) = &theirs.file
+                && theirs.file != ours.file
+            {
+                log::log!(
+                    level,
+                    "not using the {what} file {} named by {origin}: the VM's {what} is \
+                     this VMM's own (--{what})",
+                    path.display()
+                );
+            }
+        }
+        config.serial = self.serial.clone();
+        config.console = self.console.clone();
+        config.payload.kernel = None;
+        config.payload.initramfs = None;
+        config
+    }
 }
 
 /// A VM that arrived: not started yet; `resume` says whether the sender asked for it to
@@ -616,7 +652,9 @@ impl Receiver {
             }
             Some(files)
         };
-        let vm_config = self.local_config(config.vm_config);
+        let vm_config = self
+            .local
+            .apply(config.vm_config, "the sender", log::Level::Info);
         let vm =
             Vm::new_for_migration(&vm_config, self.events.clone(), files).map_err(Error::Vm)?;
         if vm.memory().mappings() != mappings.as_slice() {
@@ -631,30 +669,5 @@ impl Receiver {
         ));
         self.vm = Some(vm);
         Ok(())
-    }
-
-    /// The sender's VM config with every host path it names replaced by ours: the guest's
-    /// serial and console go where this VMM's command line says, and the kernel and
-    /// initramfs paths (never opened for a received VM) are dropped.
-    fn local_config(&self, mut config: crate::config::VmConfig) -> crate::config::VmConfig {
-        for (what, peer, ours) in [
-            ("serial", &config.serial, &self.local.serial),
-            ("console", &config.console, &self.local.console),
-        ] {
-            if let Some(path) = &peer.file
-                && peer.file != ours.file
-            {
-                log::info!(
-                    "ignoring the sender's {what} file {}: the received VM's {what} is this \
-                     VMM's own (--{what})",
-                    path.display()
-                );
-            }
-        }
-        config.serial = self.local.serial.clone();
-        config.console = self.local.console.clone();
-        config.payload.kernel = None;
-        config.payload.initramfs = None;
-        config
     }
 }

@@ -3,7 +3,7 @@
 //! migration's connections from another thread.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -35,10 +35,10 @@ impl Stream {
         }
     }
 
-    /// Connects to `url`, giving up after `timeout` or once `cancel` is requested (checked
-    /// between attempts: a UNIX connect waits in slices, a TCP one for its whole
-    /// timeout). A UNIX connect blocks only while the listener's queue is full, which
-    /// a peer that never accepts makes last forever.
+    /// Connects to `url`, giving up after `timeout` or once `cancel` is requested (looked
+    /// at every [`CONNECT_SLICE`]). A UNIX connect blocks only while the listener's queue
+    /// is full, which a peer that never accepts makes last forever; a TCP one while the
+    /// handshake is unanswered (a destination that drops SYNs, or a full accept queue).
     pub fn connect_within(
         url: &MigrationUrl,
         timeout: Duration,
@@ -71,7 +71,13 @@ impl Stream {
                     if left.is_zero() {
                         break;
                     }
-                    match TcpStream::connect_timeout(&addr, left) {
+                    match connect_tcp(&addr, deadline, cancel) {
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            last = io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("{addr} did not answer the connection within {timeout:?}"),
+                            );
+                        }
                         Ok(s) => {
                             s.set_nodelay(true)?;
                             return Ok(Stream::Tcp(s));
@@ -210,6 +216,102 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
         }
     }
     stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+/// A TCP connect to `addr` that gives up at `deadline` or once `cancel` is requested: one
+/// nonblocking connect, polled in slices on the same socket (a new attempt per slice
+/// would never finish a handshake slower than a slice).
+fn connect_tcp(addr: &SocketAddr, deadline: Instant, cancel: &Cancel) -> io::Result<TcpStream> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
+    let fd = unsafe { libc::socket(family, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let r = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `sa` is a valid sockaddr_in of the size passed; the fd is open.
+            unsafe {
+                libc::connect(
+                    fd,
+                    (&raw const sa).cast::<libc::sockaddr>(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: `sa` is a valid sockaddr_in6 of the size passed; the fd is open.
+            unsafe {
+                libc::connect(
+                    fd,
+                    (&raw const sa).cast::<libc::sockaddr>(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        // EINTR: the handshake goes on in the background, as with EINPROGRESS.
+        if !matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) {
+            return Err(e);
+        }
+        loop {
+            cancel.check()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = left.min(CONNECT_SLICE).as_millis().max(1) as libc::c_int;
+            // SAFETY: one valid pollfd for an fd `stream` keeps open.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                // Writable or failed: the handshake is over either way.
+                if let Some(e) = stream.take_error()? {
+                    return Err(e);
+                }
+                break;
+            }
+        }
+    }
+    stream.set_nonblocking(false)?;
     Ok(stream)
 }
 
@@ -410,6 +512,73 @@ mod tests {
         drop(theirs);
         let e = vm_migration::expect_ok(&mut ours).unwrap_err();
         assert!(!is_timeout(&e), "{e}");
+    }
+
+    /// A listener whose accept queue is full (backlog 0, one connection waiting): Linux
+    /// drops the SYNs of every further connect, as a black-holing firewall does.
+    fn black_hole() -> (TcpListener, TcpStream, MigrationUrl) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen() on a socket `listener` owns; no pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let addr = listener.local_addr().unwrap();
+        let filler = TcpStream::connect(addr).unwrap();
+        let url = MigrationUrl::Tcp {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+        };
+        (listener, filler, url)
+    }
+
+    /// A TCP connect to a destination that never answers ends at its deadline, and at
+    /// once (within a slice) when the migration is cancelled, not after the deadline.
+    #[test]
+    fn tcp_connects_end_at_the_deadline_or_on_cancel() {
+        let (_listener, _filler, url) = black_hole();
+        let cancel = Cancel::default();
+        let started = Instant::now();
+        let e = Stream::connect_within(&url, Duration::from_millis(300), &cancel).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let connecting =
+                s.spawn(|| Stream::connect_within(&url, Duration::from_secs(30), &cancel));
+            // Long enough for the connect to be waiting on its SYN, not yet begun.
+            std::thread::sleep(Duration::from_millis(200));
+            cancel.request();
+            let e = connecting.join().unwrap().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // A destination that listens gets a working connection; a closed port is refused.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = MigrationUrl::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let mut s =
+            Stream::connect_within(&url, Duration::from_secs(5), &Cancel::default()).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        s.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(listener);
+        let e =
+            Stream::connect_within(&url, Duration::from_secs(5), &Cancel::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     }
 
     #[test]

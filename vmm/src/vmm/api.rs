@@ -99,9 +99,8 @@ impl Vmm {
                         state,
                     },
                     SnapshotError::RestoreInProgress { .. } => ApiError::Conflict(error_chain(&e)),
-                    SnapshotError::Store(store::Error::DestinationNotEmpty(_)) => {
-                        ApiError::BadRequest(error_chain(&e))
-                    }
+                    SnapshotError::Store(store::Error::DestinationNotEmpty(_))
+                    | SnapshotError::Destination(..) => ApiError::BadRequest(error_chain(&e)),
                     other => ApiError::Internal {
                         action: "snapshot",
                         message: error_chain(&other),

@@ -39,6 +39,8 @@ pub enum SnapshotError {
     State(#[source] vm::Error),
     #[error("cannot write the snapshot")]
     Store(#[source] store::Error),
+    #[error("cannot snapshot into {}", .0.display())]
+    Destination(std::path::PathBuf, #[source] std::io::Error),
 }
 
 impl Vmm {
@@ -57,10 +59,12 @@ impl Vmm {
                 total: p.total_pages,
             });
         }
+        let destination = crate::snapfile::snapshot_dir(destination)
+            .map_err(|e| SnapshotError::Destination(destination.to_path_buf(), e))?;
         let start = Instant::now();
         let state = vm.save_state().map_err(SnapshotError::State)?;
         log::debug!("snapshot: state saved in {:?}", start.elapsed());
-        let stats = store::save(destination, vm.config(), &state, vm.memory())
+        let stats = store::save(&destination, vm.config(), &state, vm.memory())
             .map_err(SnapshotError::Store)?;
         log::info!(
             "snapshot of {} data bytes written to {} in {:?}",
@@ -83,15 +87,27 @@ impl Vmm {
         event_monitor::event("vm", "restoring", None);
         let start = Instant::now();
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
-        let opened = store::open(&params.source).map_err(snapshot_error)?;
+        let source = crate::snapfile::snapshot_dir(&params.source).map_err(|source| {
+            snapshot_error(store::Error::Io {
+                step: "cannot open directory",
+                path: params.source.clone(),
+                source,
+            })
+        })?;
+        let opened = store::open(&source).map_err(snapshot_error)?;
         let t_load = start.elapsed();
         // The VM is built from the config while the manifest, state and memory piece
         // lists are read and checked beside it; a damaged snapshot still fails before
         // the VM runs, and the VM is then dropped.
         let events = self.events.clone();
+        // A snapshot directory may come from anyone: it names no host file this VMM
+        // opens (the same rule as for a migration sender).
+        let config = self
+            .local
+            .apply(opened.config.clone(), "the snapshot", log::Level::Warn);
         let (vm, snapshot) = std::thread::scope(|s| {
             let snapshot = s.spawn(|| opened.load());
-            let vm = Vm::new_for_restore(&opened.config, events);
+            let vm = Vm::new_for_restore(&config, events);
             (vm, snapshot.join().unwrap_or(Err(store::Error::Panicked)))
         });
         let snapshot = snapshot.map_err(snapshot_error)?;
