@@ -57,6 +57,8 @@ pub enum Error {
     },
     #[error("guest_ram_mappings has slot {0} twice")]
     DuplicateSlot(u32),
+    #[error("guest_ram_mappings is empty: the Config describes a VM without RAM")]
+    NoRam,
 }
 
 /// Only the key this daemon interprets; everything else in the payload is opaque, so the
@@ -72,9 +74,14 @@ struct MemoryManagerView {
 }
 
 /// The guest RAM mappings of a Config payload, checked for overflow and duplicate slots.
+/// A VM always has RAM: an empty list is a broken or hostile peer, refused before any
+/// snapshot directory is written that no restore could use.
 pub fn guest_ram_mappings(config: &[u8]) -> Result<Vec<GuestRamMappingData>, Error> {
     let view: ConfigView = serde_json::from_slice(config).map_err(Error::ParseConfig)?;
     let mappings = view.memory_manager_data.guest_ram_mappings;
+    if mappings.is_empty() {
+        return Err(Error::NoRam);
+    }
     let mut seen = std::collections::HashSet::new();
     for m in &mappings {
         if m.file_offset.checked_add(m.size).is_none() {
