@@ -58,6 +58,7 @@ impl Vmm {
             });
         }
         let start = Instant::now();
+        event_monitor::event("vm", "snapshotting", None);
         let state = vm.save_state().map_err(SnapshotError::State)?;
         log::debug!("snapshot: state saved in {:?}", start.elapsed());
         let stats = store::save(destination, vm.config(), &state, vm.memory())
@@ -124,6 +125,12 @@ impl Vmm {
         );
         self.vm = Some(vm);
         event_monitor::event("vm", "restored", None);
+        if params.resume {
+            // The vCPUs started running above; Cloud Hypervisor reports a restore with
+            // resume as a restore followed by a resume.
+            event_monitor::event("vm", "resuming", None);
+            event_monitor::event("vm", "resumed", None);
+        }
         Ok(())
     }
 }

@@ -198,19 +198,15 @@ pub fn vm_config(vcpus: u8, size: u64, cmdline: Option<&str>) -> vmm::config::Vm
     use vmm::config::{
         ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
     };
-    let off = ConsoleConfig {
-        file: None,
-        mode: ConsoleOutputMode::Off,
-    };
+    let off = ConsoleConfig::mode(ConsoleOutputMode::Off);
     VmConfig {
         cpus: CpusConfig {
             boot_vcpus: vcpus,
             max_vcpus: vcpus,
         },
         memory: MemoryConfig {
-            size,
             shared: true,
-            thp: false,
+            ..MemoryConfig::with_size(size)
         },
         payload: PayloadConfig {
             kernel: None,
