@@ -59,7 +59,7 @@ struct Cli {
     #[arg(long, value_name = "OPTIONS", conflicts_with = "kernel")]
     restore: Option<String>,
     /// path=<file> (truncated) or fd=<n>: write lifecycle events as JSON objects, in
-    /// Cloud Hypervisor's format (docs/api.md, "Events").
+    /// Cloud Hypervisor's format (docs/events.md).
     #[arg(long, value_name = "OPTIONS")]
     event_monitor: Option<String>,
     /// Write log lines to this file (created or truncated) instead of stderr.

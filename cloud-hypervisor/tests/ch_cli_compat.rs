@@ -4,7 +4,7 @@
 //! any case), or is refused with a message naming it. And the events: the same names,
 //! order and property shapes as Cloud Hypervisor v54 for boot, pause, resume, snapshot,
 //! restore, pre-copy and post-copy migration (the fixtures below are what its VMM wrote
-//! for the same steps on the same guest, by hand; see docs/api.md, "Events").
+//! for the same steps on the same guest, by hand; see docs/events.md).
 
 mod common;
 
@@ -252,6 +252,46 @@ fn serial_socket_gives_guest_output_to_a_client() {
     assert_eq!(info["config"]["serial"]["mode"], "Socket", "{info}");
 }
 
+/// A migrated VM's serial socket is the destination's own choice: the sender's socket
+/// path is never bound by the receiver.
+#[test]
+fn a_received_vm_does_not_take_the_senders_serial_socket() {
+    let dir = TempDir::new("cli-serial-mig").unwrap();
+    let src_socket = dir.join("source-serial.sock");
+    let mut src = guest_with(
+        "cli-serial-mig-src",
+        "boot=1",
+        VM_MEMORY,
+        &format!("socket={}", src_socket.display()),
+        &[],
+    );
+    let client = UnixStream::connect(&src_socket).unwrap();
+    client.set_read_timeout(Some(TICK_TIMEOUT)).unwrap();
+    read_ticks(&client, 1, BOOT_TIMEOUT + READY_TIMEOUT).unwrap();
+    let serial = dir.join("dest-serial.log");
+    let mut dest = empty_vmm_with_serial("cli-serial-mig-dest", &serial);
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let receiver = receive_in_background(&dest, &url, false);
+    let out = src
+        .ch_remote(["send-migration", &format!("destination_url={url}")])
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    assert!(src.expect_exit(MIGRATION_TIMEOUT).unwrap().success());
+    let info = dest.vm_info().unwrap();
+    assert_eq!(info["config"]["serial"]["mode"], "File", "{info}");
+    assert!(info["config"]["serial"].get("socket").is_none(), "{info}");
+    // The source removed its socket on exit; nobody made it again.
+    assert!(
+        !src_socket.exists(),
+        "the destination bound the sender's socket path"
+    );
+    dest.follow_serial(&serial);
+    let (_, after) = ticks(&mut dest, 2, 0);
+    assert!(after.iter().all(|t| t.errors == 0), "{after:?}");
+}
+
 /// `--serial pty`: the pty's path is in vm.info (`config.serial.file`, as Cloud
 /// Hypervisor reports it) and carries the guest's output. The same VM checks `max=` equal
 /// to `boot=` and toggles in any case.
@@ -445,7 +485,7 @@ const CH_RECEIVE_SHUTDOWN: &str = "
     vmm shutdown
 ";
 
-/// Events only this VMM emits (docs/api.md lists them); they do not clash with any of
+/// Events only this VMM emits (docs/events.md lists them); they do not clash with any of
 /// Cloud Hypervisor's.
 const OUR_EXTRAS: &[&str] = &["migration-postcopy-started", "restore-memory-complete"];
 /// Events whose properties here are a superset of Cloud Hypervisor's `null`.

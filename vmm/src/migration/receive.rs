@@ -634,15 +634,16 @@ impl Receiver {
     }
 
     /// The sender's VM config with every host path it names replaced by ours: the guest's
-    /// serial and console go where this VMM's command line says, and the kernel and
+    /// serial and console (file, pty or socket) go where this VMM's command line says,
+    /// and the kernel and
     /// initramfs paths (never opened for a received VM) are dropped.
     fn local_config(&self, mut config: crate::config::VmConfig) -> crate::config::VmConfig {
         for (what, peer, ours) in [
             ("serial", &config.serial, &self.local.serial),
             ("console", &config.console, &self.local.console),
         ] {
-            if let Some(path) = &peer.file
-                && peer.file != ours.file
+            if let Some(path) = peer.file.as_ref().or(peer.socket.as_ref())
+                && (peer.file != ours.file || peer.socket != ours.socket)
             {
                 log::info!(
                     "ignoring the sender's {what} file {}: the received VM's {what} is this \

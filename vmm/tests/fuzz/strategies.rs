@@ -73,6 +73,17 @@ pub const WORDS: &[&str] = &[
     "off",
     "tty",
     "null",
+    "pty",
+    "socket",
+    "fd",
+    "max",
+    "prefault",
+    "mergeable",
+    "hugepages",
+    "hugepage_size",
+    "reserve",
+    "hotplug_size",
+    "topology",
 ];
 
 /// Values the decoders treat specially.
