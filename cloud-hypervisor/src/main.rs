@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use clap::{ArgAction, ArgGroup, Parser};
 use vmm::api::http;
-use vmm::config::options::{self, OptionsError, VmParams};
+use vmm::config::options::{self, OptionsError, PathOrFd, VmParams};
 use vmm::migration::receive::LocalDevices;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vmm::error_chain;
-use vmm::{VmStartup, VmmEvent, event_monitor};
+use vmm::{VmStartup, VmmEvent, event_monitor, inherited_fd};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,31 +36,38 @@ struct Cli {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initramfs: Option<PathBuf>,
-    /// boot=<vcpus>
+    /// boot=<vcpus>[,max=<vcpus>] (max must equal boot: no CPU hotplug)
     #[arg(long, value_name = "OPTIONS", default_value = "boot=1")]
     cpus: String,
-    /// size=<bytes>[K|M|G],shared=on|off,thp=on|off
+    /// size=<bytes>[K|M|G],shared=on|off,thp=on|off,prefault=on|off,mergeable=on|off,
+    /// hugepages=on|off,hugepage_size=<bytes>,reserve=on|off
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M")]
     memory: String,
-    /// off|null|tty|file=<path>
+    /// off|null|tty|pty|file=<path>|socket=<path>: where the COM1 serial port goes
     #[arg(long, value_name = "OPTIONS", default_value = "null")]
     serial: String,
-    /// off|null|tty|file=<path>
+    /// off (there is no virtio-console device; the guest's console is --serial)
     #[arg(long, value_name = "OPTIONS", default_value = "off")]
     console: String,
-    /// <path> or path=<path>[,max_connections=32][,request_timeout_s=10][,reply_timeout_s=30]:
-    /// serve the REST API on this UNIX socket (docs/api.md).
+    /// <path>, path=<path> or fd=<listening socket fd>, then [,max_connections=32]
+    /// [,request_timeout_s=10][,reply_timeout_s=30]: serve the REST API on this UNIX
+    /// socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<String>,
     /// source_url=file:///dir[,memory_restore_mode=copy|ondemand][,resume=on]: start by
     /// restoring a snapshot instead of booting a kernel.
     #[arg(long, value_name = "OPTIONS", conflicts_with = "kernel")]
     restore: Option<String>,
-    /// path=<file>: write lifecycle events as JSON lines.
+    /// path=<file> (truncated) or fd=<n>: write lifecycle events as JSON objects, in
+    /// Cloud Hypervisor's format (docs/events.md).
     #[arg(long, value_name = "OPTIONS")]
     event_monitor: Option<String>,
-    /// true|false|log: syscall filters per thread (docs/seccomp.md). `log` lets calls
-    /// outside the lists through and has the kernel log them; `false` turns them off.
+    /// Write log lines to this file (created or truncated) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// true|false|log|errno: syscall filters per thread (docs/seccomp.md). `log` lets
+    /// calls outside the lists through and has the kernel log them; `errno` fails them
+    /// with EPERM; `false` turns them off.
     #[arg(long, value_name = "MODE", default_value = "true", value_parser = str::parse::<SeccompMode>)]
     seccomp: SeccompMode,
     /// More logging (-v info, -vv debug, -vvv trace); warnings by default.
@@ -75,7 +82,7 @@ struct Startup {
     /// `--serial`/`--console`, also for a VM this VMM receives by migration.
     local: LocalDevices,
     api_socket: Option<options::ApiSocketConfig>,
-    event_monitor: Option<PathBuf>,
+    event_monitor: Option<PathOrFd>,
 }
 
 fn parse_options(cli: &Cli) -> Result<Startup, OptionsError> {
@@ -120,21 +127,113 @@ fn parse_options(cli: &Cli) -> Result<Startup, OptionsError> {
             .as_deref()
             .map(options::parse_event_monitor)
             .transpose()?
-            .map(|e| e.path),
+            .map(|e| e.target),
     })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot create the log file {0}")]
+    LogFile(PathBuf, #[source] std::io::Error),
+    #[error("--api-socket fd={0}")]
+    ApiFd(i32, #[source] inherited_fd::Error),
+    #[error("--event-monitor fd={0}")]
+    EventFd(i32, #[source] inherited_fd::Error),
+    #[error("--api-socket and --event-monitor both name fd {0}")]
+    SameFd(i32),
+    #[error(transparent)]
+    EventMonitor(#[from] event_monitor::Error),
+    #[error(transparent)]
+    Api(#[from] http::Error),
+}
+
+/// The inherited fds, taken before any thread starts (nothing else may own them then).
+struct Inherited {
+    api: Option<std::os::unix::net::UnixListener>,
+    events: Option<std::fs::File>,
+}
+
+fn take_inherited(startup: &Startup) -> Result<Inherited, StartError> {
+    let api_fd = match startup.api_socket.as_ref().map(|a| &a.socket) {
+        Some(PathOrFd::Fd(fd)) => Some(*fd),
+        _ => None,
+    };
+    let event_fd = match &startup.event_monitor {
+        Some(PathOrFd::Fd(fd)) => Some(*fd),
+        _ => None,
+    };
+    if let (Some(a), Some(e)) = (api_fd, event_fd)
+        && a == e
+    {
+        return Err(StartError::SameFd(a));
+    }
+    Ok(Inherited {
+        api: api_fd
+            .map(|fd| inherited_fd::listening_unix_socket(fd).map_err(|e| StartError::ApiFd(fd, e)))
+            .transpose()?,
+        events: event_fd
+            .map(|fd| inherited_fd::writable_file(fd).map_err(|e| StartError::EventFd(fd, e)))
+            .transpose()?,
+    })
+}
+
+fn start_event_monitor(startup: &Startup, inherited: &mut Inherited) -> Result<(), StartError> {
+    match (&startup.event_monitor, inherited.events.take()) {
+        (_, Some(file)) => event_monitor::init_file(file)?,
+        (Some(PathOrFd::Path(path)), None) => event_monitor::init(path)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn start_api(
+    startup: &Startup,
+    inherited: &mut Inherited,
+    tx: &mpsc::Sender<VmmEvent>,
+) -> Result<Option<http::HttpServer>, StartError> {
+    let Some(api) = &startup.api_socket else {
+        return Ok(None);
+    };
+    let server = match (&api.socket, inherited.api.take()) {
+        (_, Some(listener)) => http::spawn_http_server_on(listener, tx.clone(), api.limits)?,
+        (PathOrFd::Path(path), None) => http::spawn_http_server(path, tx.clone(), api.limits)?,
+        (PathOrFd::Fd(_), None) => return Ok(None),
+    };
+    Ok(Some(server))
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
     // clap prints its own message and exits 2 on a usage error, 0 for --help/--version.
     let cli = Cli::parse();
-    vmm::logger::init("cloud-hypervisor", log_level(cli.verbose), start);
 
     let startup = match parse_options(&cli) {
         Ok(startup) => startup,
         Err(e) => {
+            vmm::logger::init("cloud-hypervisor", log_level(cli.verbose), start);
             eprintln!("error: {}", error_chain(&e));
             return ExitCode::from(2);
+        }
+    };
+    let log_file = match &cli.log_file {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                let e = StartError::LogFile(path.clone(), e);
+                eprintln!("error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    vmm::logger::init_to("cloud-hypervisor", log_level(cli.verbose), start, log_file);
+    log::info!("cloud-hypervisor {} starting", env!("CARGO_PKG_VERSION"));
+
+    let mut inherited = match take_inherited(&startup) {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
         }
     };
 
@@ -144,40 +243,40 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    if let Some(path) = &startup.event_monitor
-        && let Err(e) = event_monitor::init(path)
-    {
+    if let Err(e) = start_event_monitor(&startup, &mut inherited) {
         eprintln!("error: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
     event_monitor::event("vmm", "starting", None);
 
     let (tx, rx) = mpsc::channel::<VmmEvent>();
-    let server = match &startup.api_socket {
-        Some(api) => match http::spawn_http_server(&api.path, tx.clone(), api.limits) {
-            Ok(server) => Some(server),
-            Err(e) => {
-                eprintln!("error: {}", error_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
+    let server = match start_api(&startup, &mut inherited, &tx) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
     };
 
     vmm::memory_manager::report_sigbus();
     let result = vmm::Vmm::new(tx, rx)
         .with_local_devices(startup.local)
         .run(startup.vm);
+    event_monitor::flush(std::time::Duration::from_secs(2));
     // The VMM answered `vmm.shutdown` just before returning: let that 204 reach the
     // client before the process exits.
     if let Some(server) = &server {
         server.wait_idle();
     }
-    // The socket file would otherwise look like a stale server to the next VMM.
-    if let Some(api) = &startup.api_socket
-        && let Err(e) = std::fs::remove_file(&api.path)
+    // The socket file would otherwise look like a stale server to the next VMM. An
+    // inherited socket belongs to whoever made it.
+    if let Some(options::ApiSocketConfig {
+        socket: PathOrFd::Path(path),
+        ..
+    }) = &startup.api_socket
+        && let Err(e) = std::fs::remove_file(path)
     {
-        log::warn!("cannot remove API socket {}: {e}", api.path.display());
+        log::warn!("cannot remove API socket {}: {e}", path.display());
     }
     match result {
         Ok(exit) => {
@@ -230,8 +329,8 @@ mod tests {
         let startup = parse_options(&cli).unwrap();
         assert!(startup.vm.is_none());
         assert_eq!(
-            startup.api_socket.map(|a| a.path),
-            Some(PathBuf::from("/tmp/x.sock"))
+            startup.api_socket.map(|a| a.socket),
+            Some(PathOrFd::Path(PathBuf::from("/tmp/x.sock")))
         );
     }
 

@@ -119,7 +119,7 @@ fn restore_uses_its_own_serial_not_the_snapshots() {
     let stderr = vmm.stderr();
     assert!(
         stderr.contains(&format!(
-            "not using the serial file {} named by the snapshot",
+            "not using the serial file or socket {} named by the snapshot",
             planted_serial.display()
         )),
         "{stderr}"

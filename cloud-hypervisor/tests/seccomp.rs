@@ -241,7 +241,7 @@ fn an_unknown_mode_is_a_usage_error() {
     let status = vmm.expect_exit(EXIT_TIMEOUT).unwrap();
     assert_eq!(status.code(), Some(2), "{}", vmm.stderr());
     assert!(
-        vmm.stderr().contains("expected true, false or log"),
+        vmm.stderr().contains("expected true, false, log or errno"),
         "{}",
         vmm.stderr()
     );

@@ -112,5 +112,8 @@ fn an_unknown_mode_is_a_usage_error() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("expected true, false or log"), "{stderr}");
+    assert!(
+        stderr.contains("expected true, false, log or errno"),
+        "{stderr}"
+    );
 }

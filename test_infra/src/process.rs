@@ -397,6 +397,26 @@ impl VmmBuilder {
     }
 }
 
+/// The events in an event monitor file: a stream of JSON values, whatever the layout.
+pub fn parse_events(text: &str) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    while let Some(next) = stream.next() {
+        match next {
+            Ok(event) => events.push(event),
+            Err(_) => {
+                // An event may be half written; what follows the last whole one is shown.
+                let rest = text[stream.byte_offset()..].trim();
+                if !rest.is_empty() {
+                    events.push(serde_json::Value::String(rest.to_string()));
+                }
+                break;
+            }
+        }
+    }
+    events
+}
+
 /// A running (or exited) VMM. Dropping it SIGKILLs its process group and reaps it, then
 /// removes its temp dir.
 #[derive(Debug)]
@@ -471,20 +491,14 @@ impl VmmProcess {
             .unwrap_or_default()
     }
 
-    /// The event monitor's JSON objects so far (a line that does not parse is returned
-    /// as a JSON string, so a test can show it).
+    /// The event monitor's JSON objects so far (pretty-printed objects separated by an
+    /// empty line, as Cloud Hypervisor writes them). Text that does not parse ends the
+    /// list as one JSON string, so a test can show it.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let Some(path) = &self.event_monitor else {
             return Vec::new();
         };
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String(l.into()))
-            })
-            .collect()
+        parse_events(&std::fs::read_to_string(path).unwrap_or_default())
     }
 
     /// Waits until the event monitor has written an event called `name` and returns it.

@@ -1,7 +1,22 @@
-//! Lifecycle events as JSON lines (`--event-monitor path=<file>`).
+//! Lifecycle events as JSON objects (`--event-monitor path=<file>|fd=<n>`).
 //!
-//! Each event is one line, in Cloud Hypervisor's shape:
-//! `{"timestamp":{"secs":0,"nanos":1234},"source":"vm","event":"booted","properties":null}`.
+//! The file looks byte for byte like Cloud Hypervisor's: each event is a pretty-printed
+//! JSON object (two-space indent) followed by an empty line, so a reader that splits on
+//! `"\n\n"` (as Cloud Hypervisor's tests do) or streams JSON values works on either VMM:
+//!
+//! ```text
+//! {
+//!   "timestamp": {
+//!     "secs": 0,
+//!     "nanos": 1234
+//!   },
+//!   "source": "vm",
+//!   "event": "booted",
+//!   "properties": null
+//! }
+//!
+//! ```
+//!
 //! The timestamp is monotonic time since the monitor was initialised, which `main` does
 //! first thing, so it is effectively time since the VMM process started.
 //!
@@ -53,22 +68,29 @@ struct Event<'a> {
 pub struct Monitor {
     start: Instant,
     // Held in an Option so Drop can close the channel before joining the writer.
-    lines: Option<Sender<String>>,
+    lines: Option<Sender<Message>>,
     writer: Option<JoinHandle<()>>,
 }
 
 impl Monitor {
-    /// Opens (creating, appending) `path` and starts the writer thread.
+    /// Opens (creating, truncating, as Cloud Hypervisor does) `path` and starts the
+    /// writer thread.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(true)
             .open(path)
             .map_err(|source| Error::Open {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let (tx, rx) = mpsc::channel::<String>();
+        Self::from_file(file)
+    }
+
+    /// Writes to `file` (an inherited `fd=`), from where its offset is.
+    pub fn from_file(file: File) -> Result<Self, Error> {
+        let (tx, rx) = mpsc::channel::<Message>();
         let writer = thread::Builder::new()
             .name("event-monitor".to_string())
             .spawn(move || write_lines(file, rx))
@@ -85,8 +107,25 @@ impl Monitor {
         let Some(lines) = &self.lines else { return };
         let line = format_event(self.start.elapsed(), source, event, properties);
         // The writer only goes away if it failed; it already logged why.
-        let _ = lines.send(line);
+        let _ = lines.send(Message::Event(line));
     }
+
+    /// Waits up to `timeout` until every event queued so far is written.
+    pub fn flush(&self, timeout: Duration) {
+        let Some(lines) = &self.lines else { return };
+        let (ack, done) = mpsc::channel();
+        if lines.send(Message::Flush(ack)).is_ok() && done.recv_timeout(timeout).is_err() {
+            log::warn!("event monitor: events not written within {timeout:?}");
+        }
+    }
+}
+
+/// What the writer thread gets: an event to write, or a request to say when all before
+/// it are written.
+#[derive(Debug)]
+enum Message {
+    Event(String),
+    Flush(Sender<()>),
 }
 
 impl Drop for Monitor {
@@ -117,14 +156,25 @@ fn format_event(
     };
     // Serializing strings and a string map cannot fail; fall back to a marker rather
     // than panic on a hot path should that ever change.
-    serde_json::to_string(&event).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    let mut text =
+        serde_json::to_string_pretty(&event).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    text.push_str("\n\n");
+    text
 }
 
-fn write_lines(mut file: File, lines: mpsc::Receiver<String>) {
+fn write_lines(mut file: File, lines: mpsc::Receiver<Message>) {
     crate::seccomp::enter(crate::seccomp::ThreadKind::EventMonitor);
-    for line in lines {
-        // Flush per line so a reader (a test, an orchestrator) sees each event at once.
-        if let Err(e) = writeln!(file, "{line}").and_then(|()| file.flush()) {
+    for message in lines {
+        let line = match message {
+            Message::Event(line) => line,
+            Message::Flush(ack) => {
+                let _ = ack.send(());
+                continue;
+            }
+        };
+        // One write per event, flushed, so a reader (a test, an orchestrator) sees each
+        // event at once and whole.
+        if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
             log::error!("event monitor: cannot write event, stopping: {e}");
             return;
         }
@@ -138,9 +188,28 @@ pub fn init(path: &Path) -> Result<(), Error> {
     if MONITOR.get().is_some() {
         return Err(Error::AlreadyInitialised);
     }
-    let monitor = Monitor::open(path)?;
+    install(Monitor::open(path)?)
+}
+
+/// Starts the process-wide monitor writing to an open `file` (`--event-monitor fd=N`).
+pub fn init_file(file: File) -> Result<(), Error> {
+    if MONITOR.get().is_some() {
+        return Err(Error::AlreadyInitialised);
+    }
+    install(Monitor::from_file(file)?)
+}
+
+fn install(monitor: Monitor) -> Result<(), Error> {
     // A concurrent init that won the race keeps its monitor; ours is dropped and closed.
     MONITOR.set(monitor).map_err(|_| Error::AlreadyInitialised)
+}
+
+/// Waits (up to `timeout`) until the process-wide monitor has written every event so far:
+/// `main` calls it before exiting, so the last events (`vmm shutdown`) are in the file.
+pub fn flush(timeout: Duration) {
+    if let Some(monitor) = MONITOR.get() {
+        monitor.flush(timeout);
+    }
 }
 
 /// Emits one event to the process-wide monitor, or does nothing if none was initialised.
@@ -197,28 +266,44 @@ mod tests {
         drop(monitor); // drains and joins the writer
 
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[0], "previous", "the file is appended to");
-
-        let first: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert!(!text.contains("previous"), "the file is truncated");
+        // Cloud Hypervisor's readers split on empty lines.
+        let events: Vec<serde_json::Value> = text
+            .trim()
+            .split("\n\n")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert_eq!(events.len(), 2);
+        let first = &events[0];
         assert_eq!(first["source"], "vm");
         assert_eq!(first["event"], "booted");
         assert!(first["properties"].is_null());
         assert!(first["timestamp"]["secs"].is_u64());
         assert!(first["timestamp"]["nanos"].is_u64());
-
-        let second: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
-        assert_eq!(second["properties"]["id"], "0");
-        assert!(lines[1].starts_with("{\"timestamp\":{\"secs\":"));
+        assert_eq!(events[1]["properties"]["id"], "0");
+        assert!(text.ends_with("}\n\n"));
     }
 
     #[test]
     fn format_matches_cloud_hypervisor() {
-        let line = format_event(Duration::new(3, 42), "vm", "booted", None);
+        // The bytes Cloud Hypervisor v54 writes for the same event.
+        let expected = "{\n  \"timestamp\": {\n    \"secs\": 3,\n    \"nanos\": 42\n  },\n  \
+                        \"source\": \"vm\",\n  \"event\": \"booted\",\n  \"properties\": null\n}\n\n";
         assert_eq!(
-            line,
-            r#"{"timestamp":{"secs":3,"nanos":42},"source":"vm","event":"booted","properties":null}"#
+            format_event(Duration::new(3, 42), "vm", "booted", None),
+            expected
+        );
+        let mut props = BTreeMap::new();
+        props.insert("id".to_string(), "0".to_string());
+        let with = format_event(
+            Duration::new(0, 1),
+            "vm",
+            "migration-memory-iteration",
+            Some(&props),
+        );
+        assert!(
+            with.contains("\"properties\": {\n    \"id\": \"0\"\n  }\n}\n\n"),
+            "{with}"
         );
     }
 
@@ -244,7 +329,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains("\"event\":\"starting\"") {
+            if text.contains("\"event\": \"starting\"") {
                 assert!(!text.contains("before-init"));
                 break;
             }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod event_monitor;
+pub mod inherited_fd;
 pub mod logger;
 pub mod memory_manager;
 pub mod memsum;

@@ -1,6 +1,8 @@
-//! A minimal stderr logger for the project's binaries, so they need no logging crate
-//! beyond `log`: `<program>: <secs>.<micros>s: <LEVEL>:<target> -- <message>`.
+//! A minimal logger for the project's binaries, so they need no logging crate beyond
+//! `log`: `<program>: <secs>.<micros>s: <LEVEL>:<target> -- <message>`, to stderr or to
+//! the file of `--log-file`.
 
+use std::fs::File;
 use std::io::Write;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -11,6 +13,8 @@ struct StderrLogger {
     program: &'static str,
     start: Instant,
     level: LevelFilter,
+    /// `--log-file`; stderr without it.
+    file: Option<File>,
 }
 
 static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
@@ -35,8 +39,15 @@ impl Log for StderrLogger {
             record.target(),
             record.args()
         );
-        // Nowhere to report a failing stderr.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // Nowhere to report a failing log. `&File` is `Write`: one write(2) per line,
+        // appended at the file's offset (O_APPEND is not needed for a single writer fd).
+        let _ = match &self.file {
+            Some(file) => {
+                let mut f = file;
+                f.write_all(line.as_bytes())
+            }
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
     }
 
     fn flush(&self) {
@@ -47,10 +58,17 @@ impl Log for StderrLogger {
 /// Installs the logger at `level`, timing lines from `start`. A second call keeps the
 /// first logger.
 pub fn init(program: &'static str, level: LevelFilter, start: Instant) {
+    init_to(program, level, start, None);
+}
+
+/// Like [`init`], writing to `file` (`--log-file`, created or truncated by the caller as
+/// Cloud Hypervisor does) instead of stderr when given.
+pub fn init_to(program: &'static str, level: LevelFilter, start: Instant, file: Option<File>) {
     let logger = LOGGER.get_or_init(|| StderrLogger {
         program,
         start,
         level,
+        file,
     });
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);

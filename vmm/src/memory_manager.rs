@@ -69,6 +69,33 @@ pub enum Error {
     },
     #[error("slot {0} does not match a mapped guest RAM region")]
     UnknownMapping(u32),
+    #[error(
+        "hugepages=on needs {needed} free huge pages of {page_kib} KiB; this host has {free} \
+         (reserve them with `echo N > /sys/kernel/mm/hugepages/hugepages-{page_kib}kB/nr_hugepages`)"
+    )]
+    NotEnoughHugePages {
+        needed: u64,
+        free: u64,
+        page_kib: u64,
+    },
+    #[error("hugepages=on: this host has no huge pages of {page_kib} KiB ({path})")]
+    NoHugePageSize {
+        page_kib: u64,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hugepages=on: the memory size {size} is not a multiple of the huge page size {page}")]
+    HugePageMultiple { size: u64, page: u64 },
+    #[error("prefault=on: cannot populate guest RAM at {gpa:#x} ({size} bytes)")]
+    Prefault {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mergeable=on: madvise(MADV_MERGEABLE) failed (is the kernel built with KSM?)")]
+    Mergeable(#[source] std::io::Error),
     #[error("cannot register KVM memory slot {slot}")]
     SetMemorySlot {
         slot: u32,
@@ -98,8 +125,15 @@ impl MemoryManager {
     /// layout offset, with nothing behind it).
     pub fn new(config: &MemoryConfig) -> Result<Self> {
         check_size(config.size)?;
+        let huge_page = config
+            .hugepages
+            .then(|| check_huge_pages(config.size, config.hugepage_size))
+            .transpose()?;
         let backing = if config.shared {
-            let memfd = create_memfd(config.size)?;
+            let memfd = match huge_page {
+                Some(page) => create_hugetlb_memfd(config.size, page)?,
+                None => create_memfd(config.size)?,
+            };
             let mut files = Vec::new();
             for _ in layout_ram(config.size) {
                 files.push(memfd.try_clone().map_err(Error::CreateMemfd)?);
@@ -139,9 +173,13 @@ impl MemoryManager {
         }
         Self::with_backing(
             &MemoryConfig {
-                size: config.size,
                 shared: true,
                 thp: false,
+                // The pages are the peer's: KSM and hugetlb choices were made there.
+                mergeable: false,
+                hugepages: false,
+                hugepage_size: None,
+                ..config.clone()
             },
             files,
         )
@@ -159,21 +197,33 @@ impl MemoryManager {
             };
             let builder = MmapRegionBuilder::new(m.size as usize)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            // Huge pages are reserved when mapped, so a host without enough of them
+            // fails here instead of with SIGBUS in the guest; `reserve=on` asks the same
+            // of ordinary memory (swap accounting).
+            let noreserve = if config.hugepages || config.reserve {
+                0
+            } else {
+                libc::MAP_NORESERVE
+            };
             let builder = match backing.get(i) {
                 Some(file) => {
                     let fd = file.try_clone().map_err(Error::CreateMemfd)?;
                     builder
                         .with_file_offset(FileOffset::new(fd, m.file_offset))
-                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                        .with_mmap_flags(libc::MAP_SHARED | noreserve)
                 }
-                None => builder
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                None => builder.with_mmap_flags(
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | noreserve | hugetlb_flags(config),
+                ),
             };
             let region = builder.build().map_err(map_err)?;
             exclude_from_core_dumps(region.as_ptr(), m.size)
                 .map_err(|source| Error::ExcludeFromDumps { gpa: m.gpa, source })?;
-            if backing.is_empty() {
+            if backing.is_empty() && !config.hugepages {
                 advise_huge_pages(region.as_ptr(), m.size, config.thp);
+            }
+            if config.mergeable && backing.is_empty() {
+                advise_mergeable(region.as_ptr(), m.size)?;
             }
             // `new` only fails when gpa + size overflows, which layout_ram rules out.
             let region = GuestRegionMmap::new(region, GuestAddress(m.gpa))
@@ -188,6 +238,31 @@ impl MemoryManager {
             guest_memory,
             mappings,
         })
+    }
+
+    /// Allocates every page of guest RAM (`prefault=on`), as a boot does before the guest
+    /// runs. Never for memory that userfaultfd fills (a populated page raises no fault).
+    pub fn prefault(&self) -> Result<()> {
+        for m in &self.mappings {
+            let host = self
+                .host_address(m)
+                .map_err(|_| Error::UnknownMapping(m.slot))?;
+            let fail = |source| Error::Prefault {
+                gpa: m.gpa,
+                size: m.size,
+                source,
+            };
+            let len = usize::try_from(m.size)
+                .map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
+            // SAFETY: `host..host+len` is one of this manager's live mappings (checked by
+            // host_address); MADV_POPULATE_WRITE allocates its pages and keeps contents.
+            let ret =
+                unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+            if ret != 0 {
+                return Err(fail(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
     }
 
     /// Turns KVM dirty-page logging on for every slot and returns a handle that reads
@@ -474,6 +549,89 @@ fn exclude_from_core_dumps(host: *mut u8, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `mergeable=on`: lets KSM merge identical pages of private guest RAM.
+fn advise_mergeable(host: *mut u8, size: u64) -> Result<()> {
+    // SAFETY: `host..host+size` is a private anonymous mapping this manager just created
+    // and owns; the advice only lets KSM share identical pages copy-on-write.
+    let ret = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_MERGEABLE) };
+    if ret != 0 {
+        return Err(Error::Mergeable(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The host's default huge page size in bytes (`Hugepagesize` in /proc/meminfo).
+fn default_huge_page_size() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("Hugepagesize:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// The huge page size `hugepages=on` uses, after checking that the host has enough free
+/// pages of it for `size` bytes of RAM: an error that says how many are missing beats an
+/// mmap ENOMEM.
+fn check_huge_pages(size: u64, page: Option<u64>) -> Result<u64> {
+    let page = page.or_else(default_huge_page_size).unwrap_or(2 << 20);
+    if !size.is_multiple_of(page) {
+        return Err(Error::HugePageMultiple { size, page });
+    }
+    let page_kib = page >> 10;
+    let path = format!("/sys/kernel/mm/hugepages/hugepages-{page_kib}kB/free_hugepages");
+    let free: u64 = std::fs::read_to_string(&path)
+        .and_then(|t| {
+            t.trim()
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|source| Error::NoHugePageSize {
+            page_kib,
+            path: path.clone(),
+            source,
+        })?;
+    let needed = size / page;
+    if free < needed {
+        return Err(Error::NotEnoughHugePages {
+            needed,
+            free,
+            page_kib,
+        });
+    }
+    Ok(page)
+}
+
+/// mmap flags for private hugetlb RAM of the configured page size (none otherwise).
+fn hugetlb_flags(config: &MemoryConfig) -> libc::c_int {
+    if !config.hugepages {
+        return 0;
+    }
+    match config.hugepage_size {
+        // A power of two (checked by the option parser), so its log2 is its bit index.
+        Some(page) => {
+            libc::MAP_HUGETLB | ((page.trailing_zeros() as libc::c_int) << libc::MAP_HUGE_SHIFT)
+        }
+        None => libc::MAP_HUGETLB,
+    }
+}
+
+/// Like [`create_memfd`], on hugetlbfs with pages of `page` bytes.
+fn create_hugetlb_memfd(size: u64, page: u64) -> Result<File> {
+    let name = c"ch-guest-ram-huge";
+    let flags = libc::MFD_CLOEXEC
+        | libc::MFD_HUGETLB
+        | ((page.trailing_zeros() as libc::c_uint) << libc::MFD_HUGE_SHIFT);
+    // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::CreateMemfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| Error::SizeMemfd { size, source })?;
+    Ok(file)
+}
+
 /// Allocates the pages of `gpa..gpa+len` of `mem` for writing in one call, before a bulk
 /// copy into them (see [`populate_host_range`]). Best effort: a range that is not inside
 /// one region just leaves the copy to fault its pages in. Never for memory registered with
@@ -622,11 +780,7 @@ mod tests {
 
     #[test]
     fn rejects_unaligned_size() {
-        let cfg = MemoryConfig {
-            size: 4097,
-            shared: false,
-            thp: false,
-        };
+        let cfg = MemoryConfig::with_size(4097);
         assert!(matches!(
             MemoryManager::new(&cfg),
             Err(Error::InvalidSize(4097))

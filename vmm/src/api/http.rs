@@ -120,7 +120,15 @@ pub fn spawn_http_server(
     vmm: Sender<VmmEvent>,
     limits: ApiLimits,
 ) -> Result<HttpServer, Error> {
-    let listener = bind(path)?;
+    spawn_http_server_on(bind(path)?, vmm, limits)
+}
+
+/// [`spawn_http_server`] on a socket that is already listening (`--api-socket fd=N`).
+pub fn spawn_http_server_on(
+    listener: UnixListener,
+    vmm: Sender<VmmEvent>,
+    limits: ApiLimits,
+) -> Result<HttpServer, Error> {
     let shared = Arc::new(Shared {
         vmm,
         limits,
@@ -718,20 +726,13 @@ mod tests {
     }
 
     fn config() -> VmConfig {
-        let off = ConsoleConfig {
-            file: None,
-            mode: ConsoleOutputMode::Off,
-        };
+        let off = ConsoleConfig::mode(ConsoleOutputMode::Off);
         VmConfig {
             cpus: CpusConfig {
                 boot_vcpus: 1,
                 max_vcpus: 1,
             },
-            memory: MemoryConfig {
-                size: 1 << 20,
-                shared: false,
-                thp: false,
-            },
+            memory: MemoryConfig::with_size(1 << 20),
             payload: PayloadConfig {
                 kernel: None,
                 cmdline: None,

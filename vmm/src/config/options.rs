@@ -16,11 +16,14 @@ use super::vm_config::{
     RestoreConfig, VmConfig,
 };
 
-/// Whether a key carries a value (`size=1G`) or is a bare word (`off`).
+/// Whether a key carries a value (`size=1G`) or is a bare word (`off`), or is a Cloud
+/// Hypervisor key this VMM refuses (with the reason), so that a command line written for
+/// Cloud Hypervisor fails with "not supported here" instead of "unknown key".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
     Value,
     Flag,
+    Unsupported(&'static str),
 }
 
 /// One accepted key of an option group.
@@ -46,6 +49,14 @@ pub const fn flag(name: &'static str) -> Key {
     }
 }
 
+/// A Cloud Hypervisor key that this VMM refuses, and why (completes "not supported here: ").
+pub const fn unsupported(name: &'static str, why: &'static str) -> Key {
+    Key {
+        name,
+        kind: KeyKind::Unsupported(why),
+    }
+}
+
 /// Boxed so that any conversion error (ints, sizes, toggles, range checks) can be kept.
 pub type ValueSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -56,6 +67,12 @@ pub enum OptionsError {
         group: &'static str,
         key: String,
         accepted: String,
+    },
+    #[error("--{group}: `{key}` is not supported here: {why}")]
+    Unsupported {
+        group: &'static str,
+        key: String,
+        why: String,
     },
     #[error("--{group}: key `{key}` is given more than once")]
     DuplicateKey { group: &'static str, key: String },
@@ -163,6 +180,13 @@ impl Options {
                         accepted: accepted_list(keys),
                     })?;
             match (key.kind, &val) {
+                (KeyKind::Unsupported(why), _) => {
+                    return Err(OptionsError::Unsupported {
+                        group,
+                        key: name.to_string(),
+                        why: why.to_string(),
+                    });
+                }
                 (KeyKind::Value, None) => {
                     return Err(OptionsError::MissingValue {
                         group,
@@ -272,9 +296,10 @@ impl Options {
 
 fn accepted_list(keys: &[Key]) -> String {
     keys.iter()
-        .map(|k| match k.kind {
-            KeyKind::Value => format!("{}=", k.name),
-            KeyKind::Flag => k.name.to_string(),
+        .filter_map(|k| match k.kind {
+            KeyKind::Value => Some(format!("{}=", k.name)),
+            KeyKind::Flag => Some(k.name.to_string()),
+            KeyKind::Unsupported(_) => None,
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -321,7 +346,8 @@ impl FromStr for ByteSize {
     }
 }
 
-/// A boolean written `on|off|true|false`.
+/// A boolean written `on|off|true|false`, in any case (`ON`, `Off`, `True`), and an empty
+/// value meaning off: Cloud Hypervisor's toggles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Toggle(pub bool);
 
@@ -333,9 +359,9 @@ impl FromStr for Toggle {
     type Err = ToggleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "on" | "true" => Ok(Toggle(true)),
-            "off" | "false" => Ok(Toggle(false)),
+            "off" | "false" | "" => Ok(Toggle(false)),
             _ => Err(ToggleError),
         }
     }
@@ -368,6 +394,20 @@ pub enum ValueError {
     OutOfRange { min: u64, max: u64 },
     #[error("must be a non-zero multiple of 4 KiB")]
     NotPageMultiple,
+    #[error(
+        "must equal `boot` ({boot}): this VMM has no CPU hotplug, so `max` above `boot` is not supported here"
+    )]
+    MaxAboveBoot { boot: u8 },
+    #[error("must not be below `boot` ({boot})")]
+    MaxBelowBoot { boot: u8 },
+    #[error("must be a power of two of at least 4 KiB")]
+    NotPowerOfTwo,
+    #[error("needs hugepages=on")]
+    NeedsHugepages,
+    #[error("cannot be combined with shared=on (KSM merges only private memory)")]
+    MergeableShared,
+    #[error("is not a file descriptor number")]
+    NotAnFd,
 }
 
 /// The most vCPUs a VM may have for now (the MP table and APIC setup assume a small VM).
@@ -377,12 +417,67 @@ pub const PAGE_SIZE: u64 = 4096;
 /// `--memory` without `size=`: 512 MiB, as Cloud Hypervisor.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 
-const CPUS_KEYS: &[Key] = &[value("boot")];
-const MEMORY_KEYS: &[Key] = &[value("size"), value("shared"), value("thp")];
-const CONSOLE_KEYS: &[Key] = &[flag("off"), flag("tty"), flag("null"), value("file")];
-const EVENT_MONITOR_KEYS: &[Key] = &[value("path")];
+const CPUS_KEYS: &[Key] = &[
+    value("boot"),
+    value("max"),
+    unsupported("topology", "the guest sees one core per vCPU"),
+    unsupported("kvm_hyperv", "there is no Hyper-V enlightenment"),
+    unsupported(
+        "max_phys_bits",
+        "the guest gets the host's physical address width",
+    ),
+    unsupported("affinity", "vCPU threads are not pinned"),
+    unsupported("features", "there are no optional CPU features"),
+    unsupported(
+        "nested",
+        "nested virtualization is not offered to the guest",
+    ),
+    unsupported(
+        "core_scheduling",
+        "vCPU threads share no core scheduling cookie",
+    ),
+    unsupported("profile", "the guest gets the host's CPUID"),
+];
+const MEMORY_KEYS: &[Key] = &[
+    value("size"),
+    value("shared"),
+    value("thp"),
+    value("prefault"),
+    value("mergeable"),
+    value("hugepages"),
+    value("hugepage_size"),
+    value("reserve"),
+    unsupported("file", "guest RAM is never backed by a user-given file"),
+    unsupported("hotplug_method", "there is no memory hotplug"),
+    unsupported("hotplug_size", "there is no memory hotplug"),
+    unsupported("hotplugged_size", "there is no memory hotplug"),
+];
+const SERIAL_KEYS: &[Key] = &[
+    flag("off"),
+    flag("tty"),
+    flag("null"),
+    flag("pty"),
+    value("file"),
+    value("socket"),
+];
+const NO_CONSOLE: &str = "this VMM has no virtio-console device (the guest's console is the \
+                          COM1 serial port: use --serial)";
+const CONSOLE_KEYS: &[Key] = &[
+    flag("off"),
+    unsupported("tty", NO_CONSOLE),
+    unsupported("null", NO_CONSOLE),
+    unsupported("pty", NO_CONSOLE),
+    unsupported("file", NO_CONSOLE),
+    unsupported("socket", NO_CONSOLE),
+    unsupported("iommu", NO_CONSOLE),
+    unsupported("id", NO_CONSOLE),
+    unsupported("pci_segment", NO_CONSOLE),
+    unsupported("pci_device_id", NO_CONSOLE),
+];
+const EVENT_MONITOR_KEYS: &[Key] = &[value("path"), value("fd")];
 const API_SOCKET_KEYS: &[Key] = &[
     value("path"),
+    value("fd"),
     value("max_connections"),
     value("request_timeout_s"),
     value("reply_timeout_s"),
@@ -409,7 +504,8 @@ pub fn parse_restore(input: &str) -> Result<RestoreConfig, OptionsError> {
     })
 }
 
-/// `--cpus boot=N`: N vCPUs at boot, and as many at most (no hotplug).
+/// `--cpus boot=N[,max=N]`: N vCPUs at boot, and as many at most. `max` means what it
+/// means in Cloud Hypervisor, but without CPU hotplug it can only equal `boot`.
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, OptionsError> {
     let opts = Options::parse("cpus", CPUS_KEYS, input)?;
     let boot: u8 = opts.convert("boot")?.unwrap_or(1);
@@ -423,13 +519,27 @@ pub fn parse_cpus(input: &str) -> Result<CpusConfig, OptionsError> {
             }),
         ));
     }
+    if let Some(raw) = opts.get("max") {
+        // Any number is parsed first, so `max=64` says "no hotplug", not "too large".
+        let max: u64 = opts.required("max")?;
+        let problem = match max.cmp(&u64::from(boot)) {
+            std::cmp::Ordering::Greater => Some(ValueError::MaxAboveBoot { boot }),
+            std::cmp::Ordering::Less => Some(ValueError::MaxBelowBoot { boot }),
+            std::cmp::Ordering::Equal => None,
+        };
+        if let Some(problem) = problem {
+            return Err(opts.invalid("max", raw, Box::new(problem)));
+        }
+    }
     Ok(CpusConfig {
         boot_vcpus: boot,
         max_vcpus: boot,
     })
 }
 
-/// `--memory size=<n>[K|M|G],shared=on|off,thp=on|off`.
+/// `--memory size=<n>[K|M|G][,shared=on][,thp=on][,prefault=on][,mergeable=on]
+/// [,hugepages=on[,hugepage_size=<n>]][,reserve=on]` (Cloud Hypervisor's keys; the
+/// hotplug keys and `file` are refused).
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, OptionsError> {
     let opts = Options::parse("memory", MEMORY_KEYS, input)?;
     let size = opts
@@ -442,59 +552,119 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, OptionsError> {
             Box::new(ValueError::NotPageMultiple),
         ));
     }
-    let shared = opts.convert::<Toggle>("shared")?.is_some_and(|t| t.0);
-    let thp = opts.convert::<Toggle>("thp")?.is_some_and(|t| t.0);
-    Ok(MemoryConfig { size, shared, thp })
+    let toggle = |key| -> Result<bool, OptionsError> {
+        Ok(opts.convert::<Toggle>(key)?.is_some_and(|t| t.0))
+    };
+    let config = MemoryConfig {
+        size,
+        shared: toggle("shared")?,
+        thp: toggle("thp")?,
+        prefault: toggle("prefault")?,
+        mergeable: toggle("mergeable")?,
+        hugepages: toggle("hugepages")?,
+        hugepage_size: opts.convert::<ByteSize>("hugepage_size")?.map(|s| s.0),
+        reserve: toggle("reserve")?,
+    };
+    let raw = |key| opts.get(key).unwrap_or_default();
+    if let Some(page) = config.hugepage_size {
+        if !config.hugepages {
+            let e = ValueError::NeedsHugepages;
+            return Err(opts.invalid("hugepage_size", raw("hugepage_size"), Box::new(e)));
+        }
+        if !page.is_power_of_two() || page < PAGE_SIZE {
+            let e = ValueError::NotPowerOfTwo;
+            return Err(opts.invalid("hugepage_size", raw("hugepage_size"), Box::new(e)));
+        }
+    }
+    if config.mergeable && config.shared {
+        let e = ValueError::MergeableShared;
+        return Err(opts.invalid("mergeable", raw("mergeable"), Box::new(e)));
+    }
+    Ok(config)
 }
 
-fn parse_console_like(group: &'static str, input: &str) -> Result<ConsoleConfig, OptionsError> {
-    let opts = Options::parse(group, CONSOLE_KEYS, input)?;
-    let modes = ["off", "tty", "null", "file"];
+/// `--serial off|null|tty|pty|file=<path>|socket=<path>`.
+pub fn parse_serial(input: &str) -> Result<ConsoleConfig, OptionsError> {
+    let group = "serial";
+    let opts = Options::parse(group, SERIAL_KEYS, input)?;
+    let modes = ["off", "tty", "null", "pty", "file", "socket"];
     let mode = opts.exclusive(&modes)?.ok_or(OptionsError::NoneOf {
         group,
         keys: quoted_list(&modes),
     })?;
     Ok(match mode {
-        "tty" => ConsoleConfig {
-            file: None,
-            mode: ConsoleOutputMode::Tty,
-        },
-        "null" => ConsoleConfig {
-            file: None,
-            mode: ConsoleOutputMode::Null,
-        },
+        "tty" => ConsoleConfig::mode(ConsoleOutputMode::Tty),
+        "null" => ConsoleConfig::mode(ConsoleOutputMode::Null),
+        "pty" => ConsoleConfig::mode(ConsoleOutputMode::Pty),
         "file" => ConsoleConfig {
             file: Some(opts.required::<NonEmptyPath>("file")?.0),
-            mode: ConsoleOutputMode::File,
+            ..ConsoleConfig::mode(ConsoleOutputMode::File)
         },
-        _ => ConsoleConfig {
-            file: None,
-            mode: ConsoleOutputMode::Off,
+        "socket" => ConsoleConfig {
+            socket: Some(opts.required::<NonEmptyPath>("socket")?.0),
+            ..ConsoleConfig::mode(ConsoleOutputMode::Socket)
         },
+        _ => ConsoleConfig::mode(ConsoleOutputMode::Off),
     })
 }
 
-/// `--serial file=<path>|tty|off|null`.
-pub fn parse_serial(input: &str) -> Result<ConsoleConfig, OptionsError> {
-    parse_console_like("serial", input)
-}
-
-/// `--console off|tty|null|file=<path>`.
+/// `--console off`: there is no virtio-console device, so every Cloud Hypervisor mode
+/// that would create one is refused by name.
 pub fn parse_console(input: &str) -> Result<ConsoleConfig, OptionsError> {
-    parse_console_like("console", input)
+    let group = "console";
+    let opts = Options::parse(group, CONSOLE_KEYS, input)?;
+    opts.exclusive(&["off"])?.ok_or(OptionsError::NoneOf {
+        group,
+        keys: quoted_list(&["off"]),
+    })?;
+    Ok(ConsoleConfig::mode(ConsoleOutputMode::Off))
 }
 
-/// Where `--event-monitor` writes its JSON lines.
+/// A file descriptor number the VMM inherited (`fd=N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdNumber(pub i32);
+
+impl FromStr for FdNumber {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ValueError::NotAnFd);
+        }
+        s.parse().map(FdNumber).map_err(|_| ValueError::NotAnFd)
+    }
+}
+
+/// A file the VMM opens by path, or one it inherited open as `fd=N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathOrFd {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// `path=` or `fd=`, exactly one of them.
+fn path_or_fd(opts: &Options, group: &'static str) -> Result<PathOrFd, OptionsError> {
+    match opts.exclusive(&["path", "fd"])? {
+        Some("fd") => Ok(PathOrFd::Fd(opts.required::<FdNumber>("fd")?.0)),
+        Some(_) => Ok(PathOrFd::Path(opts.required::<NonEmptyPath>("path")?.0)),
+        None => Err(OptionsError::NoneOf {
+            group,
+            keys: quoted_list(&["path", "fd"]),
+        }),
+    }
+}
+
+/// Where `--event-monitor` writes its events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventMonitorConfig {
-    pub path: PathBuf,
+    pub target: PathOrFd,
 }
 
-/// `--event-monitor path=<file>`.
+/// `--event-monitor path=<file>` (truncated, as Cloud Hypervisor does) or `fd=<n>`.
 pub fn parse_event_monitor(input: &str) -> Result<EventMonitorConfig, OptionsError> {
     let opts = Options::parse("event-monitor", EVENT_MONITOR_KEYS, input)?;
     Ok(EventMonitorConfig {
-        path: opts.required::<NonEmptyPath>("path")?.0,
+        target: path_or_fd(&opts, "event-monitor")?,
     })
 }
 
@@ -527,18 +697,20 @@ pub const MAX_API_CONNECTIONS: u64 = 1024;
 /// The longest `request_timeout_s` / `reply_timeout_s`: a day.
 pub const MAX_API_TIMEOUT_S: u64 = 86_400;
 
-/// `--api-socket` parsed: the socket path and the server's limits.
+/// `--api-socket` parsed: the socket (a path to bind, or an inherited listening socket)
+/// and the server's limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiSocketConfig {
-    pub path: PathBuf,
+    pub socket: PathOrFd,
     pub limits: ApiLimits,
 }
 
-/// `--api-socket <path>` or `--api-socket path=<path>[,max_connections=N]
-/// [,request_timeout_s=S][,reply_timeout_s=S]` (Cloud Hypervisor accepts the first two).
+/// `--api-socket <path>`, or `--api-socket path=<path>|fd=<n>[,max_connections=N]
+/// [,request_timeout_s=S][,reply_timeout_s=S]` (Cloud Hypervisor accepts the first three
+/// forms; `fd=` is a listening UNIX socket the VMM inherited).
 pub fn parse_api_socket(input: &str) -> Result<ApiSocketConfig, OptionsError> {
     // A bare path may itself contain `=` or `,`; only the `key=` forms go to the parser
-    // (so `fd=3` is reported as an unknown key instead of becoming a file named "fd=3").
+    // (so `fd=3` is an inherited socket, not a file named "fd=3").
     if !(input.starts_with("path=") || input.starts_with("fd=")) {
         let path =
             input
@@ -551,7 +723,7 @@ pub fn parse_api_socket(input: &str) -> Result<ApiSocketConfig, OptionsError> {
                     source: Box::new(e),
                 })?;
         return Ok(ApiSocketConfig {
-            path,
+            socket: PathOrFd::Path(path),
             limits: ApiLimits::default(),
         });
     }
@@ -577,7 +749,7 @@ pub fn parse_api_socket(input: &str) -> Result<ApiSocketConfig, OptionsError> {
         None => defaults.max_connections,
     };
     Ok(ApiSocketConfig {
-        path: opts.required::<NonEmptyPath>("path")?.0,
+        socket: path_or_fd(&opts, "api-socket")?,
         limits: ApiLimits {
             max_connections,
             request_timeout: seconds("request_timeout_s", defaults.request_timeout)?,
@@ -726,12 +898,22 @@ mod tests {
 
     #[test]
     fn toggle() {
-        assert_eq!("on".parse(), Ok(Toggle(true)));
-        assert_eq!("true".parse(), Ok(Toggle(true)));
-        assert_eq!("off".parse(), Ok(Toggle(false)));
-        assert_eq!("false".parse(), Ok(Toggle(false)));
+        for (text, value) in [
+            ("on", true),
+            ("true", true),
+            ("ON", true),
+            ("True", true),
+            ("off", false),
+            ("false", false),
+            ("Off", false),
+            ("FALSE", false),
+            // Cloud Hypervisor reads an empty toggle as off.
+            ("", false),
+        ] {
+            assert_eq!(text.parse(), Ok(Toggle(value)), "{text:?}");
+        }
         assert_eq!("yes".parse::<Toggle>(), Err(ToggleError));
-        assert_eq!("".parse::<Toggle>(), Err(ToggleError));
+        assert_eq!("1".parse::<Toggle>(), Err(ToggleError));
     }
 
     #[test]
@@ -744,6 +926,8 @@ mod tests {
             }
         );
         assert_eq!(parse_cpus("boot=32").unwrap().boot_vcpus, 32);
+        assert_eq!(parse_cpus("boot=2,max=2").unwrap().max_vcpus, 2);
+        assert_eq!(parse_cpus("max=1").unwrap().boot_vcpus, 1);
     }
 
     #[test]
@@ -758,7 +942,24 @@ mod tests {
         let e = parse_cpus("boot=two").unwrap_err();
         assert!(matches!(e, OptionsError::InvalidValue { .. }));
         let e = parse_cpus("boot=2,max=4").unwrap_err();
-        assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
+        assert_eq!(e.to_string(), "--cpus: invalid value \"4\" for `max`");
+        assert_eq!(
+            source_string(&e),
+            "must equal `boot` (2): this VMM has no CPU hotplug, so `max` above `boot` is \
+             not supported here"
+        );
+        let e = parse_cpus("boot=2,max=1").unwrap_err();
+        assert_eq!(source_string(&e), "must not be below `boot` (2)");
+        let e = parse_cpus("boot=1,topology=1:1:1:1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--cpus: `topology` is not supported here: the guest sees one core per vCPU"
+        );
+        let e = parse_cpus("boot=1,bogus=1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--cpus: unknown key `bogus` (accepted keys: boot=, max=)"
+        );
     }
 
     #[test]
@@ -766,21 +967,35 @@ mod tests {
         assert_eq!(
             parse_memory("size=1G,shared=on").unwrap(),
             MemoryConfig {
-                size: 1 << 30,
                 shared: true,
-                thp: false
+                ..MemoryConfig::with_size(1 << 30)
             }
         );
         assert_eq!(
             parse_memory("shared=off,thp=on").unwrap(),
             MemoryConfig {
-                size: DEFAULT_MEMORY_SIZE,
-                shared: false,
-                thp: true
+                thp: true,
+                ..MemoryConfig::with_size(DEFAULT_MEMORY_SIZE)
             }
         );
         assert_eq!(parse_memory("size=8K").unwrap().size, 8192);
         assert_eq!(parse_memory("size=4096").unwrap().size, 4096);
+        let all = parse_memory(
+            "size=64M,prefault=ON,mergeable=On,hugepages=on,hugepage_size=2M,reserve=true",
+        )
+        .unwrap();
+        assert_eq!(
+            all,
+            MemoryConfig {
+                prefault: true,
+                mergeable: true,
+                hugepages: true,
+                hugepage_size: Some(2 << 20),
+                reserve: true,
+                ..MemoryConfig::with_size(64 << 20)
+            }
+        );
+        assert!(!parse_memory("size=64M,prefault=Off").unwrap().prefault);
     }
 
     #[test]
@@ -800,67 +1015,113 @@ mod tests {
             "--memory: invalid value \"maybe\" for `shared`"
         );
         assert_eq!(source_string(&e), "expected on, off, true or false");
-        let e = parse_memory("size=1G,hugepages=on").unwrap_err();
-        assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
         let e = parse_memory("size=1G,size=2G").unwrap_err();
         assert!(matches!(e, OptionsError::DuplicateKey { .. }), "{e}");
+        let e = parse_memory("size=1G,hotplug_size=1G").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--memory: `hotplug_size` is not supported here: there is no memory hotplug"
+        );
+        let e = parse_memory("size=1G,hugepage_size=2M").unwrap_err();
+        assert_eq!(source_string(&e), "needs hugepages=on");
+        let e = parse_memory("size=1G,hugepages=on,hugepage_size=3M").unwrap_err();
+        assert_eq!(
+            source_string(&e),
+            "must be a power of two of at least 4 KiB"
+        );
+        let e = parse_memory("size=1G,shared=on,mergeable=on").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--memory: invalid value \"on\" for `mergeable`"
+        );
+        let e = parse_memory("size=1G,bogus=on").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--memory: unknown key `bogus` (accepted keys: size="),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("hotplug"), "{e}");
     }
 
     #[test]
     fn serial_and_console() {
-        let off = ConsoleConfig {
-            file: None,
-            mode: ConsoleOutputMode::Off,
-        };
+        let off = ConsoleConfig::mode(ConsoleOutputMode::Off);
         assert_eq!(parse_serial("off").unwrap(), off);
         assert_eq!(parse_console("off").unwrap(), off);
         assert_eq!(parse_serial("tty").unwrap().mode, ConsoleOutputMode::Tty);
         assert_eq!(parse_serial("null").unwrap().mode, ConsoleOutputMode::Null);
         assert_eq!(
+            parse_serial("pty").unwrap(),
+            ConsoleConfig::mode(ConsoleOutputMode::Pty)
+        );
+        assert_eq!(
             parse_serial("file=/tmp/serial.log").unwrap(),
             ConsoleConfig {
                 file: Some(PathBuf::from("/tmp/serial.log")),
-                mode: ConsoleOutputMode::File
+                ..ConsoleConfig::mode(ConsoleOutputMode::File)
             }
         );
         assert_eq!(
-            parse_console("file=\"/tmp/a,b\"").unwrap().file,
+            parse_serial("socket=/tmp/serial.sock").unwrap(),
+            ConsoleConfig {
+                socket: Some(PathBuf::from("/tmp/serial.sock")),
+                ..ConsoleConfig::mode(ConsoleOutputMode::Socket)
+            }
+        );
+        assert_eq!(
+            parse_serial("file=\"/tmp/a,b\"").unwrap().file,
             Some(PathBuf::from("/tmp/a,b"))
         );
     }
 
     #[test]
     fn serial_and_console_errors() {
-        let e = parse_serial("pty").unwrap_err();
+        let e = parse_serial("bogus").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "--serial: unknown key `pty` (accepted keys: off, tty, null, file=)"
+            "--serial: unknown key `bogus` (accepted keys: off, tty, null, pty, file=, socket=)"
         );
         let e = parse_serial("tty,file=/x").unwrap_err();
         assert_eq!(
             e.to_string(),
             "--serial: keys `tty`, `file` cannot be combined"
         );
-        let e = parse_console("file=").unwrap_err();
+        let e = parse_serial("file=").unwrap_err();
         assert_eq!(source_string(&e), "the path is empty");
-        let e = parse_console("file").unwrap_err();
+        let e = parse_serial("socket").unwrap_err();
+        assert!(matches!(e, OptionsError::MissingValue { .. }), "{e}");
+        let e = parse_serial("file").unwrap_err();
         assert!(matches!(e, OptionsError::MissingValue { .. }), "{e}");
         let e = parse_console("off=1").unwrap_err();
         assert!(matches!(e, OptionsError::UnexpectedValue { .. }), "{e}");
         let e = parse_console("").unwrap_err();
         assert!(matches!(e, OptionsError::EmptyOption { .. }), "{e}");
+        for mode in ["tty", "null", "pty", "file=/x", "socket=/x"] {
+            let e = parse_console(mode).unwrap_err();
+            assert!(matches!(e, OptionsError::Unsupported { .. }), "{mode}: {e}");
+            let name = mode.split('=').next().unwrap_or_default();
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "--console: `{name}` is not supported here: this VMM has no virtio-console"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]
     fn event_monitor() {
         assert_eq!(
-            parse_event_monitor("path=/tmp/ev.json").unwrap().path,
-            PathBuf::from("/tmp/ev.json")
+            parse_event_monitor("path=/tmp/ev.json").unwrap().target,
+            PathOrFd::Path(PathBuf::from("/tmp/ev.json"))
         );
+        assert_eq!(parse_event_monitor("fd=3").unwrap().target, PathOrFd::Fd(3));
         let e = parse_event_monitor("path=").unwrap_err();
         assert_eq!(source_string(&e), "the path is empty");
-        let e = parse_event_monitor("fd=3").unwrap_err();
-        assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
+        let e = parse_event_monitor("fd=-1").unwrap_err();
+        assert_eq!(source_string(&e), "is not a file descriptor number");
+        let e = parse_event_monitor("fd=3,path=/x").unwrap_err();
+        assert!(matches!(e, OptionsError::Conflict { .. }), "{e}");
         let e = parse_event_monitor("/tmp/ev.json").unwrap_err();
         assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
     }
@@ -868,7 +1129,7 @@ mod tests {
     #[test]
     fn api_socket() {
         let plain = ApiSocketConfig {
-            path: PathBuf::from("/tmp/api.sock"),
+            socket: PathOrFd::Path(PathBuf::from("/tmp/api.sock")),
             limits: ApiLimits::default(),
         };
         assert_eq!(parse_api_socket("/tmp/api.sock").unwrap(), plain);
@@ -889,12 +1150,14 @@ mod tests {
             "path=/s,max_connections=100000",
             "path=/s,request_timeout_s=0",
             "path=/s,reply_timeout_s=-1",
+            "fd=x",
         ] {
             let e = parse_api_socket(bad).unwrap_err();
             assert!(matches!(e, OptionsError::InvalidValue { .. }), "{bad}: {e}");
         }
-        let e = parse_api_socket("fd=3").unwrap_err();
-        assert!(matches!(e, OptionsError::UnknownKey { .. }), "{e}");
+        assert_eq!(parse_api_socket("fd=3").unwrap().socket, PathOrFd::Fd(3));
+        let e = parse_api_socket("fd=3,path=/s").unwrap_err();
+        assert!(matches!(e, OptionsError::Conflict { .. }), "{e}");
         let e = parse_api_socket("").unwrap_err();
         assert!(matches!(e, OptionsError::InvalidValue { .. }), "{e}");
         let e = parse_api_socket("path=").unwrap_err();

@@ -30,6 +30,39 @@ pub struct MemoryConfig {
     /// default here, unlike Cloud Hypervisor (see the README, "Guest memory").
     #[serde(default)]
     pub thp: bool,
+    /// Populate every page of guest RAM when the VM boots (Cloud Hypervisor's
+    /// `prefault`), so the guest never waits on a first-touch fault. A restored or
+    /// received VM is not prefaulted here: its pages come from the snapshot or the peer.
+    #[serde(default)]
+    pub prefault: bool,
+    /// MADV_MERGEABLE on private guest RAM, so KSM may merge identical pages.
+    #[serde(default)]
+    pub mergeable: bool,
+    /// Guest RAM from a hugetlbfs memfd (Cloud Hypervisor's `hugepages`).
+    #[serde(default)]
+    pub hugepages: bool,
+    /// The huge page size in bytes; the host's default huge page size when absent.
+    #[serde(default)]
+    pub hugepage_size: Option<u64>,
+    /// Reserve swap for guest RAM (map it without MAP_NORESERVE).
+    #[serde(default)]
+    pub reserve: bool,
+}
+
+impl MemoryConfig {
+    /// `size` bytes of private RAM with every option off.
+    pub fn with_size(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            shared: false,
+            thp: false,
+            prefault: false,
+            mergeable: false,
+            hugepages: false,
+            hugepage_size: None,
+            reserve: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,15 +75,34 @@ pub struct PayloadConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsoleOutputMode {
     Off,
+    Pty,
     Tty,
     File,
+    Socket,
     Null,
 }
 
+/// Where a serial port's output goes. For `Pty` the VMM fills in `file` with the path of
+/// the pty it opened (as Cloud Hypervisor does), so `vm.info` tells a client where to
+/// read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleConfig {
     pub file: Option<PathBuf>,
     pub mode: ConsoleOutputMode,
+    /// The UNIX socket of `Socket` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+impl ConsoleConfig {
+    /// A port in `mode` with no file or socket.
+    pub fn mode(mode: ConsoleOutputMode) -> Self {
+        ConsoleConfig {
+            file: None,
+            mode,
+            socket: None,
+        }
+    }
 }
 
 /// How `vm.restore` brings guest memory back.

@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod serial_sinks;
 
 pub use bus::{PioBus, PioDevice};

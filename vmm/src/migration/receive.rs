@@ -172,8 +172,8 @@ pub struct LocalDevices {
 
 impl LocalDevices {
     /// `config` (from `origin`: "the sender", "the snapshot") with every host path it
-    /// names replaced by ours: the guest's serial and console go where this VMM's
-    /// command line says, and the kernel and initramfs paths (never opened for a VM that
+    /// names replaced by ours: the guest's serial and console (file, pty or socket) go
+    /// where this VMM's command line says, and the kernel and initramfs paths (never opened for a VM that
     /// carries on) are dropped. A file of `origin`'s that is not ours is logged at
     /// `level`, so the user sees where the output did not go.
     pub fn apply(
@@ -186,13 +186,13 @@ impl LocalDevices {
             ("serial", &config.serial, &self.serial),
             ("console", &config.console, &self.console),
         ] {
-            if let Some(path) = &theirs.file
-                && theirs.file != ours.file
+            if let Some(path) = theirs.file.as_ref().or(theirs.socket.as_ref())
+                && (theirs.file != ours.file || theirs.socket != ours.socket)
             {
                 log::log!(
                     level,
-                    "not using the {what} file {} named by {origin}: the VM's {what} is \
-                     this VMM's own (--{what})",
+                    "not using the {what} file or socket {} named by {origin}: the VM's \
+                     {what} is this VMM's own (--{what})",
                     path.display()
                 );
             }

@@ -658,6 +658,8 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         }
         None => return Err(Error::MemoryConnection("no fault connection".into())),
     }
+    // Every page is on the destination (Cloud Hypervisor's name for this moment).
+    event_monitor::event("vm", "postcopy-migration-completed", None);
     progress
         .total_ms
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -738,8 +740,7 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
         sender.send_table(&table)?;
         let took = sent_at.elapsed().as_secs_f64().max(1e-6);
         bandwidth = Some(bytes as f64 / took);
-        iteration += 1;
-        progress.iteration.store(iteration, Ordering::Relaxed);
+        // Numbered from 0 (the first, full pass), as Cloud Hypervisor numbers them.
         event_monitor::event(
             "vm",
             "migration-memory-iteration",
@@ -749,6 +750,8 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
                     .collect(),
             ),
         );
+        iteration += 1;
+        progress.iteration.store(iteration, Ordering::Relaxed);
         table = table_of(&log.ranges().map_err(Error::DirtyLog)?)?;
         let dirty = table.total_bytes();
         convergence.passed(bytes, dirty);

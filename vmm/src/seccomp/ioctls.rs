@@ -169,6 +169,11 @@ pub fn fd_flags() -> Vec<u64> {
     ]
 }
 
+/// `--serial pty`: unlocking the pseudo-terminal, asking its number, and raw mode.
+pub fn pty() -> Vec<u64> {
+    vec![libc::TIOCSPTLCK, libc::TIOCGPTN, libc::TCGETS, libc::TCSETS]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

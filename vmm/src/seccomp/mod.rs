@@ -6,8 +6,8 @@
 //! thread inherits that process-wide filter, and each thread kind narrows it with
 //! [`enter`] at its entry point. [`SeccompMode::Trap`] (the default, `--seccomp true`)
 //! kills the process with SIGSYS on a syscall outside the list, after printing which
-//! syscall and thread; `log` lets it through and has the kernel log it; `false` installs
-//! nothing. Without [`install_process`] (the library's own tests) [`enter`] does nothing.
+//! syscall and thread; `log` lets it through and has the kernel log it; `errno` fails it
+//! with EPERM; `false` installs nothing. Without [`install_process`] (the library's own tests) [`enter`] does nothing.
 
 mod ioctls;
 mod rules;
@@ -26,12 +26,15 @@ pub enum SeccompMode {
     Trap,
     /// `log`: allowed, and logged by the kernel (audit, or the kernel log without it).
     Log,
+    /// `errno`: the call fails with EPERM (as in Cloud Hypervisor); the thread carries on
+    /// and sees the error.
+    Errno,
     /// `false`: no filters.
     Off,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("expected true, false or log")]
+#[error("expected true, false, log or errno")]
 pub struct ParseModeError;
 
 impl FromStr for SeccompMode {
@@ -42,6 +45,7 @@ impl FromStr for SeccompMode {
         match s.to_ascii_lowercase().as_str() {
             "true" => Ok(SeccompMode::Trap),
             "log" => Ok(SeccompMode::Log),
+            "errno" => Ok(SeccompMode::Errno),
             "false" => Ok(SeccompMode::Off),
             _ => Err(ParseModeError),
         }
@@ -53,6 +57,7 @@ impl fmt::Display for SeccompMode {
         f.write_str(match self {
             SeccompMode::Trap => "true",
             SeccompMode::Log => "log",
+            SeccompMode::Errno => "errno",
             SeccompMode::Off => "false",
         })
     }
@@ -231,6 +236,7 @@ pub fn compile(mode: SeccompMode, kind: ThreadKind) -> Result<Compiled, Error> {
     let mismatch = match mode {
         SeccompMode::Trap => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
         SeccompMode::Off => SeccompAction::Allow,
     };
     let build = |source| Error::Build { kind, source };

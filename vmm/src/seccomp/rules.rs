@@ -309,6 +309,7 @@ pub(super) fn allowed(kind: ThreadKind, pid: u32) -> Result<Allowed, BackendErro
                     ioctls::kvm_vm(),
                     ioctls::uffd_setup(),
                     ioctls::uffd_serve(),
+                    ioctls::pty(),
                 ],
             )?;
             threads(&mut a)?;

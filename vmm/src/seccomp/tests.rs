@@ -13,9 +13,15 @@ fn mode_values_are_case_insensitive() {
     assert_eq!("TRUE".parse(), Ok(SeccompMode::Trap));
     assert_eq!("Log".parse(), Ok(SeccompMode::Log));
     assert_eq!("fAlSe".parse(), Ok(SeccompMode::Off));
+    assert_eq!("errno".parse(), Ok(SeccompMode::Errno));
     assert_eq!("on".parse::<SeccompMode>(), Err(ParseModeError));
     assert_eq!("".parse::<SeccompMode>(), Err(ParseModeError));
-    for mode in [SeccompMode::Trap, SeccompMode::Log, SeccompMode::Off] {
+    for mode in [
+        SeccompMode::Trap,
+        SeccompMode::Log,
+        SeccompMode::Errno,
+        SeccompMode::Off,
+    ] {
         assert_eq!(mode.to_string().parse(), Ok(mode));
     }
 }
@@ -23,7 +29,7 @@ fn mode_values_are_case_insensitive() {
 #[test]
 fn every_kind_compiles_in_every_mode() {
     for kind in ThreadKind::ALL {
-        for mode in [SeccompMode::Trap, SeccompMode::Log] {
+        for mode in [SeccompMode::Trap, SeccompMode::Log, SeccompMode::Errno] {
             let program = compile(mode, kind).unwrap().program;
             // A classic BPF program holds at most 4096 instructions.
             assert!(
@@ -367,6 +373,18 @@ fn log_and_off_let_forbidden_calls_through() {
         assert_eq!(signal, None, "{mode}: {text}");
         assert!(text.contains("PROBE-RETURNED -1"), "{mode}: {text}");
     }
+}
+
+/// `errno` (Cloud Hypervisor's fourth mode) fails the forbidden call with EPERM instead of
+/// running it: KVM_RUN on fd -1 would otherwise fail with EBADF.
+#[test]
+fn errno_fails_forbidden_calls_with_eperm() {
+    let (signal, text) = run_probe(SeccompMode::Errno, ThreadKind::HttpApi, Call::KvmRun);
+    assert_eq!(signal, None, "{text}");
+    assert!(
+        text.contains(&format!("PROBE-RETURNED -1 errno {}", libc::EPERM)),
+        "{text}"
+    );
 }
 
 /// The calls the binaries make all the time pass: a probe whose call is allowed returns.

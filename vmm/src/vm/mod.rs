@@ -23,6 +23,7 @@ use crate::cpu::{self, Vcpu, VcpuCommand, VcpuContext, VcpuHandle};
 use crate::devices::PioBus;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, SerialOutput};
+use crate::devices::serial_sinks::{PtySink, SocketSink};
 use crate::memory_manager::{self, MemoryManager};
 use crate::state::{StateError, StateTree};
 use crate::uffd::handler::Region;
@@ -72,6 +73,10 @@ pub enum Error {
     },
     #[error("serial mode File needs a file path")]
     SerialFileMissing,
+    #[error("serial mode Socket needs a socket path")]
+    SerialSocketMissing,
+    #[error("serial output")]
+    SerialSink(#[source] crate::devices::serial_sinks::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("device setup")]
@@ -131,6 +136,11 @@ impl Vm {
     /// the kernel, its PVH boot data and the boot vCPU's entry state.
     pub fn new(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
         let vm = Self::with_memory(config, events, None, false)?;
+        // Only a boot: a restored or received VM gets its pages from elsewhere, and
+        // populated pages would hide the faults an on-demand restore serves.
+        if config.memory.prefault {
+            vm.memory.prefault().map_err(Error::Memory)?;
+        }
         let entry = load_kernel(config, &vm.memory)?;
         mptable::write(vm.memory.guest_memory(), config.cpus.boot_vcpus).map_err(Error::Arch)?;
         if let Some(boot) = vm.pending.first() {
@@ -200,7 +210,8 @@ impl Vm {
             .map_err(kvm_call("KVM_CREATE_PIT2"))?;
         let t_chips = t.elapsed();
 
-        let (bus, serial) = build_pio_bus(config, &vm_fd, events.clone(), continued)?;
+        let mut config = config.clone();
+        let (bus, serial) = build_pio_bus(&mut config, &vm_fd, events.clone(), continued)?;
         let pending = create_vcpus(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
         log::debug!(
             "VM created: KVM VM {t_vm:?}, memory {:?}, irqchip+PIT {:?}, devices+vCPUs {:?}",
@@ -210,7 +221,7 @@ impl Vm {
         );
 
         Ok(Vm {
-            config: config.clone(),
+            config,
             state: VmState::Created,
             pending,
             vcpus: Vec::new(),
@@ -481,11 +492,29 @@ fn load_initramfs(
     Ok(pvh::Module { addr, size })
 }
 
-fn serial_output(config: &VmConfig, append: bool) -> Result<Option<SerialOutput>> {
+/// The serial port's output. For a pty, `config.serial.file` becomes its path, which
+/// `vm.info` then shows (as Cloud Hypervisor does).
+fn serial_output(config: &mut VmConfig, append: bool) -> Result<Option<SerialOutput>> {
     Ok(match config.serial.mode {
         ConsoleOutputMode::Off => None,
         ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
         ConsoleOutputMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleOutputMode::Pty => {
+            let pty = PtySink::open().map_err(Error::SerialSink)?;
+            log::info!("serial: pty {}", pty.path().display());
+            config.serial.file = Some(pty.path().to_path_buf());
+            Some(Box::new(pty))
+        }
+        ConsoleOutputMode::Socket => {
+            let path = config
+                .serial
+                .socket
+                .as_ref()
+                .ok_or(Error::SerialSocketMissing)?;
+            Some(Box::new(
+                SocketSink::listen(path).map_err(Error::SerialSink)?,
+            ))
+        }
         ConsoleOutputMode::File => {
             let path = config
                 .serial
@@ -510,7 +539,7 @@ fn serial_output(config: &VmConfig, append: bool) -> Result<Option<SerialOutput>
 type SerialHandle = Option<Arc<Mutex<SerialDevice>>>;
 
 fn build_pio_bus(
-    config: &VmConfig,
+    config: &mut VmConfig,
     vm_fd: &VmFd,
     events: Sender<VmmEvent>,
     append_serial: bool,

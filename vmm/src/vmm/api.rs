@@ -72,12 +72,16 @@ impl Vmm {
                 ))
             }
             ApiRequest::VmPause => {
-                self.vm_mut()?.pause().map_err(api_error("pause"))?;
+                let vm = self.vm_mut()?;
+                event_monitor::event("vm", "pausing", None);
+                vm.pause().map_err(api_error("pause"))?;
                 event_monitor::event("vm", "paused", None);
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmResume => {
-                self.vm_mut()?.resume().map_err(api_error("resume"))?;
+                let vm = self.vm_mut()?;
+                event_monitor::event("vm", "resuming", None);
+                vm.resume().map_err(api_error("resume"))?;
                 event_monitor::event("vm", "resumed", None);
                 Ok(ApiResponse::Empty)
             }

@@ -56,9 +56,16 @@ pub enum MigrationError {
 /// so a start that fails halfway has not run a single guest instruction here (the sender
 /// will resume its copy, which may share this memory). A failed start leaves no vCPU.
 fn start_received(vm: &mut crate::vm::Vm, resume: bool) -> Result<(), MigrationError> {
-    let started = vm
-        .start(true)
-        .and_then(|()| if resume { vm.resume() } else { Ok(()) });
+    event_monitor::event("vm", "restoring", None);
+    let started = vm.start(true).and_then(|()| {
+        event_monitor::event("vm", "restored", None);
+        if resume {
+            event_monitor::event("vm", "resuming", None);
+            vm.resume()?;
+            event_monitor::event("vm", "resumed", None);
+        }
+        Ok(())
+    });
     if let Err(e) = started {
         if let Err(stop) = vm.shutdown() {
             log::warn!("stopping the vCPUs of the VM that failed to start: {stop}");
@@ -293,13 +300,16 @@ impl Vmm {
         match request {
             send::Control::Pause => {
                 if vm.state() == VmState::Running {
+                    event_monitor::event("vm", "pausing", None);
                     vm.pause().map_err(|e| error_chain(&e))?;
                     event_monitor::event("vm", "paused", None);
                 }
                 Ok(send::ControlReply::Paused)
             }
             send::Control::SaveState => {
+                event_monitor::event("vm", "snapshotting", None);
                 let tree = vm.save_state().map_err(|e| error_chain(&e))?;
+                event_monitor::event("vm", "snapshotted", None);
                 Ok(send::ControlReply::State(Box::new(tree)))
             }
         }
@@ -336,7 +346,14 @@ impl Vmm {
                     false
                 } else {
                     log::info!("migration finished; the VM runs on the destination");
-                    self.stop_vm();
+                    // Not a guest shutdown: the VM lives on over there. Cloud Hypervisor
+                    // reports only that it is gone from here.
+                    if let Some(vm) = self.vm.as_mut()
+                        && let Err(e) = vm.shutdown()
+                    {
+                        log::error!("stopping the migrated VM's vCPUs: {e}");
+                    }
+                    event_monitor::event("vm", "deleted", None);
                     true
                 }
             }
@@ -356,6 +373,7 @@ impl Vmm {
                     && let Some(vm) = self.vm.as_mut()
                     && vm.state() == VmState::Paused
                 {
+                    event_monitor::event("vm", "resuming", None);
                     match vm.resume() {
                         Ok(()) => resumed = true,
                         Err(e) => log::error!("resuming after the failed migration: {e}"),

@@ -107,14 +107,8 @@ impl Vmm {
             last_migration: None,
             incoming: None,
             local: LocalDevices {
-                serial: crate::config::ConsoleConfig {
-                    file: None,
-                    mode: crate::config::ConsoleOutputMode::Null,
-                },
-                console: crate::config::ConsoleConfig {
-                    file: None,
-                    mode: crate::config::ConsoleOutputMode::Off,
-                },
+                serial: crate::config::ConsoleConfig::mode(crate::config::ConsoleOutputMode::Null),
+                console: crate::config::ConsoleConfig::mode(crate::config::ConsoleOutputMode::Off),
             },
         }
     }
@@ -131,6 +125,7 @@ impl Vmm {
     pub fn run(mut self, startup: Option<VmStartup>) -> Result<VmmExit, Error> {
         match startup {
             Some(VmStartup::Boot(config)) => {
+                event_monitor::event("vm", "booting", None);
                 let mut vm = Vm::new(&config, self.events.clone()).map_err(Error::CreateVm)?;
                 vm.boot().map_err(Error::BootVm)?;
                 event_monitor::event("vm", "booted", None);
@@ -158,6 +153,10 @@ impl Vmm {
                     let ok = result.is_ok();
                     let _ = reply.send(result);
                     if exit && ok {
+                        // The VM is gone for good (Cloud Hypervisor deletes its config).
+                        if self.vm.is_some() {
+                            event_monitor::event("vm", "deleted", None);
+                        }
                         event_monitor::event("vmm", "shutdown", None);
                         return Ok(VmmExit::Shutdown);
                     }
@@ -197,6 +196,7 @@ impl Vmm {
                 }
                 VmmEvent::MigrationDone { result } => {
                     if self.migration_done(result) {
+                        event_monitor::event("vmm", "shutdown", None);
                         return Ok(VmmExit::Migrated);
                     }
                 }

@@ -62,6 +62,7 @@ impl Vmm {
         let destination = crate::snapfile::snapshot_dir(destination)
             .map_err(|e| SnapshotError::Destination(destination.to_path_buf(), e))?;
         let start = Instant::now();
+        event_monitor::event("vm", "snapshotting", None);
         let state = vm.save_state().map_err(SnapshotError::State)?;
         log::debug!("snapshot: state saved in {:?}", start.elapsed());
         let stats = store::save(&destination, vm.config(), &state, vm.memory())
@@ -140,6 +141,12 @@ impl Vmm {
         );
         self.vm = Some(vm);
         event_monitor::event("vm", "restored", None);
+        if params.resume {
+            // The vCPUs started running above; Cloud Hypervisor reports a restore with
+            // resume as a restore followed by a resume.
+            event_monitor::event("vm", "resuming", None);
+            event_monitor::event("vm", "resumed", None);
+        }
         Ok(())
     }
 }

@@ -40,10 +40,7 @@ fn cap(sent: usize) -> usize {
 const RAM: u64 = 4 << 20;
 
 fn off() -> ConsoleConfig {
-    ConsoleConfig {
-        file: None,
-        mode: ConsoleOutputMode::Off,
-    }
+    ConsoleConfig::mode(ConsoleOutputMode::Off)
 }
 
 fn valid_config() -> Value {

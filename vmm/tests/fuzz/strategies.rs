@@ -73,6 +73,17 @@ pub const WORDS: &[&str] = &[
     "off",
     "tty",
     "null",
+    "pty",
+    "socket",
+    "fd",
+    "max",
+    "prefault",
+    "mergeable",
+    "hugepages",
+    "hugepage_size",
+    "reserve",
+    "hotplug_size",
+    "topology",
 ];
 
 /// Values the decoders treat specially.
@@ -198,19 +209,15 @@ pub fn vm_config(vcpus: u8, size: u64, cmdline: Option<&str>) -> vmm::config::Vm
     use vmm::config::{
         ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
     };
-    let off = ConsoleConfig {
-        file: None,
-        mode: ConsoleOutputMode::Off,
-    };
+    let off = ConsoleConfig::mode(ConsoleOutputMode::Off);
     VmConfig {
         cpus: CpusConfig {
             boot_vcpus: vcpus,
             max_vcpus: vcpus,
         },
         memory: MemoryConfig {
-            size,
             shared: true,
-            thp: false,
+            ..MemoryConfig::with_size(size)
         },
         payload: PayloadConfig {
             kernel: None,
