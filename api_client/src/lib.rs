@@ -63,14 +63,12 @@ impl Response {
         (200..300).contains(&self.status)
     }
 
-    /// The server's error message: the `error` field of a JSON error body, else the raw
-    /// body (trimmed), else the bare status.
+    /// The server's error message: the outermost message of a JSON error body (an array
+    /// of strings, as Cloud Hypervisor and we answer; or our older `{"error": ...}`
+    /// object), else the raw body (trimmed), else the bare status.
     pub fn error_message(&self) -> String {
-        if let Ok(serde_json::Value::Object(map)) =
-            serde_json::from_str::<serde_json::Value>(&self.body)
-            && let Some(serde_json::Value::String(msg)) = map.get("error")
-        {
-            return msg.clone();
+        if let Some(first) = self.error_chain().into_iter().next() {
+            return first;
         }
         let trimmed = self.body.trim();
         if trimmed.is_empty() {
@@ -80,21 +78,24 @@ impl Response {
         }
     }
 
-    /// Every message of a JSON error body's `chain` array (empty when there is none).
+    /// Every message of a JSON error body, outermost first (empty when the body is not
+    /// one): the array itself, or the `chain` of the older object shape.
     pub fn error_chain(&self) -> Vec<String> {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(&self.body) else {
             return Vec::new();
         };
-        value
-            .get("chain")
-            .and_then(|c| c.as_array())
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|i| i.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let items = match &value {
+            serde_json::Value::Array(items) => items,
+            serde_json::Value::Object(map) => match map.get("chain") {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => return Vec::new(),
+            },
+            _ => return Vec::new(),
+        };
+        items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect()
     }
 }
 
@@ -411,6 +412,27 @@ mod tests {
         assert!(!resp.is_success());
         assert_eq!(resp.error_message(), "cannot pause");
         assert_eq!(resp.error_chain(), vec!["cannot pause", "because"]);
+    }
+
+    /// Cloud Hypervisor's (and our) status line has no reason phrase; the error body is
+    /// a JSON array.
+    #[test]
+    fn status_line_without_reason_and_array_error_body() {
+        let (sock, server) = one_shot_server(
+            b"HTTP/1.1 404 \r\nContent-Type: application/json\r\nContent-Length: 38\r\n\r\n[\"Error from API\",\"VM is not created\"]",
+        );
+        let resp = simple_api_command(&sock, "GET", "vm.info", None).unwrap();
+        server.join().unwrap();
+        assert_eq!(resp.status, 404);
+        assert_eq!(resp.error_message(), "Error from API");
+        assert_eq!(
+            resp.error_chain(),
+            vec!["Error from API", "VM is not created"]
+        );
+        let (sock, server) = one_shot_server(b"HTTP/1.1 204 \r\n\r\n");
+        let resp = simple_api_command(&sock, "PUT", "vm.resume", None).unwrap();
+        server.join().unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (204, ""));
     }
 
     #[test]
