@@ -13,6 +13,7 @@
 //! - [`wait`]: the one polling helper with a deadline.
 //! - [`hostile_peer`]: a misbehaving migration sender, and what it costs the receiver.
 
+pub mod ch_wire;
 pub mod daemon;
 pub mod damage;
 pub mod guest;
