@@ -233,7 +233,11 @@ fn read_response(stream: &mut impl Read) -> Result<Response, ReadError> {
     };
 
     let mut body = buf.split_off(head_len);
+    // These never have a body (RFC 9110 6.4.1): a server that keeps the connection open
+    // after a 204 without Content-Length (Cloud Hypervisor's does) must not be waited on.
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
     match content_length {
+        _ if bodiless => body.clear(),
         Some(len) => {
             if len > MAX_BODY_BYTES {
                 return Err(Error::ResponseTooLarge {
@@ -433,6 +437,34 @@ mod tests {
         let resp = simple_api_command(&sock, "PUT", "vm.resume", None).unwrap();
         server.join().unwrap();
         assert_eq!((resp.status, resp.body.as_str()), (204, ""));
+    }
+
+    /// A 204 is complete at the end of its head, even if the server keeps the connection
+    /// open (Cloud Hypervisor's does).
+    #[test]
+    fn no_content_does_not_wait_for_the_close() {
+        let dir = std::env::temp_dir().join(format!(
+            "api_client_keepalive_{}_{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = TempSocket(dir.join("api.sock"));
+        let listener = UnixListener::bind(&*sock).unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).unwrap();
+            conn.write_all(b"HTTP/1.1 204 \r\n\r\n").unwrap();
+            // Holds the connection open until the client has its answer.
+            let _ = released.recv_timeout(Duration::from_secs(10));
+        });
+        let resp =
+            api_command(&sock, "PUT", "vm.pause", None, Some(Duration::from_secs(5))).unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (204, ""));
+        release.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]
