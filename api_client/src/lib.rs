@@ -63,14 +63,12 @@ impl Response {
         (200..300).contains(&self.status)
     }
 
-    /// The server's error message: the `error` field of a JSON error body, else the raw
-    /// body (trimmed), else the bare status.
+    /// The server's error message: the outermost message of a JSON error body (an array
+    /// of strings, as Cloud Hypervisor and we answer; or our older `{"error": ...}`
+    /// object), else the raw body (trimmed), else the bare status.
     pub fn error_message(&self) -> String {
-        if let Ok(serde_json::Value::Object(map)) =
-            serde_json::from_str::<serde_json::Value>(&self.body)
-            && let Some(serde_json::Value::String(msg)) = map.get("error")
-        {
-            return msg.clone();
+        if let Some(first) = self.error_chain().into_iter().next() {
+            return first;
         }
         let trimmed = self.body.trim();
         if trimmed.is_empty() {
@@ -80,21 +78,24 @@ impl Response {
         }
     }
 
-    /// Every message of a JSON error body's `chain` array (empty when there is none).
+    /// Every message of a JSON error body, outermost first (empty when the body is not
+    /// one): the array itself, or the `chain` of the older object shape.
     pub fn error_chain(&self) -> Vec<String> {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(&self.body) else {
             return Vec::new();
         };
-        value
-            .get("chain")
-            .and_then(|c| c.as_array())
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|i| i.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let items = match &value {
+            serde_json::Value::Array(items) => items,
+            serde_json::Value::Object(map) => match map.get("chain") {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => return Vec::new(),
+            },
+            _ => return Vec::new(),
+        };
+        items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect()
     }
 }
 
@@ -232,7 +233,11 @@ fn read_response(stream: &mut impl Read) -> Result<Response, ReadError> {
     };
 
     let mut body = buf.split_off(head_len);
+    // These never have a body (RFC 9110 6.4.1): a server that keeps the connection open
+    // after a 204 without Content-Length (Cloud Hypervisor's does) must not be waited on.
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
     match content_length {
+        _ if bodiless => body.clear(),
         Some(len) => {
             if len > MAX_BODY_BYTES {
                 return Err(Error::ResponseTooLarge {
@@ -411,6 +416,55 @@ mod tests {
         assert!(!resp.is_success());
         assert_eq!(resp.error_message(), "cannot pause");
         assert_eq!(resp.error_chain(), vec!["cannot pause", "because"]);
+    }
+
+    /// Cloud Hypervisor's (and our) status line has no reason phrase; the error body is
+    /// a JSON array.
+    #[test]
+    fn status_line_without_reason_and_array_error_body() {
+        let (sock, server) = one_shot_server(
+            b"HTTP/1.1 404 \r\nContent-Type: application/json\r\nContent-Length: 38\r\n\r\n[\"Error from API\",\"VM is not created\"]",
+        );
+        let resp = simple_api_command(&sock, "GET", "vm.info", None).unwrap();
+        server.join().unwrap();
+        assert_eq!(resp.status, 404);
+        assert_eq!(resp.error_message(), "Error from API");
+        assert_eq!(
+            resp.error_chain(),
+            vec!["Error from API", "VM is not created"]
+        );
+        let (sock, server) = one_shot_server(b"HTTP/1.1 204 \r\n\r\n");
+        let resp = simple_api_command(&sock, "PUT", "vm.resume", None).unwrap();
+        server.join().unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (204, ""));
+    }
+
+    /// A 204 is complete at the end of its head, even if the server keeps the connection
+    /// open (Cloud Hypervisor's does).
+    #[test]
+    fn no_content_does_not_wait_for_the_close() {
+        let dir = std::env::temp_dir().join(format!(
+            "api_client_keepalive_{}_{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = TempSocket(dir.join("api.sock"));
+        let listener = UnixListener::bind(&*sock).unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).unwrap();
+            conn.write_all(b"HTTP/1.1 204 \r\n\r\n").unwrap();
+            // Holds the connection open until the client has its answer.
+            let _ = released.recv_timeout(Duration::from_secs(10));
+        });
+        let resp =
+            api_command(&sock, "PUT", "vm.pause", None, Some(Duration::from_secs(5))).unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (204, ""));
+        release.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]

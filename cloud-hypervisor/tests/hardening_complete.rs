@@ -72,7 +72,7 @@ fn failed_start_on_destination_answers_error_to_complete_and_source_resumes() {
     assert!(error.contains("Complete"), "{info}");
     // The destination has no VM left and serves its API.
     let resp = dest.api("GET", "vm.info", None).unwrap();
-    assert_eq!(resp.status, 409, "{}", resp.body);
+    assert_eq!(resp.status, 404, "{}", resp.body);
     assert!(
         resp.body.contains("no VM has been created"),
         "{}",

@@ -92,7 +92,7 @@ fn no_sender_the_api_stays_live_and_the_receive_times_out() {
     );
     assert!(!sock.exists(), "the receiver left its socket behind");
     let (status, body) = api_is_live(&dest);
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 404, "{body}");
     assert!(body.contains("no VM has been created"), "{body}");
 }
 

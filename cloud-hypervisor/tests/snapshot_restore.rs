@@ -464,7 +464,7 @@ fn damaged_snapshots_are_refused() {
         vmm.api_ok("GET", "vmm.ping", None).unwrap();
         assert_eq!(
             vmm.api("GET", "vm.info", None).unwrap().status,
-            409,
+            404,
             "{what}"
         );
     }

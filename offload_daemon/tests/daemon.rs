@@ -710,7 +710,7 @@ fn ondemand_restore_refuses_a_state_that_does_not_match_the_manifest() {
         "the VMM took {:?} to give up",
         started.elapsed()
     );
-    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+    assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 404);
 }
 
 /// A precopy receiver paired with an on-demand daemon refuses (it would otherwise run
@@ -733,7 +733,7 @@ fn mismatched_modes_are_refused() {
         let (status, body) = receiver.join().unwrap();
         assert_eq!(status, 500, "{name}: {body}");
         assert!(body.contains(needle), "{name}: {body}");
-        assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 409);
+        assert_eq!(dest.api("GET", "vm.info", None).unwrap().status, 404);
     };
     refused("od-mismatch-precopy", false, &["--ondemand"], "postcopy=on");
     refused("od-mismatch-postcopy", true, &[], "no fault connection");

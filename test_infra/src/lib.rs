@@ -16,6 +16,7 @@
 
 pub mod ch_daemon;
 pub mod cli_compat;
+pub mod ch_wire;
 pub mod daemon;
 pub mod damage;
 pub mod guest;

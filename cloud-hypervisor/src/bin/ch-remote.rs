@@ -155,6 +155,24 @@ fn pretty(body: &str) -> String {
         .unwrap_or_else(|_| body.trim_end().to_string())
 }
 
+/// An error answer for the terminal: the status and the outermost message, then each
+/// cause on its own line.
+fn error_report(response: &api_client::Response) -> String {
+    let chain = response.error_chain();
+    let mut out = match chain.first() {
+        Some(first) => format!("error: HTTP {}: {first}\n", response.status),
+        None => format!(
+            "error: HTTP {}: {}\n",
+            response.status,
+            response.error_message()
+        ),
+    };
+    for cause in chain.iter().skip(1) {
+        out.push_str(&format!("  {cause}\n"));
+    }
+    out
+}
+
 fn main() -> ExitCode {
     // clap exits 2 on usage errors.
     let cli = Cli::parse();
@@ -178,7 +196,7 @@ fn main() -> ExitCode {
         }
     };
     if !response.is_success() {
-        eprintln!("error: {}: {}", response.status, response.error_message());
+        eprint!("{}", error_report(&response));
         return ExitCode::FAILURE;
     }
     if !response.body.trim().is_empty() {
@@ -246,6 +264,69 @@ mod tests {
             let e = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn errors_print_the_chain_line_by_line() {
+        let response = api_client::Response {
+            status: 500,
+            body: r#"["snapshot failed","cannot write /s/memory-0","No space left"]"#.into(),
+        };
+        assert_eq!(
+            error_report(&response),
+            "error: HTTP 500: snapshot failed\n  cannot write /s/memory-0\n  No space left\n"
+        );
+        let response = api_client::Response {
+            status: 502,
+            body: "<html>bad gateway</html>".into(),
+        };
+        assert_eq!(
+            error_report(&response),
+            "error: HTTP 502: <html>bad gateway</html>\n"
+        );
+    }
+
+    /// The bodies Cloud Hypervisor's VMM reads: its names and capitalisation
+    /// (`memory_mode`, `timeout_strategy`), never our `postcopy` alias.
+    #[test]
+    fn migration_bodies_speak_cloud_hypervisor() {
+        let body = |args: &[&str]| -> serde_json::Value {
+            let mut argv = vec!["ch-remote", "--api-socket", "/s"];
+            argv.extend_from_slice(args);
+            let call = Cli::try_parse_from(argv)
+                .unwrap()
+                .command
+                .request()
+                .unwrap();
+            serde_json::from_str(&call.body.unwrap()).unwrap()
+        };
+        for opts in [
+            "destination_url=tcp:127.0.0.1:6000,postcopy=on",
+            "destination_url=tcp:127.0.0.1:6000,memory_mode=postcopy",
+        ] {
+            let b = body(&["send-migration", opts]);
+            assert_eq!(b["memory_mode"], "Postcopy", "{opts}: {b}");
+            assert!(b.get("postcopy").is_none(), "{opts}: {b}");
+        }
+        let b = body(&[
+            "send-migration",
+            "destination_url=tcp:127.0.0.1:6000,connections=4,timeout_strategy=ignore",
+        ]);
+        assert_eq!(
+            (&b["timeout_strategy"], &b["memory_mode"], &b["connections"]),
+            (&"Ignore".into(), &"Precopy".into(), &4.into()),
+            "{b}"
+        );
+        let b = body(&["send-migration", "destination_url=unix:/m,local=on"]);
+        assert_eq!(b["timeout_strategy"], "Cancel", "{b}");
+        assert_eq!(b["downtime_ms"], 300, "{b}");
+        assert_eq!(b["timeout_s"], 3600, "{b}");
+        let b = body(&[
+            "receive-migration",
+            "receiver_url=tcp:0.0.0.0:6000,postcopy=on",
+        ]);
+        assert_eq!(b["memory_mode"], "Postcopy", "{b}");
+        assert!(b.get("postcopy").is_none(), "{b}");
     }
 
     #[test]

@@ -132,12 +132,58 @@ pub enum ApiResponse {
     Info(Box<VmInfoResponse>),
 }
 
-/// Why an API action failed. `status()` in `http` maps each kind to an HTTP status.
+/// An error's message and its sources' messages, outermost first: what an error answer's
+/// JSON array holds (Cloud Hypervisor's shape), and what logs print joined by ": ".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason(Vec<String>);
+
+impl Reason {
+    /// `error`'s Display followed by each source's. A source whose text the message
+    /// already ends with (a Display that repeats its source) is not repeated.
+    pub fn of(error: &dyn std::error::Error) -> Self {
+        let mut chain = vec![error.to_string()];
+        let mut source = error.source();
+        while let Some(e) = source {
+            let part = e.to_string();
+            if chain.last().is_none_or(|last| !last.ends_with(&part)) {
+                chain.push(part);
+            }
+            source = e.source();
+        }
+        Reason(chain)
+    }
+
+    pub fn messages(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<String> for Reason {
+    fn from(message: String) -> Self {
+        Reason(vec![message])
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(message: &str) -> Self {
+        Reason(vec![message.to_string()])
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(": "))
+    }
+}
+
+/// Why an API action failed. `status()` in `http` maps each kind to an HTTP status, and
+/// [`ApiError::chain`] gives the messages of the answer's body.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request itself is malformed (bad JSON, unknown field, bad value).
+    /// The request itself is malformed (bad JSON, unknown field, bad value, a field this
+    /// VMM cannot honour).
     #[error("bad request: {0}")]
-    BadRequest(String),
+    BadRequest(Reason),
     /// The action does not fit the VM's current state (e.g. pause a paused VM).
     #[error("cannot {action} a VM that is {state:?}")]
     InvalidState {
@@ -146,19 +192,58 @@ pub enum ApiError {
     },
     /// The request conflicts with work in progress (e.g. an on-demand restore).
     #[error("{0}")]
-    Conflict(String),
+    Conflict(Reason),
     /// There is no VM to act on.
     #[error("no VM has been created")]
     NoVm,
-    /// The VMM tried and failed; the message carries the error chain.
-    #[error("{action} failed: {message}")]
+    /// The VMM tried and failed; the reason carries the error chain.
+    #[error("{action} failed: {reason}")]
     Internal {
         action: &'static str,
-        message: String,
+        reason: Reason,
     },
     /// The VMM control loop is gone (shutting down).
     #[error("the VMM is shutting down")]
     VmmGone,
+}
+
+impl ApiError {
+    /// The messages of the error answer, outermost first: what failed, then why.
+    pub fn chain(&self) -> Vec<String> {
+        match self {
+            ApiError::BadRequest(reason) => prefixed("bad request: ", reason),
+            ApiError::Conflict(reason) => reason.messages().to_vec(),
+            ApiError::Internal { action, reason } => std::iter::once(format!("{action} failed"))
+                .chain(reason.messages().iter().cloned())
+                .collect(),
+            other => vec![other.to_string()],
+        }
+    }
+
+    pub fn bad_request(error: &dyn std::error::Error) -> Self {
+        ApiError::BadRequest(Reason::of(error))
+    }
+
+    pub fn conflict(error: &dyn std::error::Error) -> Self {
+        ApiError::Conflict(Reason::of(error))
+    }
+
+    pub fn internal(action: &'static str, error: &dyn std::error::Error) -> Self {
+        ApiError::Internal {
+            action,
+            reason: Reason::of(error),
+        }
+    }
+}
+
+/// The reason's messages with `prefix` on the first.
+fn prefixed(prefix: &str, reason: &Reason) -> Vec<String> {
+    let mut chain = reason.messages().to_vec();
+    match chain.first_mut() {
+        Some(first) => first.insert_str(0, prefix),
+        None => chain.push(prefix.trim_end_matches([':', ' ']).to_string()),
+    }
+    chain
 }
 
 pub type ApiResult = Result<ApiResponse, ApiError>;

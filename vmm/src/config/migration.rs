@@ -1,11 +1,18 @@
 //! The `vm.send-migration` and `vm.receive-migration` bodies (Cloud Hypervisor v54 field
 //! names), their validation, and the option strings ch-remote accepts for them.
+//!
+//! On the wire we write Cloud Hypervisor's spelling (`"memory_mode": "Postcopy"`,
+//! `"timeout_strategy": "Ignore"`), so its VMM understands our ch-remote; as input we also
+//! take our aliases (`"postcopy": true`, lowercase values). Its fields for what this VMM
+//! lacks (`tls_dir`, `vfio_fds`, `iommufd_fd`, `zone_updates`) are accepted null or empty,
+//! and refused naming the field otherwise.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::options::{Key, Options, OptionsError, Toggle, value};
+use super::vm_config::{NO_VFIO, NO_ZONES, Unsupported, refuse_if};
 use crate::migration::MigrationUrl;
 use crate::migration::receive::{self, ReceiveParams};
 use crate::migration::send::{SendParams, TimeoutStrategy};
@@ -42,8 +49,8 @@ pub enum ParamsError {
     LocalWithConnections,
     #[error("preserve_source=on needs local=on")]
     PreserveNeedsLocal,
-    #[error("tls_dir is not supported by this VMM")]
-    Tls,
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
     #[error("postcopy=on cannot be combined with local=on (local mode copies no memory)")]
     PostcopyWithLocal,
     #[error(
@@ -105,6 +112,30 @@ fn parse_strategy(s: &str) -> Result<TimeoutStrategy, ParamsError> {
     )
 }
 
+/// Cloud Hypervisor's spelling, which its VMM requires.
+impl Serialize for TimeoutStrategy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            TimeoutStrategy::Cancel => "Cancel",
+            TimeoutStrategy::Ignore => "Ignore",
+        })
+    }
+}
+
+/// Any case, as on the command line.
+impl<'de> Deserialize<'de> for TimeoutStrategy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_strategy(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for TimeoutStrategy {
+    type Err = ParamsError;
+    fn from_str(s: &str) -> Result<Self, ParamsError> {
+        parse_strategy(s)
+    }
+}
+
 fn default_downtime_ms() -> u64 {
     300
 }
@@ -125,9 +156,6 @@ fn default_io_timeout_s() -> u64 {
 fn default_page_timeout_s() -> u64 {
     10
 }
-fn default_strategy() -> String {
-    "Cancel".into()
-}
 
 /// `PUT /api/v1/vm.send-migration`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,16 +170,16 @@ pub struct SendMigrationConfig {
     pub downtime_ms: u64,
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
-    #[serde(default = "default_strategy")]
-    pub timeout_strategy: String,
+    #[serde(default)]
+    pub timeout_strategy: TimeoutStrategy,
     #[serde(default = "default_connections")]
     pub connections: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<String>,
     #[serde(default)]
     pub memory_mode: MemoryMode,
-    /// Same as `memory_mode: Postcopy`.
-    #[serde(default)]
+    /// Same as `memory_mode: Postcopy` (our older spelling; read, never written).
+    #[serde(default, skip_serializing)]
     pub postcopy: bool,
     /// The longest any wait on the destination may last (connect, a write that makes no
     /// progress, an answer); then the migration fails.
@@ -162,9 +190,7 @@ pub struct SendMigrationConfig {
 impl SendMigrationConfig {
     pub fn params(&self) -> Result<SendParams, ParamsError> {
         let url: MigrationUrl = self.destination_url.parse()?;
-        if self.tls_dir.is_some() {
-            return Err(ParamsError::Tls);
-        }
+        refuse_if(self.tls_dir.is_some(), "tls_dir", NO_TLS)?;
         let postcopy = self.postcopy || self.memory_mode == MemoryMode::Postcopy;
         if self.downtime_ms == 0 {
             return Err(ParamsError::Zero {
@@ -208,7 +234,7 @@ impl SendMigrationConfig {
             connections,
             downtime: Duration::from_millis(self.downtime_ms),
             timeout: Duration::from_secs(self.timeout_s),
-            timeout_strategy: parse_strategy(&self.timeout_strategy)?,
+            timeout_strategy: self.timeout_strategy,
             preserve_source: self.preserve_source,
             postcopy,
             io_timeout: Duration::from_secs(self.io_timeout_s),
@@ -225,8 +251,16 @@ pub struct ReceiveMigrationConfig {
     pub tls_dir: Option<String>,
     #[serde(default)]
     pub memory_mode: MemoryMode,
-    #[serde(default)]
+    /// Same as `memory_mode: Postcopy` (our older spelling; read, never written).
+    #[serde(default, skip_serializing)]
     pub postcopy: bool,
+    /// Accepted when null or empty (Cloud Hypervisor's ch-remote always sends them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommufd_fd: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zone_updates: Vec<serde_json::Value>,
     /// Post-copy: how long the destination waits for the source's answer to one page
     /// pull before it stops the VM with an error naming the page and the source.
     #[serde(default = "default_page_timeout_s")]
@@ -245,11 +279,18 @@ pub struct ReceiveMigrationConfig {
 }
 
 impl ReceiveMigrationConfig {
+    /// The URL, once the fields this VMM cannot honour are known to ask for nothing.
     pub fn url(&self) -> Result<MigrationUrl, ParamsError> {
-        if self.tls_dir.is_some() {
-            return Err(ParamsError::Tls);
-        }
-        Ok(self.receiver_url.parse()?)
+        let url = self.receiver_url.parse()?;
+        refuse_if(self.tls_dir.is_some(), "tls_dir", NO_TLS)?;
+        refuse_if(
+            self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()),
+            "vfio_fds",
+            NO_VFIO,
+        )?;
+        refuse_if(self.iommufd_fd.is_some(), "iommufd_fd", NO_VFIO)?;
+        refuse_if(!self.zone_updates.is_empty(), "zone_updates", NO_ZONES)?;
+        Ok(url)
     }
 
     /// The validated request, defaults filled in.
@@ -297,6 +338,9 @@ impl ReceiveMigrationConfig {
     }
 }
 
+/// Why `tls_dir` cannot apply.
+const NO_TLS: &str = "this VMM migrates without TLS (use a trusted network or a UNIX socket)";
+
 const SEND_KEYS: &[Key] = &[
     value("destination_url"),
     value("local"),
@@ -325,6 +369,15 @@ fn toggle(opts: &Options, key: &'static str) -> Result<bool, OptionsError> {
     Ok(opts.convert::<Toggle>(key)?.is_some_and(|t| t.0))
 }
 
+/// `memory_mode=...`, or Postcopy for our alias `postcopy=on`: the body then says
+/// `"memory_mode": "Postcopy"`, the only spelling Cloud Hypervisor's VMM knows.
+fn memory_mode(opts: &Options) -> Result<MemoryMode, OptionsError> {
+    if toggle(opts, "postcopy")? {
+        return Ok(MemoryMode::Postcopy);
+    }
+    Ok(opts.convert("memory_mode")?.unwrap_or_default())
+}
+
 /// ch-remote `send-migration destination_url=tcp:H:P[,local=on][,connections=N]...`.
 pub fn parse_send_migration(input: &str) -> Result<SendMigrationConfig, OptionsError> {
     let opts = Options::parse("send-migration", SEND_KEYS, input)?;
@@ -336,15 +389,13 @@ pub fn parse_send_migration(input: &str) -> Result<SendMigrationConfig, OptionsE
             .convert("downtime_ms")?
             .unwrap_or(default_downtime_ms()),
         timeout_s: opts.convert("timeout_s")?.unwrap_or(default_timeout_s()),
-        timeout_strategy: opts
-            .get("timeout_strategy")
-            .map_or_else(default_strategy, str::to_string),
+        timeout_strategy: opts.convert("timeout_strategy")?.unwrap_or_default(),
         connections: opts
             .convert("connections")?
             .unwrap_or(default_connections()),
         tls_dir: opts.get("tls_dir").map(str::to_string),
-        memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
-        postcopy: toggle(&opts, "postcopy")?,
+        memory_mode: memory_mode(&opts)?,
+        postcopy: false,
         io_timeout_s: opts
             .convert("io_timeout_s")?
             .unwrap_or(default_io_timeout_s()),
@@ -358,8 +409,11 @@ pub fn parse_receive_migration(input: &str) -> Result<ReceiveMigrationConfig, Op
     Ok(ReceiveMigrationConfig {
         receiver_url: opts.required("receiver_url")?,
         tls_dir: opts.get("tls_dir").map(str::to_string),
-        memory_mode: opts.convert("memory_mode")?.unwrap_or_default(),
-        postcopy: toggle(&opts, "postcopy")?,
+        memory_mode: memory_mode(&opts)?,
+        postcopy: false,
+        vfio_fds: None,
+        iommufd_fd: None,
+        zone_updates: Vec::new(),
         page_timeout_s: opts
             .convert("page_timeout_s")?
             .unwrap_or(default_page_timeout_s()),
@@ -443,6 +497,73 @@ mod tests {
             let e = body(json).unwrap_err();
             assert!(e.contains(want), "{json}: {e}");
         }
+    }
+
+    /// What Cloud Hypervisor's ch-remote sends (its null/empty fields mean "absent"), and
+    /// its fields asking for what we lack, refused by name.
+    #[test]
+    fn cloud_hypervisor_bodies() {
+        let p = body(
+            r#"{"destination_url":"tcp:127.0.0.1:6000","local":false,"preserve_source":false,"downtime_ms":200,"timeout_s":60,"timeout_strategy":"Ignore","connections":4,"tls_dir":null,"memory_mode":"Precopy"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.connections, p.timeout_strategy, p.postcopy),
+            (4, TimeoutStrategy::Ignore, false)
+        );
+        let e = body(r#"{"destination_url":"tcp:h:1","tls_dir":"/x"}"#).unwrap_err();
+        assert!(e.starts_with("tls_dir is not supported here"), "{e}");
+
+        let receive = |json: &str| {
+            serde_json::from_str::<ReceiveMigrationConfig>(json)
+                .map_err(|e| e.to_string())?
+                .params()
+                .map_err(|e| e.to_string())
+        };
+        let p = receive(
+            r#"{"receiver_url":"tcp:0.0.0.0:6000","tls_dir":null,"memory_mode":"Postcopy","vfio_fds":null,"iommufd_fd":null,"zone_updates":[]}"#,
+        )
+        .unwrap();
+        assert!(p.postcopy);
+        for (field, extra) in [
+            ("tls_dir", r#""tls_dir":"/x""#),
+            ("vfio_fds", r#""vfio_fds":[{"id":"v"}]"#),
+            ("iommufd_fd", r#""iommufd_fd":3"#),
+            (
+                "zone_updates",
+                r#""zone_updates":[{"id":"z","host_numa_node":1}]"#,
+            ),
+        ] {
+            let e = receive(&format!(r#"{{"receiver_url":"unix:/r",{extra}}}"#)).unwrap_err();
+            assert!(
+                e.starts_with(&format!("{field} is not supported here")),
+                "{field}: {e}"
+            );
+        }
+        let e = receive(r#"{"receiver_url":"unix:/r","bogus":1}"#).unwrap_err();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    /// Our aliases stay accepted as input.
+    #[test]
+    fn our_aliases_are_read() {
+        assert!(
+            body(r#"{"destination_url":"tcp:h:1","postcopy":true}"#)
+                .unwrap()
+                .postcopy
+        );
+        assert_eq!(
+            body(r#"{"destination_url":"tcp:h:1","timeout_strategy":"ignore"}"#)
+                .unwrap()
+                .timeout_strategy,
+            TimeoutStrategy::Ignore
+        );
+        let r: ReceiveMigrationConfig =
+            serde_json::from_str(r#"{"receiver_url":"unix:/r","postcopy":true}"#).unwrap();
+        assert!(r.params().unwrap().postcopy);
+        let r: ReceiveMigrationConfig =
+            serde_json::from_str(r#"{"receiver_url":"unix:/r","memory_mode":"postcopy"}"#).unwrap();
+        assert!(r.params().unwrap().postcopy);
     }
 
     #[test]

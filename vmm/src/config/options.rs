@@ -501,6 +501,7 @@ pub fn parse_restore(input: &str) -> Result<RestoreConfig, OptionsError> {
             .unwrap_or_default(),
         resume: opts.convert::<Toggle>("resume")?.is_some_and(|t| t.0),
         prefault: opts.convert::<Toggle>("prefault")?.is_some_and(|t| t.0),
+        ..RestoreConfig::default()
     })
 }
 

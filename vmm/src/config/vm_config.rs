@@ -138,8 +138,11 @@ impl<'de> Deserialize<'de> for MemoryRestoreMode {
     }
 }
 
-/// The `vm.restore` body (Cloud Hypervisor's field names).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The `vm.restore` body: every field Cloud Hypervisor v54 defines for it. The ones for
+/// devices this VMM does not have (`net_fds`, `vfio_fds`, `iommufd_fd`, `zone_updates`)
+/// are accepted when null or empty, as Cloud Hypervisor's ch-remote always sends them,
+/// and refused by [`RestoreConfig::params`] otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreConfig {
     pub source_url: String,
@@ -150,6 +153,14 @@ pub struct RestoreConfig {
     /// Accepted for compatibility; a Copy restore always reads everything up front.
     #[serde(default)]
     pub prefault: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommufd_fd: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zone_updates: Vec<serde_json::Value>,
 }
 
 /// The `vm.snapshot` body.
@@ -158,6 +169,29 @@ pub struct RestoreConfig {
 pub struct SnapshotConfig {
     pub destination_url: String,
 }
+
+/// A field of Cloud Hypervisor's API that this VMM accepts only when it asks for nothing
+/// (null, empty or false).
+#[derive(Debug, thiserror::Error)]
+#[error("{field} is not supported here: {why} (leave it out, null or empty)")]
+pub struct Unsupported {
+    pub field: &'static str,
+    pub why: &'static str,
+}
+
+/// `Err` naming `field` when the request asks for something through it.
+pub fn refuse_if(present: bool, field: &'static str, why: &'static str) -> Result<(), Unsupported> {
+    if present {
+        Err(Unsupported { field, why })
+    } else {
+        Ok(())
+    }
+}
+
+/// Why the VMM has none of the devices `vfio_fds`/`iommufd_fd` are for.
+pub const NO_VFIO: &str = "this VMM has no VFIO devices";
+/// Why `zone_updates` cannot apply.
+pub const NO_ZONES: &str = "this VMM has no NUMA memory zones";
 
 /// A restore request after its URL has been checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,8 +220,29 @@ pub fn file_url_path(url: &str) -> Result<PathBuf, UrlError> {
     Ok(PathBuf::from(path))
 }
 
+/// Why a `vm.restore` body cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreBodyError {
+    #[error("source_url: {0}")]
+    Url(#[from] UrlError),
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
+}
+
 impl RestoreConfig {
-    pub fn params(&self) -> Result<RestoreParams, UrlError> {
+    pub fn params(&self) -> Result<RestoreParams, RestoreBodyError> {
+        refuse_if(
+            self.net_fds.as_ref().is_some_and(|v| !v.is_empty()),
+            "net_fds",
+            "this VMM has no network devices",
+        )?;
+        refuse_if(
+            self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()),
+            "vfio_fds",
+            NO_VFIO,
+        )?;
+        refuse_if(self.iommufd_fd.is_some(), "iommufd_fd", NO_VFIO)?;
+        refuse_if(!self.zone_updates.is_empty(), "zone_updates", NO_ZONES)?;
         Ok(RestoreParams {
             source: file_url_path(&self.source_url)?,
             mode: self.memory_restore_mode,
@@ -228,6 +283,51 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<RestoreConfig>(r#"{"source_url":"x","bogus":1}"#).is_err());
+    }
+
+    /// What Cloud Hypervisor's ch-remote always sends: the device fields null or empty.
+    #[test]
+    fn restore_body_accepts_cloud_hypervisor_empty_fields() {
+        let c: RestoreConfig = serde_json::from_str(
+            r#"{"source_url":"file:///s","prefault":false,"memory_restore_mode":"OnDemand","net_fds":null,"vfio_fds":null,"iommufd_fd":null,"resume":true,"zone_updates":[]}"#,
+        )
+        .unwrap();
+        let p = c.params().unwrap();
+        assert_eq!((p.mode, p.resume), (MemoryRestoreMode::OnDemand, true));
+        let c: RestoreConfig =
+            serde_json::from_str(r#"{"source_url":"file:///s","net_fds":[],"vfio_fds":[]}"#)
+                .unwrap();
+        c.params().unwrap();
+        for (field, body) in [
+            ("net_fds", r#""net_fds":[{"id":"net0","num_fds":1}]"#),
+            ("vfio_fds", r#""vfio_fds":[{"id":"vfio0"}]"#),
+            ("iommufd_fd", r#""iommufd_fd":3"#),
+            (
+                "zone_updates",
+                r#""zone_updates":[{"id":"z","host_numa_node":0}]"#,
+            ),
+        ] {
+            let json = format!(r#"{{"source_url":"file:///s",{body}}}"#);
+            let c: RestoreConfig = serde_json::from_str(&json).unwrap();
+            let e = c.params().unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{field} is not supported here")),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    /// Our own ch-remote's body names only what it sets: Cloud Hypervisor reads it too.
+    #[test]
+    fn restore_body_serializes_without_the_empty_fields() {
+        let c = RestoreConfig {
+            source_url: "file:///s".into(),
+            ..RestoreConfig::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"source_url":"file:///s","memory_restore_mode":"Copy","resume":false,"prefault":false}"#
+        );
     }
 
     #[test]

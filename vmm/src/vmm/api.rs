@@ -2,9 +2,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::Vmm;
 use super::migrate::MigrationError;
 use super::snapshot::{RestoreError, SnapshotError};
-use super::{Vmm, error_chain};
 use crate::api::{
     ApiError, ApiRequest, ApiResponse, ApiResult, MemoryRestoreProgress, VmInfoResponse,
     VmmPingResponse,
@@ -102,13 +102,10 @@ impl Vmm {
                         action: "snapshot",
                         state,
                     },
-                    SnapshotError::RestoreInProgress { .. } => ApiError::Conflict(error_chain(&e)),
+                    SnapshotError::RestoreInProgress { .. } => ApiError::conflict(&e),
                     SnapshotError::Store(store::Error::DestinationNotEmpty(_))
-                    | SnapshotError::Destination(..) => ApiError::BadRequest(error_chain(&e)),
-                    other => ApiError::Internal {
-                        action: "snapshot",
-                        message: error_chain(&other),
-                    },
+                    | SnapshotError::Destination(..) => ApiError::bad_request(&e),
+                    other => ApiError::internal("snapshot", &other),
                 })?;
                 Ok(ApiResponse::Empty)
             }
@@ -123,7 +120,7 @@ impl Vmm {
             // Answered when the VM has arrived: the run loop hands the reply over.
             ApiRequest::VmReceiveMigration(_) => Err(ApiError::Internal {
                 action: "migrate",
-                message: "receive-migration reached the wrong handler".into(),
+                reason: "receive-migration reached the wrong handler".into(),
             }),
             ApiRequest::VmRestore(_) if self.receiving() => Err(self.no_vm()),
             ApiRequest::VmRestore(params) => {
@@ -133,11 +130,10 @@ impl Vmm {
                         state,
                     },
                     // A snapshot that cannot be used is the caller's input problem.
-                    RestoreError::Snapshot(..) => ApiError::BadRequest(error_chain(&e)),
-                    RestoreError::Vm(_) | RestoreError::OpenMemory(_) => ApiError::Internal {
-                        action: "restore",
-                        message: error_chain(&e),
-                    },
+                    RestoreError::Snapshot(..) => ApiError::bad_request(&e),
+                    RestoreError::Vm(_) | RestoreError::OpenMemory(_) => {
+                        ApiError::internal("restore", &e)
+                    }
                 })?;
                 Ok(ApiResponse::Empty)
             }
@@ -176,18 +172,15 @@ pub(super) fn migration_api_error(e: MigrationError) -> ApiError {
         | MigrationError::Busy
         | MigrationError::NotRunning
         | MigrationError::RestoreInProgress
-        | MigrationError::VmExists(_) => ApiError::Conflict(error_chain(&e)),
+        | MigrationError::VmExists(_) => ApiError::conflict(&e),
         MigrationError::LocalNeedsSharedMemory | MigrationError::LocalNeedsUnix => {
-            ApiError::BadRequest(error_chain(&e))
+            ApiError::bad_request(&e)
         }
         MigrationError::Prepare(_)
         | MigrationError::DirtyLog(_)
         | MigrationError::Receive(_)
         | MigrationError::Start(_)
-        | MigrationError::StartAbandoned => ApiError::Internal {
-            action: "migrate",
-            message: error_chain(&e),
-        },
+        | MigrationError::StartAbandoned => ApiError::internal("migrate", &e),
     }
 }
 
@@ -196,9 +189,6 @@ pub(super) fn migration_api_error(e: MigrationError) -> ApiError {
 fn api_error(action: &'static str) -> impl Fn(vm::Error) -> ApiError {
     move |e| match e {
         vm::Error::InvalidState { state, .. } => ApiError::InvalidState { action, state },
-        other => ApiError::Internal {
-            action,
-            message: error_chain(&other),
-        },
+        other => ApiError::internal(action, &other),
     }
 }

@@ -548,12 +548,15 @@ impl Vmm {
     /// that one is on its way.
     pub(super) fn no_vm(&self) -> ApiError {
         match &self.incoming {
-            Some(incoming) => ApiError::Conflict(format!(
-                "no VM yet: receiving one on {} ({}, {} bytes of guest memory so far)",
-                incoming.url,
-                incoming.watch.phase().name(),
-                incoming.watch.bytes()
-            )),
+            Some(incoming) => ApiError::Conflict(
+                format!(
+                    "no VM yet: receiving one on {} ({}, {} bytes of guest memory so far)",
+                    incoming.url,
+                    incoming.watch.phase().name(),
+                    incoming.watch.bytes()
+                )
+                .into(),
+            ),
             None => ApiError::NoVm,
         }
     }

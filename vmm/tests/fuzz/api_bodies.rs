@@ -24,7 +24,9 @@ fn check_all_routes(body: &[u8], peak: &Peak) {
         allocations.assert_within(cap(body), route.endpoint);
         match result {
             Ok(_) => {}
-            Err(ApiError::BadRequest(message)) => assert!(!message.is_empty()),
+            Err(ApiError::BadRequest(reason)) => {
+                assert!(!reason.messages().is_empty() && !reason.to_string().is_empty())
+            }
             Err(other) => panic!("{}: a body gave {other:?}, not a 400", route.endpoint),
         }
     }
