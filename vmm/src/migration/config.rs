@@ -19,8 +19,9 @@ pub struct VmMigrationConfig {
     pub vm_config: VmConfig,
     /// Always empty from us: each VMM of ours gives its guest the CPUID of its own KVM and
     /// checks none from its peer, so there is no CPUID the destination must match. Cloud
-    /// Hypervisor (kvm, x86_64) requires the key; its daemon never reads it, and its VMM
-    /// finds an empty list compatible with any host.
+    /// Hypervisor (kvm, x86_64) requires the key; its daemon never reads it. Its VMM does
+    /// compare the list with its own CPUID and refuses an empty one, but it could not run
+    /// our State anyway: a migration from our VMM to theirs is not supported.
     #[serde(default)]
     pub common_cpuid: Vec<CpuIdEntry>,
     pub memory_manager_data: MemoryManagerData,
