@@ -471,7 +471,7 @@ mod tests {
         let info = |label: &str| SideInfo {
             label: label.into(),
             vmm: PathBuf::from("/x/cloud-hypervisor"),
-            vmm_args: vec!["--seccomp".into(), "false".into()],
+            vmm_args: vec!["--log-file".into(), "x".into()],
         };
         let report = CompareReport {
             timestamp: 0,
@@ -504,7 +504,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("(ours only) | 4.0 ms | — | — |"), "{md}");
-        assert!(md.contains("`--seccomp false`"), "{md}");
+        assert!(md.contains("`--log-file x`"), "{md}");
         assert!(
             md.contains("- compare/local/1024M_ram/768M_touched [CH] #1: boom\n"),
             "{md}"

@@ -58,8 +58,8 @@ struct Args {
     /// in this directory, alternately, and write one table with both and the ratio.
     #[arg(long, value_name = "DIR")]
     compare: Option<PathBuf>,
-    /// Compare mode: extra arguments for the other VMM, split at spaces (e.g.
-    /// '--seccomp false').
+    /// Compare mode: extra arguments for the other VMM, split at spaces (e.g. the
+    /// switch that turns its syscall filters off, see docs/benchmarks.md).
     #[arg(
         long,
         value_name = "ARGS",
