@@ -218,7 +218,11 @@ fn read_response(stream: &mut impl Read) -> Result<Response, ReadError> {
                 let status = response
                     .code
                     .ok_or_else(|| Error::MalformedResponse("no status code".to_string()))?;
-                let content_length = content_length(response.headers)?;
+                let content_length = match body_framing(status, response.headers)? {
+                    Framing::Length(n) => Some(n),
+                    Framing::None => Some(0),
+                    Framing::UntilClose => None,
+                };
                 break (status, head_len, content_length);
             }
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
@@ -233,11 +237,7 @@ fn read_response(stream: &mut impl Read) -> Result<Response, ReadError> {
     };
 
     let mut body = buf.split_off(head_len);
-    // These never have a body (RFC 9110 6.4.1): a server that keeps the connection open
-    // after a 204 without Content-Length (Cloud Hypervisor's does) must not be waited on.
-    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
     match content_length {
-        _ if bodiless => body.clear(),
         Some(len) => {
             if len > MAX_BODY_BYTES {
                 return Err(Error::ResponseTooLarge {
@@ -275,6 +275,35 @@ fn read_response(stream: &mut impl Read) -> Result<Response, ReadError> {
     }
     let body = String::from_utf8(body).map_err(Error::BodyNotUtf8)?;
     Ok(Response { status, body })
+}
+
+enum Framing {
+    Length(usize),
+    None,
+    UntilClose,
+}
+
+/// How the body ends. 1xx, 204 and 304 never carry one (RFC 9110 6.4.1; Cloud Hypervisor answers 204
+/// without a Content-Length and keeps the connection open), and neither does a
+/// keep-alive answer without a length; otherwise a body without a length runs until
+/// the server closes the connection.
+fn body_framing(status: u16, headers: &[httparse::Header<'_>]) -> Result<Framing, Error> {
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(Framing::None);
+    }
+    if let Some(n) = content_length(headers)? {
+        return Ok(Framing::Length(n));
+    }
+    let keep_alive = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && std::str::from_utf8(h.value)
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("keep-alive"))
+    });
+    Ok(if keep_alive {
+        Framing::None
+    } else {
+        Framing::UntilClose
+    })
 }
 
 fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<usize>, Error> {
@@ -480,6 +509,37 @@ mod tests {
             body: String::new(),
         };
         assert_eq!(empty.error_message(), "HTTP status 503");
+    }
+
+    /// Cloud Hypervisor's server: no reason phrase, no length on a 204, and the
+    /// connection stays open after the answer.
+    #[test]
+    fn no_content_keep_alive_answer_does_not_wait_for_close() {
+        let dir = std::env::temp_dir().join(format!(
+            "api_client_test_{}_{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = TempSocket(dir.join("api.sock"));
+        let listener = UnixListener::bind(&*sock).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut chunk = [0u8; 1024];
+            let _ = conn.read(&mut chunk).unwrap();
+            conn.write_all(
+                b"HTTP/1.1 204 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n",
+            )
+            .unwrap();
+            // Open until the client has its answer (or gave up).
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        });
+        let resp = api_command(&sock, "PUT", "vm.pause", None, Some(Duration::from_secs(2)));
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        let resp = resp.unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (204, ""));
     }
 
     #[test]

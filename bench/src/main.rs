@@ -4,11 +4,19 @@
 //! Every measurement is a [`Scenario`]: it runs once per repetition and returns named
 //! samples. To add a measurement (snapshot, restore, migration ...), implement the trait
 //! in a new module and add it to [`scenarios`].
+//!
+//! `--compare <dir>` ([`compare`]) runs the paths of [`paths`] on our binaries and on the
+//! ones in `<dir>` ([`side::Side`]), alternately, timed from outside both VMMs
+//! ([`clock`]); see docs/benchmarks.md.
 
+mod clock;
+mod compare;
 mod migration;
 mod offload;
+mod paths;
 mod report;
 mod scenarios;
+mod side;
 mod snapshot;
 
 use std::path::PathBuf;
@@ -21,7 +29,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use test_infra::Binaries;
 
+use crate::paths::{Group, Size};
 use crate::report::{Report, ScenarioResult};
+use crate::side::Side;
+use crate::snapshot::Cache;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks the VMM with the test guest")]
@@ -42,12 +53,53 @@ struct Args {
     /// $CLOUD_HYPERVISOR_BIN / $CH_REMOTE_BIN).
     #[arg(long)]
     no_build: bool,
+    /// Compare mode (docs/benchmarks.md): run the comparison paths on our binaries and
+    /// on the Cloud-Hypervisor-compatible cloud-hypervisor, ch-remote and offload_daemon
+    /// in this directory, alternately, and write one table with both and the ratio.
+    #[arg(long, value_name = "DIR")]
+    compare: Option<PathBuf>,
+    /// Compare mode: extra arguments for the other VMM, split at spaces (e.g. the
+    /// switch that turns its syscall filters off, see docs/benchmarks.md).
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    compare_vmm_args: String,
+    /// Compare mode: the other side's column name.
+    #[arg(long, value_name = "NAME", default_value = "CH")]
+    compare_label: String,
+    /// Compare mode: guest sizes as RAM:TOUCHED in MiB, comma separated.
+    #[arg(
+        long,
+        value_name = "SIZES",
+        value_delimiter = ',',
+        default_value = "1024:768,4096:3072"
+    )]
+    compare_sizes: Vec<Size>,
+    /// Compare mode: path groups, comma separated (offload, snapshot, precopy, postcopy,
+    /// local).
+    #[arg(long, value_name = "GROUPS", value_delimiter = ',',
+          default_value = "offload,snapshot,precopy,postcopy,local", value_parser = Group::parse)]
+    compare_paths: Vec<Group>,
+    /// Compare mode: restore from a warm page cache instead of dropping it first (which
+    /// needs root).
+    #[arg(long)]
+    warm_cache: bool,
 }
 
-/// What every scenario gets: the binaries and the guest.
+/// What every scenario gets: the side it runs on and the guest.
 pub struct Ctx {
-    pub bins: Binaries,
+    pub side: Side,
     pub kernel: PathBuf,
+}
+
+impl Ctx {
+    /// A VMM of this side (its extra arguments included).
+    pub fn vmm(&self) -> test_infra::VmmBuilder {
+        self.side.vmm("vmm")
+    }
 }
 
 /// One measurement. `run_once` performs a full repetition (its own VMM, from spawn to
@@ -214,14 +266,37 @@ fn main() -> anyhow::Result<()> {
         build_vmm()?;
     }
     let ctx = Ctx {
-        bins: Binaries::locate()?,
+        side: Side::ours(Binaries::locate()?)?,
         kernel: test_infra::guest::elf_path(),
     };
     eprintln!(
         "bench: VMM {}, guest {}",
-        ctx.bins.cloud_hypervisor.display(),
+        ctx.side.bins.cloud_hypervisor.display(),
         ctx.kernel.display()
     );
+    if let Some(dir) = &args.compare {
+        let mut other = Side::other(dir, &args.compare_label, &args.compare_vmm_args)?;
+        other.probe()?;
+        let mut ctx = ctx;
+        ctx.side.probe()?;
+        let other = Ctx {
+            side: other,
+            kernel: ctx.kernel.clone(),
+        };
+        let plan = compare::Plan {
+            sizes: args.compare_sizes.clone(),
+            groups: args.compare_paths.clone(),
+            filter: args.filter.clone(),
+            cache: if args.warm_cache {
+                Cache::Warm
+            } else {
+                Cache::Cold
+            },
+            reps: args.reps,
+            out: args.out.clone(),
+        };
+        return compare::run(&ctx, &other, &plan);
+    }
 
     let mut results: Vec<ScenarioResult> = Vec::new();
     for scenario in scenarios(&args.cpus) {

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use test_infra::{TempDir, VmmBuilder};
+use test_infra::TempDir;
 
 use crate::{Ctx, Sample, Scenario};
 
@@ -100,7 +100,8 @@ impl Scenario for Migrate {
             Some(r) => format!("mode=dirty rate={r}"),
             None => "mode=fill".into(),
         };
-        let mut src = VmmBuilder::new(ctx.bins.clone())
+        let mut src = ctx
+            .vmm()
             .tmp_prefix("bench-mig-src")
             .kernel(&ctx.kernel)
             .cmdline(format!("mem={}M {mode} tick={TICK_MS}", self.touched_mib))
@@ -123,7 +124,8 @@ impl Scenario for Migrate {
             None
         };
 
-        let mut dest = VmmBuilder::new(ctx.bins.clone())
+        let mut dest = ctx
+            .vmm()
             .tmp_prefix("bench-mig-dst")
             // The received VM writes where this VMM's own --serial says.
             .serial_file(&serial)

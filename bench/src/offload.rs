@@ -4,12 +4,11 @@
 //! on demand (`--ondemand`) into another; each restored guest must tick on with the same
 //! nonce. Both restores start from a cold page cache.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use test_infra::TempDir;
 use test_infra::daemon::DaemonProcess;
-use test_infra::{TempDir, VmmBuilder};
 
 use crate::snapshot::{Cache, peak_rss_mib};
 use crate::{Ctx, Sample, Scenario};
@@ -19,21 +18,6 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Offload {
     pub ram_mib: u64,
     pub touched_mib: u64,
-}
-
-fn daemon_path(ctx: &Ctx) -> anyhow::Result<PathBuf> {
-    let dir = ctx
-        .bins
-        .cloud_hypervisor
-        .parent()
-        .context("binary directory")?;
-    let path = dir.join("offload_daemon");
-    ensure!(
-        path.is_file(),
-        "{} is missing (cargo build --release -p offload_daemon)",
-        path.display()
-    );
-    Ok(path)
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
@@ -53,10 +37,11 @@ impl Scenario for Offload {
     }
 
     fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
-        let daemon = daemon_path(ctx)?;
+        let daemon = ctx.side.daemon()?.to_path_buf();
         let dir = TempDir::new("bench-offload")?;
         let serial = dir.join("serial.log");
-        let mut src = VmmBuilder::new(ctx.bins.clone())
+        let mut src = ctx
+            .vmm()
             .tmp_prefix("bench-offload-src")
             .kernel(&ctx.kernel)
             .cmdline(format!("mem={}M mode=fill tick=200", self.touched_mib))
@@ -119,9 +104,10 @@ impl Scenario for Offload {
         // cache holds it otherwise depends on what ran before (the daemon writes and
         // reads with O_DIRECT, but serves on-demand pages through the cache).
         // Eager restore into a fresh VMM waiting in receive-migration.
-        Cache::Cold.prepare(&snap, &ctx.bins)?;
+        Cache::Cold.prepare(&snap, &ctx.side.bins)?;
         std::fs::read(&daemon)?;
-        let mut dest = VmmBuilder::new(ctx.bins.clone())
+        let mut dest = ctx
+            .vmm()
             .tmp_prefix("bench-offload-dst")
             // The received VM writes where this VMM's own --serial says.
             .serial_file(&serial)
@@ -168,11 +154,12 @@ impl Scenario for Offload {
 
         // On-demand restore: the VM resumes before its memory is back.
         std::fs::rename(&serial, dir.join("serial.eager.log"))?;
-        Cache::Cold.prepare(&snap, &ctx.bins)?;
+        Cache::Cold.prepare(&snap, &ctx.side.bins)?;
         // The daemon's binary stays cached too, as on a host that runs it routinely:
         // time to resume is about the snapshot, not about loading a program from disk.
         std::fs::read(&daemon)?;
-        let mut od = VmmBuilder::new(ctx.bins.clone())
+        let mut od = ctx
+            .vmm()
             .tmp_prefix("bench-offload-od")
             // The received VM writes where this VMM's own --serial says.
             .serial_file(&serial)

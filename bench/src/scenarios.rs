@@ -13,7 +13,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn guest(ctx: &Ctx, name: &str, cpus: u8) -> VmmBuilder {
-    VmmBuilder::new(ctx.bins.clone())
+    ctx.vmm()
         .tmp_prefix(name)
         .kernel(&ctx.kernel)
         .cmdline(format!("mem=16M tick={TICK_MS}"))

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use test_infra::{TempDir, VmmBuilder, VmmProcess};
+use test_infra::{TempDir, VmmProcess};
 
 use crate::{Ctx, Sample, Scenario};
 
@@ -80,10 +80,7 @@ impl SnapshotRestore {
         mode: &str,
         serial: &Path,
     ) -> anyhow::Result<(VmmProcess, Instant, Duration)> {
-        let mut vmm = VmmBuilder::new(ctx.bins.clone())
-            .tmp_prefix("bench-restored")
-            .serial_file(serial)
-            .spawn()?;
+        let mut vmm = ctx.side.empty_vmm("bench-restored", serial).spawn()?;
         vmm.wait_api_ready(STEP_TIMEOUT)?;
         let body = format!(
             r#"{{"source_url":"{}","memory_restore_mode":"{mode}","resume":true}}"#,
@@ -256,7 +253,8 @@ impl Scenario for SnapshotRestore {
     fn run_once(&self, ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
         let dir = TempDir::new("bench-snap")?;
         let serial = dir.join("serial.log");
-        let mut src = VmmBuilder::new(ctx.bins.clone())
+        let mut src = ctx
+            .vmm()
             .tmp_prefix("bench-snap-src")
             .kernel(&ctx.kernel)
             .cmdline(format!(
@@ -298,7 +296,7 @@ impl Scenario for SnapshotRestore {
             for cache in [Cache::Cold, Cache::Warm] {
                 n += 1;
                 std::fs::rename(&serial, dir.join(format!("serial.{n}.log")))?;
-                cache.prepare(&snap, &ctx.bins)?;
+                cache.prepare(&snap, &ctx.side.bins)?;
                 let prefix = format!("{name}_{}", cache.name());
                 samples.extend(
                     self.measure_restore(ctx, &snap, mode, &prefix, &serial, nonce, bytes)?,

@@ -162,6 +162,8 @@ pub struct VmmBuilder {
     wrapper: Vec<OsString>,
     world_writable_dir: bool,
     tmp_prefix: String,
+    /// `--cpus`, `--memory`, `--serial` and `--console` (see `without_vm_options`).
+    vm_options: bool,
 }
 
 impl VmmBuilder {
@@ -182,6 +184,7 @@ impl VmmBuilder {
             wrapper: Vec::new(),
             world_writable_dir: false,
             tmp_prefix: "vmm".to_string(),
+            vm_options: true,
         }
     }
 
@@ -286,6 +289,14 @@ impl VmmBuilder {
         self
     }
 
+    /// No `--cpus`, `--memory`, `--serial` or `--console`: a VMM that only waits for a
+    /// restore or an incoming migration, started as Cloud Hypervisor requires (it refuses
+    /// VM options without a kernel). Add `--serial` with `arg` if wanted.
+    pub fn without_vm_options(mut self) -> Self {
+        self.vm_options = false;
+        self
+    }
+
     /// Names the temp dir after the test, which helps when one is kept for debugging.
     pub fn tmp_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.tmp_prefix = prefix.into();
@@ -308,16 +319,18 @@ impl VmmBuilder {
         if let Some(cmdline) = &self.cmdline {
             push("--cmdline", OsStr::new(cmdline));
         }
-        push("--cpus", OsStr::new(&format!("boot={}", self.cpus)));
-        push("--memory", OsStr::new(&self.memory));
-        if self.serial {
-            let mut v = OsString::from("file=");
-            v.push(self.serial_path(dir));
-            push("--serial", &v);
-        } else {
-            push("--serial", OsStr::new("off"));
+        if self.vm_options {
+            push("--cpus", OsStr::new(&format!("boot={}", self.cpus)));
+            push("--memory", OsStr::new(&self.memory));
+            if self.serial {
+                let mut v = OsString::from("file=");
+                v.push(self.serial_path(dir));
+                push("--serial", &v);
+            } else {
+                push("--serial", OsStr::new("off"));
+            }
+            push("--console", OsStr::new("off"));
         }
-        push("--console", OsStr::new("off"));
         if self.api_socket {
             let socket = dir.join("api.sock");
             match &self.api_socket_options {
