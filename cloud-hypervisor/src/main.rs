@@ -14,9 +14,9 @@ use std::time::Instant;
 use clap::{ArgAction, ArgGroup, Parser};
 use vmm::api::http;
 use vmm::config::options::{self, OptionsError, PathOrFd, VmParams};
+use vmm::errors::error_chain;
 use vmm::migration::receive::LocalDevices;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
-use vmm::vmm::error_chain;
 use vmm::{VmStartup, VmmEvent, event_monitor, inherited_fd};
 
 #[derive(Debug, Parser)]
@@ -195,8 +195,14 @@ fn start_api(
         return Ok(None);
     };
     let server = match (&api.socket, inherited.api.take()) {
-        (_, Some(listener)) => http::spawn_http_server_on(listener, tx.clone(), api.limits)?,
-        (PathOrFd::Path(path), None) => http::spawn_http_server(path, tx.clone(), api.limits)?,
+        (_, Some(listener)) => http::spawn_http_server_on(
+            listener,
+            vmm::events::Notifier::new(tx.clone()),
+            api.limits,
+        )?,
+        (PathOrFd::Path(path), None) => {
+            http::spawn_http_server(path, vmm::events::Notifier::new(tx.clone()), api.limits)?
+        }
         (PathOrFd::Fd(_), None) => return Ok(None),
     };
     Ok(Some(server))

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::config::SnapshotConfig;
-use vmm::config::migration;
+use vmm::config::migration_params as migration;
 use vmm::config::options::{self, OptionsError};
-use vmm::vmm::error_chain;
+use vmm::errors::error_chain;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiRequest};
-use crate::config::migration::{ReceiveMigrationConfig, SendMigrationConfig};
+use crate::config::migration_params::{ReceiveMigrationConfig, SendMigrationConfig};
 use crate::config::{RestoreConfig, SnapshotConfig, file_url_path};
 
 /// Every endpoint lives under this prefix.

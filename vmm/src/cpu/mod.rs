@@ -18,7 +18,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
-use crate::vmm::VmmEvent;
+use crate::events::{Notifier, VmNotice};
 use state::VcpuState;
 
 /// How long a vCPU may take to acknowledge a command. Generous: on this host a vCPU can be
@@ -109,7 +109,7 @@ fn install_kick_handler() -> Result<()> {
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<PioBus>,
-    pub events: Sender<VmmEvent>,
+    pub events: Notifier<VmNotice>,
 }
 
 /// A vCPU that has been configured but not started.
@@ -201,7 +201,7 @@ impl Vcpu {
             }
             if let Err(error) = self.run_once(&ctx) {
                 failed = true;
-                let _ = ctx.events.send(VmmEvent::VcpuFailed { id: self.id, error });
+                let _ = ctx.events.send(VmNotice::VcpuFailed { id: self.id, error });
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));

@@ -18,13 +18,13 @@ use vm_memory::GuestMemoryMmap;
 use vm_migration::{ConnectionRole, Request, Status, read_role, send_response};
 
 use super::receive::{
-    Allocation, Error, ReceiveParams, Result, check_ranges, limits_for, next_request,
-    receive_memory,
+    Allocation, Error, Result, check_ranges, limits_for, next_request, receive_memory,
 };
-use super::transport::{Listener, Stream};
-use super::url::MigrationUrl;
 use super::watch::Watch;
+use crate::config::migration_params::ReceiveParams;
 use crate::memory_manager::GuestRamMapping;
+use crate::net::MigrationUrl;
+use crate::net::{Listener, Stream};
 use crate::thread_priority::Boost;
 
 /// How long an extra connection may take to say what it is for (its 2-byte role).
@@ -308,7 +308,7 @@ fn serve(mut stream: Stream, index: usize, shared: &Shared) {
             if let Err(e) = memory_worker(&mut stream, shared)
                 && !shared.stop.load(Ordering::Acquire)
             {
-                shared.fail(crate::vmm::error_chain(&e));
+                shared.fail(crate::errors::error_chain(&e));
             }
         }
         Ok(ConnectionRole::Fault) => {

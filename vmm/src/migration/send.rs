@@ -1,6 +1,6 @@
 //! The source side of a live migration (`vm.send-migration`). It runs on a worker thread,
 //! so the control loop stays free for vm.info; whatever needs the VM itself (pausing it,
-//! saving its state) is asked of the control loop through `VmmEvent::Migration`.
+//! saving its state) is asked of the control loop through a [`ControlCall`].
 //!
 //! Pre-copy: iteration 0 sends only the extents that hold data, later iterations the
 //! pages KVM logged as dirty, until the rest fits the downtime target; then the VM is
@@ -15,7 +15,7 @@ use std::fs::File;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
@@ -25,41 +25,14 @@ use vm_migration::{
 };
 
 use super::postcopy::{self, Ended, PostcopyState, ServeStats};
-use super::transport::{Cancel, Stream, is_timeout};
-use super::url::MigrationUrl;
+use crate::config::migration_params::{SendParams, TimeoutStrategy};
 use crate::event_monitor;
+use crate::events::Notifier;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
+use crate::net::MigrationUrl;
+use crate::net::{Cancel, Stream, is_timeout};
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
-use crate::vmm::VmmEvent;
-
-/// What to do when the guest dirties memory faster than it can be sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TimeoutStrategy {
-    /// Give up; the source VM keeps running.
-    #[default]
-    Cancel,
-    /// Pause the VM anyway and send the rest, however long the downtime.
-    Ignore,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SendParams {
-    pub url: MigrationUrl,
-    pub local: bool,
-    /// Total connections: 1 = memory on the main connection; N > 1 = N extra memory
-    /// connections beside the main one.
-    pub connections: u8,
-    pub downtime: Duration,
-    pub timeout: Duration,
-    pub timeout_strategy: TimeoutStrategy,
-    pub preserve_source: bool,
-    /// Memory after the switch, pulled by the destination.
-    pub postcopy: bool,
-    /// How long any wait on the destination may last: a connect, a write that makes no
-    /// progress, an answer that does not come.
-    pub io_timeout: Duration,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -127,6 +100,13 @@ pub enum Control {
     Pause,
     /// The state tree of the paused VM.
     SaveState,
+}
+
+/// A [`Control`] request with where its answer goes.
+#[derive(Debug)]
+pub struct ControlCall {
+    pub request: Control,
+    pub reply: mpsc::Sender<std::result::Result<ControlReply, String>>,
 }
 
 #[derive(Debug)]
@@ -247,21 +227,21 @@ pub struct SendContext {
     pub initial_ranges: Vec<(u64, u64)>,
     /// Complete (the VM ran when the migration started) or CompletePaused.
     pub resume_on_destination: bool,
-    pub events: Sender<VmmEvent>,
+    pub events: Notifier<ControlCall>,
     pub progress: Arc<Progress>,
     /// Set by `vm.cancel-migration`; shuts every connection of this migration down.
     pub cancel: Arc<Cancel>,
 }
 
-fn control(events: &Sender<VmmEvent>, request: Control) -> Result<ControlReply> {
+fn control(events: &Notifier<ControlCall>, request: Control) -> Result<ControlReply> {
     let what = match request {
         Control::Pause => "pause the VM",
         Control::SaveState => "save the VM state",
     };
     let (reply, answer) = mpsc::channel();
-    events
-        .send(VmmEvent::Migration { request, reply })
-        .map_err(|_| Error::Control(what, "the control loop is gone".into()))?;
+    if !events.send(ControlCall { request, reply }) {
+        return Err(Error::Control(what, "the control loop is gone".into()));
+    }
     answer
         .recv()
         .map_err(|_| Error::Control(what, "no answer".into()))?
@@ -615,7 +595,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
                 s.spawn(move || {
                     let _boost = Boost::current_thread();
                     let end = postcopy::serve(&mut stream, mem, stats, activity)
-                        .map_err(|e| crate::vmm::error_chain(&e));
+                        .map_err(|e| crate::errors::error_chain(&e));
                     // The first connection's end is the verdict; stop the others.
                     if matches!(end, Ok(Ended::Confirmed) | Err(_)) {
                         handles.iter().for_each(Stream::shutdown);

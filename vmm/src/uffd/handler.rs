@@ -14,7 +14,6 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -23,8 +22,8 @@ use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Error, UffdMemorySource};
+use crate::events::{Notifier, VmNotice};
 use crate::sparse::{Extent, PAGE_SIZE};
-use crate::vmm::VmmEvent;
 
 /// Prefetch read size: large sequential reads run at disk/page-cache speed.
 pub(super) const PREFETCH_CHUNK: u64 = 2 << 20;
@@ -188,7 +187,7 @@ impl OnDemandMemory {
     pub fn start(
         regions: Vec<Region>,
         source: Arc<dyn UffdMemorySource>,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
         let uffd = registered_uffd(
             regions.iter().map(|r| (r.host, r.size)),
@@ -264,10 +263,10 @@ impl Drop for OnDemandMemory {
     }
 }
 
-fn report(events: &Sender<VmmEvent>, error: &FillError) {
-    log::error!("on-demand memory: {}", crate::vmm::error_chain(error));
-    let _ = events.send(VmmEvent::MemoryFailed {
-        error: crate::vmm::error_chain(error),
+fn report(events: &Notifier<VmNotice>, error: &FillError) {
+    log::error!("on-demand memory: {}", crate::errors::error_chain(error));
+    let _ = events.send(VmNotice::MemoryFailed {
+        error: crate::errors::error_chain(error),
     });
 }
 
@@ -510,7 +509,7 @@ impl Shared {
         n >= 0 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
     }
 
-    fn fault_loop(&self, events: &Sender<VmmEvent>) {
+    fn fault_loop(&self, events: &Notifier<VmNotice>) {
         crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         // Page-aligned, so a file source may read into it with O_DIRECT.
         let mut block = crate::sparse::PageBuf::default();
@@ -552,7 +551,7 @@ impl Shared {
     /// Copies every data chunk that is not resident yet, with `PREFETCH_THREADS`
     /// workers pulling chunks in address order from one queue. Returns false if a worker
     /// hit an error (already reported) or the restore is being stopped.
-    fn prefetch_all(&self, events: &Sender<VmmEvent>) -> bool {
+    fn prefetch_all(&self, events: &Notifier<VmNotice>) -> bool {
         let chunk_size = self.source.prefetch_chunk().max(PAGE_SIZE);
         let chunks: Vec<(usize, u64, u64)> = (0..self.regions.len())
             .flat_map(|index| {
@@ -597,7 +596,7 @@ impl Shared {
         !failed.load(Ordering::Relaxed) && !self.stopping()
     }
 
-    fn prefetch(&self, events: &Sender<VmmEvent>) {
+    fn prefetch(&self, events: &Notifier<VmNotice>) {
         crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         if !self.prefetch_all(events) {
             return;

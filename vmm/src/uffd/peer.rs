@@ -18,7 +18,6 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -29,9 +28,9 @@ use vm_migration::{MemoryRange, PageDelivery};
 
 use super::Error;
 use super::handler::Progress;
-use crate::migration::transport::Stream;
+use crate::events::{Notifier, VmNotice};
+use crate::net::Stream;
 use crate::sparse::{self, PAGE_SIZE};
-use crate::vmm::VmmEvent;
 
 /// Bytes asked for per background request where the last one held data.
 const CHUNK: u64 = 2 << 20;
@@ -99,7 +98,7 @@ impl PeerFilledMemory {
     pub fn start(
         regions: Vec<SharedRegion>,
         stream: Stream,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
         // MISSING and MINOR together: see the module docs.
         let uffd = Arc::new(super::handler::registered_uffd(
@@ -130,9 +129,9 @@ impl PeerFilledMemory {
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
                 if let Err(e) = filler.run() {
-                    let error = crate::vmm::error_chain(&e);
+                    let error = crate::errors::error_chain(&e);
                     log::error!("on-demand memory from the peer: {error}");
-                    let _ = events.send(VmmEvent::MemoryFailed { error });
+                    let _ = events.send(VmNotice::MemoryFailed { error });
                 }
             })
             .map_err(|e| Error::Spawn("uffd peer", e))?;

@@ -19,8 +19,8 @@ use vm_migration::page_fault::{read_page_fault_response, send_fault_complete, se
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::UffdMemorySource;
-use crate::migration::MigrationUrl;
-use crate::migration::transport::{Stream, is_timeout};
+use crate::net::MigrationUrl;
+use crate::net::{Stream, is_timeout};
 use crate::sparse::Extent;
 
 /// Background chunk with a connection of its own: large enough that the per-request
@@ -138,7 +138,7 @@ impl RemoteSource {
                         range.length,
                         range.gpa,
                         self.peer_name,
-                        crate::vmm::error_chain(&e)
+                        crate::errors::error_chain(&e)
                     ))
                 }
             })

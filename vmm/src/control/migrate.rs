@@ -6,14 +6,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::api::migration_api_error;
-use super::{Vmm, VmmEvent, error_chain};
+use super::requests::migration_api_error;
+use super::{Vmm, VmmEvent};
 use crate::api::{ApiError, ApiResponse, Reply, VmState};
+use crate::config::migration_params::{ReceiveParams, SendParams};
+use crate::errors::error_chain;
 use crate::event_monitor;
-use crate::migration::receive::ReceiveParams;
-use crate::migration::transport::Cancel;
+use crate::events::Notifier;
 use crate::migration::watch::Watch;
-use crate::migration::{MigrationUrl, receive, send};
+use crate::migration::{receive, send};
+use crate::net::Cancel;
+use crate::net::MigrationUrl;
 
 /// How long `vmm.shutdown` waits for a cancelled receive to let go of its sockets.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -189,10 +192,7 @@ pub(super) struct Outgoing {
 impl Vmm {
     /// Starts sending the VM to `params.url` on a worker thread and returns at once; the
     /// worker reports back with `MigrationDone`.
-    pub(super) fn send_migration(
-        &mut self,
-        params: send::SendParams,
-    ) -> Result<(), MigrationError> {
+    pub(super) fn send_migration(&mut self, params: SendParams) -> Result<(), MigrationError> {
         if self.migration.is_some() {
             return Err(MigrationError::Busy);
         }
@@ -247,7 +247,7 @@ impl Vmm {
             dirty_log,
             initial_ranges,
             resume_on_destination: state == VmState::Running,
-            events: self.events.clone(),
+            events: Notifier::new(self.events.clone()),
             progress: progress.clone(),
             cancel: cancel.clone(),
         };
@@ -437,8 +437,8 @@ impl Vmm {
         let p = params.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-receive".into())
-            .spawn(
-                move || match receive::receive(listener, &p, &local, events.clone(), w) {
+            .spawn(move || {
+                match receive::receive(listener, &p, &local, Notifier::new(events.clone()), w) {
                     Ok((received, pending)) => {
                         let (started, wait) = mpsc::channel();
                         let claim = Arc::new(AtomicU8::new(HANDOFF_WAITING));
@@ -455,8 +455,8 @@ impl Vmm {
                     Err(e) => {
                         let _ = events.send(VmmEvent::ReceiveDone { result: Err(e) });
                     }
-                },
-            );
+                }
+            });
         let worker = match spawned {
             Ok(w) => w,
             Err(e) => return Err((MigrationError::Prepare(e), reply)),

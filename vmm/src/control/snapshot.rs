@@ -100,7 +100,7 @@ impl Vmm {
         // The VM is built from the config while the manifest, state and memory piece
         // lists are read and checked beside it; a damaged snapshot still fails before
         // the VM runs, and the VM is then dropped.
-        let events = self.events.clone();
+        let events = self.notifier();
         // A snapshot directory may come from anyone: it names no host file this VMM
         // opens (the same rule as for a migration sender).
         let config = self
