@@ -29,6 +29,10 @@ pub fn chain_parts(error: &dyn std::error::Error) -> Vec<String> {
 /// loop, and the API's answer, as the error it was, not as a flattened string.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The same, for an error several threads read (the first failure of a pool of
+/// connections, reported by whichever thread asks).
+pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ pub enum VmNotice {
     VcpuFailed { id: u8, error: String },
     /// Guest RAM cannot be filled (on-demand restore): the VM must stop rather than run
     /// on missing pages.
-    MemoryFailed { error: String },
+    MemoryFailed { error: crate::errors::BoxError },
 }
 
 /// Sends notices of type `T` to an owner's channel, whatever that channel carries.

@@ -102,7 +102,8 @@ pub struct ReceivedVm(pub Box<receive::Received>, StartHandoff);
 /// The worker waits for the start; it gives up after a deadline only if the control loop
 /// has not begun starting the VM, so an Error answer never goes out for a VM that runs.
 struct StartHandoff {
-    started: mpsc::Sender<Result<(), String>>,
+    /// Whether the VM started here.
+    started: mpsc::Sender<bool>,
     claim: Arc<AtomicU8>,
 }
 
@@ -131,12 +132,12 @@ impl StartHandoff {
 /// sender then keeps its copy paused and says so (the VM may be running here).
 fn answer_complete(
     pending: receive::PendingComplete,
-    started: mpsc::Receiver<Result<(), String>>,
+    started: mpsc::Receiver<bool>,
     claim: &AtomicU8,
     deadline: Duration,
 ) {
     let result = match started.recv_timeout(deadline) {
-        Ok(r) => Some(r.is_ok()),
+        Ok(r) => Some(r),
         Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
         Err(mpsc::RecvTimeoutError::Timeout) => {
             let gave_up = claim
@@ -154,7 +155,7 @@ fn answer_complete(
                 Some(false)
             } else {
                 match started.recv_timeout(deadline) {
-                    Ok(r) => Some(r.is_ok()),
+                    Ok(r) => Some(r),
                     Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                 }
@@ -257,7 +258,7 @@ impl Vmm {
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationSend);
                 let _boost = crate::thread_priority::Boost::current_thread();
-                let result = send::run(&ctx).map_err(|e| error_chain(&e));
+                let result = send::run(&ctx);
                 if let Some(log) = &ctx.dirty_log
                     && let Err(e) = log.stop()
                 {
@@ -295,20 +296,20 @@ impl Vmm {
     pub(super) fn migration_control(
         &mut self,
         request: send::Control,
-    ) -> Result<send::ControlReply, String> {
+    ) -> Result<send::ControlReply, crate::errors::BoxError> {
         let vm = self.vm.as_mut().ok_or("the VM is gone")?;
         match request {
             send::Control::Pause => {
                 if vm.state() == VmState::Running {
                     event_monitor::event("vm", "pausing", None);
-                    vm.pause().map_err(|e| error_chain(&e))?;
+                    vm.pause()?;
                     event_monitor::event("vm", "paused", None);
                 }
                 Ok(send::ControlReply::Paused)
             }
             send::Control::SaveState => {
                 event_monitor::event("vm", "snapshotting", None);
-                let tree = vm.save_state().map_err(|e| error_chain(&e))?;
+                let tree = vm.save_state()?;
                 event_monitor::event("vm", "snapshotted", None);
                 Ok(send::ControlReply::State(Box::new(tree)))
             }
@@ -316,7 +317,7 @@ impl Vmm {
     }
 
     /// Returns whether the VMM should exit (the VM now lives on the destination).
-    pub(super) fn migration_done(&mut self, result: Result<(), String>) -> bool {
+    pub(super) fn migration_done(&mut self, result: Result<(), send::Error>) -> bool {
         let Some(mut outgoing) = self.migration.take() else {
             return false;
         };
@@ -357,7 +358,9 @@ impl Vmm {
                     true
                 }
             }
-            Err(reason) => {
+            Err(error) => {
+                // vm.info and the event show it as text; the log line too.
+                let reason = error_chain(&error);
                 let progress = &outgoing.progress;
                 progress.phase.store(send::PHASE_FAILED, Ordering::Release);
                 *progress.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
@@ -486,8 +489,7 @@ impl Vmm {
                         return Err(MigrationError::StartAbandoned);
                     }
                     let started = start_received(&mut vm, resume);
-                    let answer = started.as_ref().map(|_| ()).map_err(|e| error_chain(e));
-                    let _ = handoff.started.send(answer);
+                    let _ = handoff.started.send(started.is_ok());
                     started.map(|()| vm)
                 });
         // The worker has the answer to Complete (or has finished): it ends promptly.

@@ -30,7 +30,7 @@ pub enum VmmEvent {
     /// A migration worker needs the VM (pause it, save its state).
     Migration(send::ControlCall),
     /// The migration worker finished; `Err` holds the reason it failed.
-    MigrationDone { result: Result<(), String> },
+    MigrationDone { result: Result<(), send::Error> },
     /// The receive worker finished: the VM that arrived, or why none did.
     ReceiveDone {
         result: Result<ReceivedVm, receive::Error>,
@@ -85,8 +85,8 @@ pub enum Error {
     VcpuFailed { id: u8, error: String },
     #[error("the VM stopped ({what}) because it lost guest memory: {cause}")]
     GuestMemoryLost { what: String, cause: String },
-    #[error("guest memory could not be restored: {0}")]
-    MemoryFailed(String),
+    #[error("guest memory could not be restored")]
+    MemoryFailed(#[source] crate::errors::BoxError),
 }
 
 /// The VMM: at most one VM, driven by events.

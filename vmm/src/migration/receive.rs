@@ -88,8 +88,8 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    #[error("a memory connection failed: {0}")]
-    MemoryConnection(String),
+    #[error("a memory connection failed")]
+    MemoryConnection(#[source] crate::errors::SharedError),
     #[error("the sender abandoned the migration")]
     Abandoned,
     #[error("the sender closed the connection before the migration completed")]
@@ -393,11 +393,10 @@ pub fn receive(
         Ok(received) => Ok((received, PendingComplete(main))),
         Err(_) if watch.is_cancelled() => Err(Error::Cancelled),
         // A sender that hung up because a memory connection was refused: say why.
-        Err(Error::Disconnected | Error::Protocol(_)) if receiver.connection_error().is_some() => {
-            Err(Error::MemoryConnection(
-                receiver.connection_error().unwrap_or_default(),
-            ))
-        }
+        Err(e @ (Error::Disconnected | Error::Protocol(_))) => match receiver.connection_error() {
+            Some(refused) => Err(Error::MemoryConnection(refused)),
+            None => Err(e),
+        },
         Err(e) => Err(e),
     }
 }
@@ -435,7 +434,7 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn connection_error(&self) -> Option<String> {
+    fn connection_error(&self) -> Option<crate::errors::SharedError> {
         self.connections.as_ref().and_then(Connections::first_error)
     }
 

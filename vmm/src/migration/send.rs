@@ -26,6 +26,7 @@ use vm_migration::{
 
 use super::postcopy::{self, Ended, PostcopyState, ServeStats};
 use crate::config::migration_params::{SendParams, TimeoutStrategy};
+use crate::errors::{BoxError, SharedError};
 use crate::event_monitor;
 use crate::events::Notifier;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
@@ -78,11 +79,14 @@ pub enum Error {
     )]
     Timeout { remaining: u64, elapsed: Duration },
     #[error("the VMM could not {0}")]
-    Control(&'static str, String),
-    #[error("a memory connection failed: {0}")]
-    MemoryConnection(String),
+    Control(&'static str, #[source] BoxError),
+    #[error("a memory connection failed")]
+    MemoryConnection(#[source] BoxError),
     #[error("{0}")]
     Postcopy(String),
+    /// Serving the destination's page requests failed.
+    #[error(transparent)]
+    PostcopyServe(SharedError),
     #[error(
         "the migration ended after Complete went out: the destination may be running the VM; \
          the source stays paused with all its memory; resume it (vm.resume) if the \
@@ -106,7 +110,7 @@ pub enum Control {
 #[derive(Debug)]
 pub struct ControlCall {
     pub request: Control,
-    pub reply: mpsc::Sender<std::result::Result<ControlReply, String>>,
+    pub reply: mpsc::Sender<std::result::Result<ControlReply, BoxError>>,
 }
 
 #[derive(Debug)]
@@ -529,7 +533,7 @@ fn save_state(ctx: &SendContext) -> Result<StateTree> {
 }
 
 fn encode(tree: &StateTree) -> Result<Vec<u8>> {
-    serde_json::to_vec(tree).map_err(|e| Error::Control("encode the VM state", e.to_string()))
+    serde_json::to_vec(tree).map_err(|e| Error::Control("encode the VM state", Box::new(e)))
 }
 
 /// Post-copy after Config: fault connections, pause, State with the data map, Complete;
@@ -563,7 +567,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         confirm_complete: true,
     };
     tree.insert(postcopy::STATE_ID.to_string(), &component)
-        .map_err(|e| Error::Control("encode the VM state", e.to_string()))?;
+        .map_err(|e| Error::Control("encode the VM state", Box::new(e)))?;
     let state = encode(&tree)?;
     exchange(
         &mut main,
@@ -583,19 +587,20 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         .iter()
         .map(Stream::try_clone)
         .collect::<std::io::Result<_>>()
-        .map_err(|e| Error::MemoryConnection(e.to_string()))?;
+        .map_err(|e| Error::MemoryConnection(Box::new(e)))?;
     let mem = &ctx.memory;
     let stats = &progress.pulled;
     let activity = &postcopy::Activity::new(timeout);
-    let ends: Vec<std::result::Result<Ended, String>> = std::thread::scope(|s| {
+    let ends: Vec<std::result::Result<Ended, SharedError>> = std::thread::scope(|s| {
         let servers: Vec<_> = faults
             .into_iter()
             .map(|mut stream| {
                 let handles = &handles;
                 s.spawn(move || {
                     let _boost = Boost::current_thread();
-                    let end = postcopy::serve(&mut stream, mem, stats, activity)
-                        .map_err(|e| crate::errors::error_chain(&e));
+                    let end = postcopy::serve(&mut stream, mem, stats, activity).map_err(|e| {
+                        SharedError::from(Box::<dyn std::error::Error + Send + Sync>::from(e))
+                    });
                     // The first connection's end is the verdict; stop the others.
                     if matches!(end, Ok(Ended::Confirmed) | Err(_)) {
                         handles.iter().for_each(Stream::shutdown);
@@ -607,8 +612,11 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         servers
             .into_iter()
             .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err("a serving thread panicked".into()))
+                t.join().unwrap_or_else(|_| {
+                    Err(SharedError::from(BoxError::from(
+                        "a serving thread panicked",
+                    )))
+                })
             })
             .collect()
     });
@@ -617,7 +625,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
     // more than one closed in reaction to it.
     let confirmed = matches!(ends.first(), Some(Ok(Ended::Confirmed)));
     if !confirmed && let Some(Err(e)) = ends.iter().find(|e| e.is_err()) {
-        return Err(Error::Postcopy(e.clone()));
+        return Err(Error::PostcopyServe(e.clone()));
     }
     match ends.first() {
         Some(Ok(Ended::Confirmed)) => {}
@@ -634,7 +642,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
             ));
         }
         Some(Err(e)) => {
-            return Err(Error::Postcopy(e.clone()));
+            return Err(Error::PostcopyServe(e.clone()));
         }
         None => return Err(Error::MemoryConnection("no fault connection".into())),
     }

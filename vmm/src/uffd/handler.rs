@@ -263,10 +263,10 @@ impl Drop for OnDemandMemory {
     }
 }
 
-fn report(events: &Notifier<VmNotice>, error: &FillError) {
-    log::error!("on-demand memory: {}", crate::errors::error_chain(error));
+fn report(events: &Notifier<VmNotice>, error: FillError) {
+    log::error!("on-demand memory: {}", crate::errors::error_chain(&error));
     let _ = events.send(VmNotice::MemoryFailed {
-        error: crate::errors::error_chain(error),
+        error: Box::new(error),
     });
 }
 
@@ -519,7 +519,7 @@ impl Shared {
             if !self.wait() {
                 report(
                     events,
-                    &FillError::Events(std::io::Error::last_os_error().to_string()),
+                    FillError::Events(std::io::Error::last_os_error().to_string()),
                 );
                 return;
             }
@@ -529,7 +529,7 @@ impl Shared {
             let faults = match pending_faults(&self.uffd, &mut event_buf) {
                 Ok(f) => f,
                 Err(e) => {
-                    report(events, &FillError::Events(e));
+                    report(events, FillError::Events(e));
                     return;
                 }
             };
@@ -541,7 +541,7 @@ impl Shared {
                     .serve_fault(addr, read_at, &mut *buf)
                     .and_then(|block| block.map_or(Ok(()), |b| self.fill_block(b, &mut *buf)));
                 if let Err(e) = result {
-                    report(events, &e);
+                    report(events, e);
                     return;
                 }
             }
@@ -582,7 +582,7 @@ impl Shared {
                 };
                 if let Err(e) = self.fetch_in(index, pos, &mut buf[..len as usize], false) {
                     failed.store(true, Ordering::Relaxed);
-                    report(events, &e);
+                    report(events, e);
                     return;
                 }
             }

@@ -129,8 +129,9 @@ impl PeerFilledMemory {
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
                 if let Err(e) = filler.run() {
-                    let error = crate::errors::error_chain(&e);
-                    log::error!("on-demand memory from the peer: {error}");
+                    let chain = crate::errors::error_chain(&e);
+                    log::error!("on-demand memory from the peer: {chain}");
+                    let error = Box::new(e);
                     let _ = events.send(VmNotice::MemoryFailed { error });
                 }
             })

@@ -133,16 +133,27 @@ impl RemoteSource {
                         ),
                     )
                 } else {
-                    io::Error::other(format!(
-                        "pulling {} bytes at gpa {:#x} from the migration source {}: {}",
-                        range.length,
-                        range.gpa,
-                        self.peer_name,
-                        crate::errors::error_chain(&e)
-                    ))
+                    io::Error::other(PullFailed {
+                        length: range.length,
+                        gpa: range.gpa,
+                        peer: self.peer_name.clone(),
+                        source: e,
+                    })
                 }
             })
     }
+}
+
+/// A pull that failed for another reason than the source's silence; the cause stays
+/// its source, for whoever prints the chain.
+#[derive(Debug, thiserror::Error)]
+#[error("pulling {length} bytes at gpa {gpa:#x} from the migration source {peer}")]
+struct PullFailed {
+    length: u64,
+    gpa: u64,
+    peer: String,
+    #[source]
+    source: vm_migration::Error,
 }
 
 /// The parts of `ranges` (guest-physical, sorted or not) inside `region`, as sorted,
