@@ -8,7 +8,6 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod errors;
-pub mod event_monitor;
 pub mod events;
 pub mod inherited_fd;
 pub mod logger;

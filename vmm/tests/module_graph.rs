@@ -17,7 +17,6 @@ const LAYERS: &[&[&str]] = &[
         "arch",
         "errors",
         "events",
-        "event_monitor",
         "inherited_fd",
         "logger",
         "net",

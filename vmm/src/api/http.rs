@@ -33,8 +33,8 @@ use super::parser::{Progress, Reject, Request, RequestParser};
 use super::routes::{self, RouteError};
 use super::{ApiCall, ApiError, ApiRequest, ApiResponse, ApiResult};
 pub use crate::config::options::ApiLimits;
-use crate::event_monitor;
 use crate::events::Notifier;
+use event_monitor::Event;
 
 /// The default of [`ApiLimits::reply_timeout`].
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -300,7 +300,7 @@ impl Reply {
         log::warn!("API: dropping {request:?}: its client hung up before it could run");
         let mut properties = BTreeMap::new();
         properties.insert("request".to_string(), format!("{request:?}"));
-        event_monitor::event("api", "request-dropped", Some(&properties));
+        event_monitor::event(Event::ApiRequestDropped, Some(&properties));
         true
     }
 }

@@ -11,12 +11,12 @@ use super::{Vmm, VmmEvent};
 use crate::api::{ApiError, ApiResponse, Reply, VmState};
 use crate::config::migration_params::{ReceiveParams, SendParams};
 use crate::errors::error_chain;
-use crate::event_monitor;
 use crate::events::Notifier;
 use crate::migration::watch::Watch;
 use crate::migration::{receive, send};
 use crate::net::Cancel;
 use crate::net::MigrationUrl;
+use event_monitor::Event;
 
 /// How long `vmm.shutdown` waits for a cancelled receive to let go of its sockets.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -59,13 +59,13 @@ pub enum MigrationError {
 /// so a start that fails halfway has not run a single guest instruction here (the sender
 /// will resume its copy, which may share this memory). A failed start leaves no vCPU.
 fn start_received(vm: &mut crate::vm::Vm, resume: bool) -> Result<(), MigrationError> {
-    event_monitor::event("vm", "restoring", None);
+    event_monitor::event(Event::VmRestoring, None);
     let started = vm.start(true).and_then(|()| {
-        event_monitor::event("vm", "restored", None);
+        event_monitor::event(Event::VmRestored, None);
         if resume {
-            event_monitor::event("vm", "resuming", None);
+            event_monitor::event(Event::VmResuming, None);
             vm.resume()?;
-            event_monitor::event("vm", "resumed", None);
+            event_monitor::event(Event::VmResumed, None);
         }
         Ok(())
     });
@@ -301,16 +301,16 @@ impl Vmm {
         match request {
             send::Control::Pause => {
                 if vm.state() == VmState::Running {
-                    event_monitor::event("vm", "pausing", None);
+                    event_monitor::event(Event::VmPausing, None);
                     vm.pause()?;
-                    event_monitor::event("vm", "paused", None);
+                    event_monitor::event(Event::VmPaused, None);
                 }
                 Ok(send::ControlReply::Paused)
             }
             send::Control::SaveState => {
-                event_monitor::event("vm", "snapshotting", None);
+                event_monitor::event(Event::VmSnapshotting, None);
                 let tree = vm.save_state()?;
-                event_monitor::event("vm", "snapshotted", None);
+                event_monitor::event(Event::VmSnapshotted, None);
                 Ok(send::ControlReply::State(Box::new(tree)))
             }
         }
@@ -341,7 +341,7 @@ impl Vmm {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-                event_monitor::event("vm", "migration-finished", Some(&figures));
+                event_monitor::event(Event::VmMigrationFinished, Some(&figures));
                 if outgoing.preserve_source {
                     log::info!("migration finished; the source VM stays paused (preserve_source)");
                     false
@@ -354,7 +354,7 @@ impl Vmm {
                     {
                         log::error!("stopping the migrated VM's vCPUs: {e}");
                     }
-                    event_monitor::event("vm", "deleted", None);
+                    event_monitor::event(Event::VmDeleted, None);
                     true
                 }
             }
@@ -376,7 +376,7 @@ impl Vmm {
                     && let Some(vm) = self.vm.as_mut()
                     && vm.state() == VmState::Paused
                 {
-                    event_monitor::event("vm", "resuming", None);
+                    event_monitor::event(Event::VmResuming, None);
                     match vm.resume() {
                         Ok(()) => resumed = true,
                         Err(e) => log::error!("resuming after the failed migration: {e}"),
@@ -387,8 +387,7 @@ impl Vmm {
                     None => "gone".to_string(),
                 };
                 event_monitor::event(
-                    "vm",
-                    "migration-failed",
+                    Event::VmMigrationFailed,
                     Some(
                         &[
                             ("error".to_string(), reason),
@@ -399,7 +398,7 @@ impl Vmm {
                     ),
                 );
                 if resumed {
-                    event_monitor::event("vm", "resumed", None);
+                    event_monitor::event(Event::VmResumed, None);
                 }
                 false
             }
@@ -499,14 +498,13 @@ impl Vmm {
         match result {
             Ok(vm) => {
                 self.vm = Some(vm);
-                event_monitor::event("vm", "migration-receive-finished", None);
+                event_monitor::event(Event::VmMigrationReceiveFinished, None);
                 let _ = incoming.reply.send(Ok(ApiResponse::Empty));
             }
             Err(e) => {
                 log::error!("receiving a migration failed: {}", error_chain(&e));
                 event_monitor::event(
-                    "vm",
-                    "migration-receive-failed",
+                    Event::VmMigrationReceiveFailed,
                     Some(
                         &[("error".to_string(), error_chain(&e))]
                             .into_iter()

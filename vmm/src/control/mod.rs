@@ -9,11 +9,11 @@ use std::sync::{Arc, mpsc};
 
 use crate::api::{ApiCall, ApiRequest, VmState};
 use crate::config::{RestoreParams, VmConfig};
-use crate::event_monitor;
 use crate::events::{Notifier, VmNotice};
 use crate::migration::receive::{self, LocalDevices};
 use crate::migration::send;
 use crate::vm::{self, Vm};
+use event_monitor::Event;
 
 use migrate::{Incoming, Outgoing};
 pub use migrate::{MigrationError, ReceivedVm};
@@ -132,10 +132,10 @@ impl Vmm {
     pub fn run(mut self, startup: Option<VmStartup>) -> Result<VmmExit, Error> {
         match startup {
             Some(VmStartup::Boot(config)) => {
-                event_monitor::event("vm", "booting", None);
+                event_monitor::event(Event::VmBooting, None);
                 let mut vm = Vm::new(&config, self.notifier()).map_err(Error::CreateVm)?;
                 vm.boot().map_err(Error::BootVm)?;
-                event_monitor::event("vm", "booted", None);
+                event_monitor::event(Event::VmBooted, None);
                 self.vm = Some(vm);
             }
             Some(VmStartup::Restore(params)) => self.restore(&params).map_err(Error::Restore)?,
@@ -162,16 +162,16 @@ impl Vmm {
                     if exit && ok {
                         // The VM is gone for good (Cloud Hypervisor deletes its config).
                         if self.vm.is_some() {
-                            event_monitor::event("vm", "deleted", None);
+                            event_monitor::event(Event::VmDeleted, None);
                         }
-                        event_monitor::event("vmm", "shutdown", None);
+                        event_monitor::event(Event::VmmShutdown, None);
                         return Ok(VmmExit::Shutdown);
                     }
                 }
                 VmmEvent::Vm(VmNotice::GuestReset) => {
                     let lost = self.lost_memory();
                     self.stop_vm();
-                    event_monitor::event("vmm", "shutdown", None);
+                    event_monitor::event(Event::VmmShutdown, None);
                     if let Some(cause) = lost {
                         let what = "the guest reset itself".to_string();
                         return Err(Error::GuestMemoryLost { what, cause });
@@ -194,7 +194,7 @@ impl Vmm {
                         if let Err(e) = vm.stop_after_memory_failure() {
                             log::error!("stopping the VM: {e}");
                         }
-                        event_monitor::event("vm", "shutdown", None);
+                        event_monitor::event(Event::VmShutdown, None);
                     }
                     return Err(Error::MemoryFailed(error));
                 }
@@ -203,7 +203,7 @@ impl Vmm {
                 }
                 VmmEvent::MigrationDone { result } => {
                     if self.migration_done(result) {
-                        event_monitor::event("vmm", "shutdown", None);
+                        event_monitor::event(Event::VmmShutdown, None);
                         return Ok(VmmExit::Migrated);
                     }
                 }
@@ -229,7 +229,7 @@ impl Vmm {
             if let Err(e) = vm.shutdown() {
                 log::error!("shutting down the VM: {e}");
             }
-            event_monitor::event("vm", "shutdown", None);
+            event_monitor::event(Event::VmShutdown, None);
         }
     }
 }

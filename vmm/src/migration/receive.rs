@@ -32,7 +32,6 @@ use super::postcopy::{self, PostcopyState};
 use super::watch::{Phase, WaitError, Waited, Watch};
 use crate::config::ConsoleConfig;
 use crate::config::migration_params::ReceiveParams;
-use crate::event_monitor;
 use crate::events::{Notifier, VmNotice};
 use crate::memory_manager::GuestRamMapping;
 use crate::net::MigrationUrl;
@@ -42,6 +41,7 @@ use crate::state::StateTree;
 use crate::thread_priority::Boost;
 use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
 use crate::vm::{self, Vm};
+use event_monitor::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -365,7 +365,7 @@ pub fn receive(
     });
     let _forget = ForgetStreams(&watch);
     let listener = Arc::new(listener);
-    event_monitor::event("vm", "migration-receive-ready", None);
+    event_monitor::event(Event::VmMigrationReceiveReady, None);
     let mut main = watch
         .accept(&listener, params.connect_timeout)
         .map_err(|e| match e {
@@ -374,7 +374,7 @@ pub fn receive(
         })?;
     let _ = main.set_read_timeout(Some(params.idle_timeout));
     watch.set_phase(Phase::Connected);
-    event_monitor::event("vm", "migration-receive-started", None);
+    event_monitor::event(Event::VmMigrationReceiveStarted, None);
 
     let mut receiver = Receiver {
         phase: ProtocolPhase::Established,

@@ -27,13 +27,13 @@ use vm_migration::{
 use super::postcopy::{self, Ended, PostcopyState, ServeStats};
 use crate::config::migration_params::{SendParams, TimeoutStrategy};
 use crate::errors::{BoxError, SharedError};
-use crate::event_monitor;
 use crate::events::Notifier;
 use crate::memory_manager::{DirtyLog, GuestRamMapping};
 use crate::net::MigrationUrl;
 use crate::net::{Cancel, Stream, is_timeout};
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
+use event_monitor::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -435,7 +435,7 @@ fn run_steps(ctx: &SendContext) -> Result<()> {
     let timeout = p.io_timeout;
     let started = Instant::now();
     let mut main = connect(ctx)?;
-    event_monitor::event("vm", "migration-started", None);
+    event_monitor::event(Event::VmMigrationStarted, None);
     exchange(&mut main, timeout, "Start", &RequestHeader::start(), &[])?;
 
     if p.local {
@@ -581,7 +581,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         .downtime_us
         .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
     progress.phase.store(PHASE_POSTCOPY, Ordering::Release);
-    event_monitor::event("vm", "migration-postcopy-started", None);
+    event_monitor::event(Event::VmMigrationPostcopyStarted, None);
 
     let handles: Vec<Stream> = faults
         .iter()
@@ -647,7 +647,7 @@ fn run_postcopy(ctx: &SendContext, mut main: Stream, started: Instant) -> Result
         None => return Err(Error::MemoryConnection("no fault connection".into())),
     }
     // Every page is on the destination (Cloud Hypervisor's name for this moment).
-    event_monitor::event("vm", "postcopy-migration-completed", None);
+    event_monitor::event(Event::VmPostcopyMigrationCompleted, None);
     progress
         .total_ms
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -730,8 +730,7 @@ fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
         bandwidth = Some(bytes as f64 / took);
         // Numbered from 0 (the first, full pass), as Cloud Hypervisor numbers them.
         event_monitor::event(
-            "vm",
-            "migration-memory-iteration",
+            Event::VmMigrationMemoryIteration,
             Some(
                 &[("id".to_string(), iteration.to_string())]
                     .into_iter()

@@ -74,7 +74,7 @@ impl Progress {
             self.resident_pages.load(Ordering::Relaxed),
             self.faults.load(Ordering::Relaxed)
         );
-        crate::event_monitor::event("vm", "restore-memory-complete", None);
+        event_monitor::event(event_monitor::Event::VmRestoreMemoryComplete, None);
     }
 }
 

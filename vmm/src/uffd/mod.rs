@@ -1,6 +1,8 @@
 //! On-demand guest memory through userfaultfd. `UffdMemorySource` says where page contents
-//! come from (a snapshot file today; a migration peer later); `handler` owns the
-//! userfaultfd, serves faults and prefetches everything else in the background.
+//! come from (`file`: a snapshot's memory file; `remote`: a post-copy migration source,
+//! pulled over the socket); `handler` owns the userfaultfd, serves faults and prefetches
+//! everything else in the background. `peer` is the other way round: a peer (the offload
+//! daemon, a post-copy sender's memfds) writes the pages itself and this VMM only waits.
 
 pub mod file;
 pub mod handler;
