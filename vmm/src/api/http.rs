@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::parser::{Progress, Reject, Request, RequestParser};
+use super::parser::{ParseStep, Reject, Request, RequestParser};
 use super::routes::{self, RouteError};
 use super::{ApiCall, ApiError, ApiRequest, ApiResponse, ApiResult};
 pub use crate::config::options::ApiLimits;
@@ -469,14 +469,14 @@ fn read_request(
             return parser.finish();
         }
         match parser.feed(&chunk[..n])? {
-            Progress::NeedMore => {}
-            Progress::SendContinue => {
+            ParseStep::NeedMore => {}
+            ParseStep::SendContinue => {
                 stream
                     .set_write_timeout(Some(left))
                     .and_then(|()| stream.write_all(b"HTTP/1.1 100 \r\n\r\n"))
                     .map_err(io_error)?;
             }
-            Progress::Complete(request) => return Ok(Some(request)),
+            ParseStep::Complete(request) => return Ok(Some(request)),
         }
     }
 }

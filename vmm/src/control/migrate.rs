@@ -182,7 +182,7 @@ impl std::fmt::Debug for ReceivedVm {
 
 /// A send-migration in progress (or just finished).
 pub(super) struct Outgoing {
-    pub(super) progress: Arc<send::Progress>,
+    pub(super) progress: Arc<send::SendProgress>,
     cancel: Arc<Cancel>,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The VM ran when the migration started, so a failure resumes it.
@@ -237,7 +237,7 @@ impl Vmm {
             let ranges = memory.mapped_ranges().map_err(MigrationError::Prepare)?;
             (Some(log), ranges)
         };
-        let progress = Arc::new(send::Progress::default());
+        let progress = Arc::new(send::SendProgress::default());
         let cancel = Arc::new(Cancel::default());
         let ctx = send::SendContext {
             params: params.clone(),

@@ -96,7 +96,7 @@ pub struct Vmm {
     vm: Option<Vm>,
     migration: Option<Outgoing>,
     /// The last migration's figures stay visible in vm.info.
-    last_migration: Option<Arc<send::Progress>>,
+    last_migration: Option<Arc<send::SendProgress>>,
     incoming: Option<Incoming>,
     /// Serial and console of a VM this VMM receives: its own command line's.
     local: LocalDevices,

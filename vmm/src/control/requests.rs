@@ -141,7 +141,7 @@ impl Vmm {
     }
 }
 
-fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
+fn migration_progress(p: &send::SendProgress) -> crate::api::MigrationProgress {
     let phase = match p.phase.load(Ordering::Acquire) {
         send::PHASE_SETUP => "setup",
         send::PHASE_ITERATING => "iterating",

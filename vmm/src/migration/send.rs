@@ -121,7 +121,7 @@ pub enum ControlReply {
 
 /// Live figures for vm.info.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub struct SendProgress {
     /// 0 setup, 1 memory iterations, 2 paused (final iteration + state), 3 done, 4 failed.
     pub phase: AtomicU64,
     pub iteration: AtomicU64,
@@ -232,7 +232,7 @@ pub struct SendContext {
     /// Complete (the VM ran when the migration started) or CompletePaused.
     pub resume_on_destination: bool,
     pub events: Notifier<ControlCall>,
-    pub progress: Arc<Progress>,
+    pub progress: Arc<SendProgress>,
     /// Set by `vm.cancel-migration`; shuts every connection of this migration down.
     pub cancel: Arc<Cancel>,
 }
@@ -338,13 +338,15 @@ fn send_memory(
     answer_step(stream, timeout, WHAT)
 }
 
-struct Sender2<'a> {
+/// The connections of one migration: the main one, and the extra memory connections
+/// an iteration spreads its chunks over.
+struct SendConnections<'a> {
     main: Stream,
     extra: Vec<Stream>,
     ctx: &'a SendContext,
 }
 
-impl Sender2<'_> {
+impl SendConnections<'_> {
     /// One iteration's memory: on the main connection, or cut into chunks spread over the
     /// extra connections, which all finish before this returns. Each connection takes the
     /// next chunk when it is done with its last, so a slower one does not hold up the end.
@@ -466,7 +468,7 @@ fn run_steps(ctx: &SendContext) -> Result<()> {
             extra.push(s);
         }
     }
-    let mut sender = Sender2 { main, extra, ctx };
+    let mut sender = SendConnections { main, extra, ctx };
 
     // Downtime counts from the pause request: the vCPUs stop during it.
     let (paused_at, state) = if let Some(log) = &ctx.dirty_log {
@@ -685,7 +687,7 @@ const POSTCOPY_CONNECTIONS: usize = 2;
 /// Memory iterations while the guest runs, then the final one with the VM paused.
 /// Returns the VM state (encoded), saved while the final memory is in flight: the VM is
 /// paused, so neither changes, and the two no longer add up in the downtime.
-fn precopy(sender: &mut Sender2<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
+fn precopy(sender: &mut SendConnections<'_>, log: &DirtyLog) -> Result<Vec<u8>> {
     let ctx = sender.ctx;
     let p = &ctx.params;
     let progress = &ctx.progress;

@@ -58,7 +58,7 @@ impl Default for LatencyHistogram {
     }
 }
 
-impl Progress {
+impl FillProgress {
     /// Records that the restore is complete, logs it and emits the event.
     pub(super) fn mark_complete(&self, source: &str) {
         let elapsed = self
@@ -109,7 +109,7 @@ impl LatencyHistogram {
 
 /// Restore progress, readable at any time (vm.info).
 #[derive(Debug, Default)]
-pub struct Progress {
+pub struct FillProgress {
     pub total_pages: u64,
     pub resident_pages: AtomicU64,
     pub faults: AtomicU64,
@@ -130,7 +130,7 @@ struct Shared {
     /// One bit per page of each region: set once the page is resident.
     bitmaps: Vec<Vec<AtomicU64>>,
     source: Arc<dyn UffdMemorySource>,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
     stop: EventFd,
     stopping: AtomicBool,
     /// Set just before guest RAM is unregistered, when every data page is in.
@@ -204,7 +204,7 @@ impl OnDemandMemory {
                     .collect()
             })
             .collect();
-        let progress = Arc::new(Progress {
+        let progress = Arc::new(FillProgress {
             total_pages,
             started: Mutex::new(Some(Instant::now())),
             ..Default::default()
@@ -243,7 +243,7 @@ impl OnDemandMemory {
         Ok(OnDemandMemory { shared, threads })
     }
 
-    pub fn progress(&self) -> Arc<Progress> {
+    pub fn progress(&self) -> Arc<FillProgress> {
         self.shared.progress.clone()
     }
 

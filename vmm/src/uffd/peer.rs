@@ -27,7 +27,7 @@ use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::Error;
-use super::handler::Progress;
+use super::handler::FillProgress;
 use crate::events::{Notifier, VmNotice};
 use crate::net::Stream;
 use crate::sparse::{self, PAGE_SIZE};
@@ -60,7 +60,7 @@ pub struct PeerFilledMemory {
     /// it waits on a silent peer.
     stream: Option<Stream>,
     thread: Option<JoinHandle<()>>,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
 }
 
 struct Filler {
@@ -69,7 +69,7 @@ struct Filler {
     /// Per region, one bit per page a guest fault asked for.
     faulted: Vec<Vec<u64>>,
     stream: Stream,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -105,7 +105,7 @@ impl PeerFilledMemory {
             regions.iter().map(|r| (r.host, r.size)),
             RegisterMode::MISSING | RegisterMode::MINOR,
         )?);
-        let progress = Arc::new(Progress {
+        let progress = Arc::new(FillProgress {
             total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
             started: Mutex::new(Some(Instant::now())),
             ..Default::default()
@@ -145,7 +145,7 @@ impl PeerFilledMemory {
         })
     }
 
-    pub fn progress(&self) -> Arc<Progress> {
+    pub fn progress(&self) -> Arc<FillProgress> {
         self.progress.clone()
     }
 

@@ -204,7 +204,7 @@ impl UffdMemorySource for RemoteSource {
     fn finished(&self) -> io::Result<()> {
         let result = if self.confirm {
             let mut s = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-            send_fault_complete(&mut *s).map_err(|e| io::Error::other(e.to_string()))
+            send_fault_complete(&mut *s).map_err(io::Error::other)
         } else {
             Ok(())
         };
