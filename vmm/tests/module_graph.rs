@@ -3,8 +3,8 @@
 //! uffd) sit at the bottom, migration above them, the control loop and the HTTP API on
 //! top. This reads every `crate::` path in `vmm/src` (in `use` lines and inline), builds
 //! the graph of top-level modules, and fails on any cycle and on any import that points
-//! up the layer table below. A file's unit tests (its `#[cfg(test)] mod tests`, last in
-//! the file) may drive it with a module above it, and are not read.
+//! up the layer table below. A file's unit tests (its `#[cfg(test)] mod tests`) may
+//! drive it with a module above it, and are not read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -47,20 +47,119 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of `text` without `//` comments (doc comments name modules in prose) and
-/// without its unit tests.
+/// The code of `text` without comments, without the contents of string and char
+/// literals (doc comments name modules in prose; strings hold braces), and without its
+/// unit tests.
 fn code_only(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]\nmod tests") {
-        Some(i) => &text[..i],
-        None => text,
+    without_tests(&blank_literals(text))
+}
+
+/// `text` with comments and the insides of string and char literals blanked out
+/// (newlines kept), so braces and paths in them count for nothing.
+fn blank_literals(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let blank = |c: char| if c == '\n' { '\n' } else { ' ' };
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        if c == '/' && next == Some('/') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && next == Some('*') {
+            i += 2;
+            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                out.push(blank(chars[i]));
+                i += 1;
+            }
+            i += 2;
+        } else if c == 'r'
+            && matches!(next, Some('"' | '#'))
+            && !ident_char(chars.get(i.wrapping_sub(1)))
+        {
+            let mut j = i + 1;
+            while chars.get(j) == Some(&'#') {
+                j += 1;
+            }
+            if chars.get(j) != Some(&'"') {
+                out.push(c);
+                i += 1;
+                continue;
+            }
+            let hashes = j - i - 1;
+            out.push('"');
+            i = j + 1;
+            while i < chars.len() {
+                if chars[i] == '"' && (0..hashes).all(|k| chars.get(i + 1 + k) == Some(&'#')) {
+                    i += 1 + hashes;
+                    break;
+                }
+                out.push(blank(chars[i]));
+                i += 1;
+            }
+            out.push('"');
+        } else if c == '"' {
+            out.push('"');
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                if chars[i] == '\\' {
+                    out.push(' ');
+                    i += 1;
+                }
+                if let Some(&ch) = chars.get(i) {
+                    out.push(blank(ch));
+                }
+                i += 1;
+            }
+            out.push('"');
+            i += 1;
+        } else if c == '\'' && (next == Some('\\') || chars.get(i + 2) == Some(&'\'')) {
+            // A char literal (a lifetime has no closing quote right after one char).
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                if chars[i] == '\\' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            out.push_str("' '");
+            i += 1;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn ident_char(c: Option<&char>) -> bool {
+    c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+}
+
+/// `text` without its `#[cfg(test)] mod tests { ... }` block (braces counted; test
+/// code with unbalanced braces in strings would confuse it, and then fail the test).
+fn without_tests(text: &str) -> String {
+    const START: &str = "#[cfg(test)]\nmod tests {";
+    let Some(start) = text.find(START) else {
+        return text.to_string();
     };
-    text.lines()
-        .map(|line| match line.find("//") {
-            Some(i) if !line[..i].contains('"') => &line[..i],
-            _ => line,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut depth = 0usize;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    let end = start + i + 1;
+                    return format!("{}{}", &text[..start], without_tests(&text[end..]));
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced braces after #[cfg(test)] mod tests");
 }
 
 fn ident(s: &str) -> &str {
@@ -214,10 +313,11 @@ fn top_level_modules_import_one_way() {
 fn the_checker_sees_grouped_and_inline_paths() {
     let code = code_only(
         "use crate::{a::X, b, c::{d, e}};\nfn f() { crate::g::h(); } // crate::comment\n\
-         use foo_crate::z;\n#[cfg(test)]\nmod tests {\n    use crate::t;\n}",
+         const S: &str = \"crate::string }\"; const C: char = '}';\n\
+         use foo_crate::z;\n#[cfg(test)]\nmod tests {\n    use crate::t;\n    fn f() {}\n}\nuse crate::after;",
     );
     let names: Vec<String> = imported(&code).into_iter().collect();
-    assert_eq!(names, ["a", "b", "c", "g"]);
+    assert_eq!(names, ["a", "after", "b", "c", "g"]);
     let mut cyclic = BTreeMap::new();
     cyclic.insert(
         "x".to_string(),

@@ -4,8 +4,10 @@
 //! everything else in the background. `peer` is the other way round: a peer (the offload
 //! daemon, a post-copy sender's memfds) writes the pages itself and this VMM only waits.
 
+mod fd;
 pub mod file;
 pub mod handler;
+pub mod metrics;
 pub mod peer;
 pub mod remote;
 
@@ -13,7 +15,8 @@ use std::io;
 
 use crate::sparse::Extent;
 
-pub use handler::{FillProgress, OnDemandMemory};
+pub use handler::OnDemandMemory;
+pub use metrics::FillProgress;
 pub use peer::{PeerFilledMemory, SharedRegion};
 
 /// Guest RAM being filled on demand: copied in from a `UffdMemorySource` (a snapshot

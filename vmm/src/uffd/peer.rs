@@ -27,7 +27,7 @@ use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::Error;
-use super::handler::FillProgress;
+use super::metrics::FillProgress;
 use crate::events::{Notifier, VmNotice};
 use crate::net::Stream;
 use crate::sparse::{self, PAGE_SIZE};
@@ -101,7 +101,7 @@ impl PeerFilledMemory {
         events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
         // MISSING and MINOR together: see the module docs.
-        let uffd = Arc::new(super::handler::registered_uffd(
+        let uffd = Arc::new(super::fd::registered_uffd(
             regions.iter().map(|r| (r.host, r.size)),
             RegisterMode::MISSING | RegisterMode::MINOR,
         )?);
@@ -176,8 +176,8 @@ impl Filler {
                 return Ok(());
             }
             // Guest faults first, always.
-            let faults = super::handler::pending_faults(&self.uffd, &mut events)
-                .map_err(FillError::Events)?;
+            let faults =
+                super::fd::pending_faults(&self.uffd, &mut events).map_err(FillError::Events)?;
             for addr in faults {
                 self.serve_fault(addr)?;
             }
@@ -204,7 +204,7 @@ impl Filler {
     /// Everything the peer holds is mapped: unregistering lets untouched holes behave
     /// as ordinary shared memory, and closing the connection tells the peer to stop.
     fn finish(&mut self) {
-        super::handler::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
+        super::fd::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
         self.stream.shutdown();
         self.progress.mark_complete("from the peer");
     }
