@@ -14,7 +14,10 @@ pub enum VmNotice {
     /// guest's way to end a run). A triple fault is a `VcpuFailed` instead.
     GuestReset,
     /// A vCPU thread hit an error it cannot recover from.
-    VcpuFailed { id: u8, error: String },
+    VcpuFailed {
+        id: u8,
+        error: crate::errors::BoxError,
+    },
     /// Guest RAM cannot be filled (on-demand restore): the VM must stop rather than run
     /// on missing pages.
     MemoryFailed { error: crate::errors::BoxError },

@@ -9,6 +9,7 @@ use std::sync::{Arc, mpsc};
 
 use crate::api::{ApiCall, ApiRequest, VmState};
 use crate::config::{RestoreParams, VmConfig};
+use crate::errors::error_chain;
 use crate::events::{Notifier, VmNotice};
 use crate::migration::receive::{self, LocalDevices};
 use crate::migration::send;
@@ -81,8 +82,12 @@ pub enum Error {
     BootVm(#[source] vm::Error),
     #[error("failed to restore the VM")]
     Restore(#[source] RestoreError),
-    #[error("vCPU {id} failed: {error}")]
-    VcpuFailed { id: u8, error: String },
+    #[error("vCPU {id} failed")]
+    VcpuFailed {
+        id: u8,
+        #[source]
+        error: crate::errors::BoxError,
+    },
     #[error("the VM stopped ({what}) because it lost guest memory: {cause}")]
     GuestMemoryLost { what: String, cause: String },
     #[error("guest memory could not be restored")]
@@ -183,7 +188,7 @@ impl Vmm {
                     self.stop_vm();
                     return Err(match lost {
                         Some(cause) => Error::GuestMemoryLost {
-                            what: format!("vCPU {id}: {error}"),
+                            what: format!("vCPU {id}: {}", error_chain(&*error)),
                             cause,
                         },
                         None => Error::VcpuFailed { id, error },

@@ -29,16 +29,17 @@ pub(super) fn wait_readable(uffd: &Uffd, stop: &EventFd) -> bool {
 }
 
 /// The addresses of the page faults pending on `uffd` now (it is non-blocking).
-pub(super) fn pending_faults(uffd: &Uffd, buf: &mut EventBuffer) -> Result<Vec<u64>, String> {
-    match uffd.read_events(buf) {
-        Ok(iter) => Ok(iter
-            .filter_map(|e| match e {
-                Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
-                _ => None,
-            })
-            .collect()),
-        Err(e) => Err(e.to_string()),
-    }
+pub(super) fn pending_faults(
+    uffd: &Uffd,
+    buf: &mut EventBuffer,
+) -> Result<Vec<u64>, userfaultfd::Error> {
+    let events = uffd.read_events(buf)?;
+    Ok(events
+        .filter_map(|e| match e {
+            Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A userfaultfd with every `(host, size)` range registered in `mode`. Faults come from

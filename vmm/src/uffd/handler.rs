@@ -74,10 +74,16 @@ enum FillError {
         #[source]
         source: std::io::Error,
     },
-    #[error("resolving a page at {addr:#x}: {error}")]
-    Resolve { addr: u64, error: String },
-    #[error("reading userfaultfd events: {0}")]
-    Events(String),
+    #[error("resolving a page at {addr:#x}")]
+    Resolve {
+        addr: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("reading userfaultfd events")]
+    Events(#[source] userfaultfd::Error),
+    #[error("reading userfaultfd events")]
+    Wait(#[source] std::io::Error),
     #[error("fault at {0:#x} outside guest RAM")]
     OutsideRam(u64),
 }
@@ -270,7 +276,7 @@ impl Shared {
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: dst,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }
@@ -351,7 +357,7 @@ impl Shared {
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: page_addr,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }
@@ -399,10 +405,7 @@ impl Shared {
         let mut event_buf = EventBuffer::new(64);
         while !self.stopping() {
             if !fd::wait_readable(&self.uffd, &self.stop) {
-                report(
-                    events,
-                    FillError::Events(std::io::Error::last_os_error().to_string()),
-                );
+                report(events, FillError::Wait(std::io::Error::last_os_error()));
                 return;
             }
             if self.stopping() {

@@ -82,12 +82,16 @@ enum FillError {
         #[source]
         source: vm_migration::Error,
     },
-    #[error("mapping the page at {addr:#x}: {error}")]
-    Continue { addr: u64, error: String },
+    #[error("mapping the page at {addr:#x}")]
+    Continue {
+        addr: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
     #[error("finding the pages the peer wrote")]
     Extents(#[source] std::io::Error),
-    #[error("reading userfaultfd events: {0}")]
-    Events(String),
+    #[error("reading userfaultfd events")]
+    Events(#[source] userfaultfd::Error),
     #[error("fault at {0:#x} outside guest RAM")]
     OutsideRam(u64),
 }
@@ -298,7 +302,7 @@ impl Filler {
                 Err(e) => {
                     return Err(FillError::Continue {
                         addr: addr + pos,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }
