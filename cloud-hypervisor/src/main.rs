@@ -12,12 +12,13 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use clap::{ArgAction, ArgGroup, Parser};
+use event_monitor::Event;
 use vmm::api::http;
 use vmm::config::options::{self, OptionsError, PathOrFd, VmParams};
+use vmm::errors::error_chain;
 use vmm::migration::receive::LocalDevices;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
-use vmm::vmm::error_chain;
-use vmm::{VmStartup, VmmEvent, event_monitor, inherited_fd};
+use vmm::{VmStartup, VmmEvent, inherited_fd};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,10 +178,15 @@ fn take_inherited(startup: &Startup) -> Result<Inherited, StartError> {
     })
 }
 
+/// The event monitor's writer thread gets the filter of its kind first.
+fn event_monitor_thread() {
+    seccomp::enter(ThreadKind::EventMonitor);
+}
+
 fn start_event_monitor(startup: &Startup, inherited: &mut Inherited) -> Result<(), StartError> {
     match (&startup.event_monitor, inherited.events.take()) {
-        (_, Some(file)) => event_monitor::init_file(file)?,
-        (Some(PathOrFd::Path(path)), None) => event_monitor::init(path)?,
+        (_, Some(file)) => event_monitor::init_file(file, event_monitor_thread)?,
+        (Some(PathOrFd::Path(path)), None) => event_monitor::init(path, event_monitor_thread)?,
         _ => {}
     }
     Ok(())
@@ -195,8 +201,14 @@ fn start_api(
         return Ok(None);
     };
     let server = match (&api.socket, inherited.api.take()) {
-        (_, Some(listener)) => http::spawn_http_server_on(listener, tx.clone(), api.limits)?,
-        (PathOrFd::Path(path), None) => http::spawn_http_server(path, tx.clone(), api.limits)?,
+        (_, Some(listener)) => http::spawn_http_server_on(
+            listener,
+            vmm::events::Notifier::new(tx.clone()),
+            api.limits,
+        )?,
+        (PathOrFd::Path(path), None) => {
+            http::spawn_http_server(path, vmm::events::Notifier::new(tx.clone()), api.limits)?
+        }
         (PathOrFd::Fd(_), None) => return Ok(None),
     };
     Ok(Some(server))
@@ -247,7 +259,7 @@ fn main() -> ExitCode {
         eprintln!("error: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    event_monitor::event("vmm", "starting", None);
+    event_monitor::event(Event::VmmStarting, None);
 
     let (tx, rx) = mpsc::channel::<VmmEvent>();
     let server = match start_api(&startup, &mut inherited, &tx) {

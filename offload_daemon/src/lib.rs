@@ -10,7 +10,7 @@ pub mod snapshot;
 
 use std::time::Duration;
 
-pub(crate) use vmm::migration::transport::is_timeout;
+pub(crate) use vmm::net::is_timeout;
 
 /// Sets both I/O deadlines of a connection to a peer.
 pub(crate) fn set_io_timeout(

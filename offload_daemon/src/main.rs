@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     );
     // Before any thread starts, so that every thread inherits the filter.
     if let Err(e) = seccomp::install_process(cli.seccomp, ThreadKind::Daemon) {
-        eprintln!("offload_daemon: error: {}", vmm::vmm::error_chain(&e));
+        eprintln!("offload_daemon: error: {}", vmm::errors::error_chain(&e));
         return ExitCode::FAILURE;
     }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {

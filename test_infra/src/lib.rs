@@ -1,6 +1,8 @@
 //! Helpers every integration test and benchmark uses. This crate drives the VMM only as
 //! a user would: it spawns `cloud-hypervisor` and `ch-remote` processes, reads the
-//! guest's serial log and talks REST on the API socket. It never links the vmm crate.
+//! guest's serial log and talks REST on the API socket. It links the vmm crate only to
+//! read and write snapshot files the way the VMM does (`damage`, `ch_daemon`: the
+//! memory-piece sums, memfds, sparse extents); it never runs a VM in-process.
 //!
 //! - [`guest`]: the test guest ELF, built from source by this crate's build script.
 //! - [`process`]: [`VmmBuilder`] / [`VmmProcess`] (own process group, killed on drop),

@@ -1,5 +1,5 @@
 //! Spawning the VMM as a child process and driving it through its serial log, its REST
-//! socket and `ch-remote`. Nothing here links the vmm crate: tests see the VMM exactly as
+//! socket and `ch-remote`. Nothing here calls the vmm crate: tests see the VMM exactly as
 //! a user does.
 
 use std::ffi::{OsStr, OsString};

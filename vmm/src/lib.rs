@@ -4,22 +4,25 @@
 pub mod api;
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod devices;
-pub mod event_monitor;
+pub mod errors;
+pub mod events;
 pub mod inherited_fd;
 pub mod logger;
 pub mod memory_manager;
 pub mod memsum;
 pub mod migration;
+pub mod net;
 pub mod seccomp;
 pub mod snapfile;
 pub mod sparse;
 pub mod state;
+pub mod sys;
 pub mod thread_priority;
 pub mod uffd;
 pub mod vm;
-pub mod vmm;
 
 pub use crate::config::VmConfig;
-pub use crate::vmm::{VmStartup, Vmm, VmmEvent, VmmExit};
+pub use crate::control::{VmStartup, Vmm, VmmEvent, VmmExit};

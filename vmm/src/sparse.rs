@@ -148,8 +148,7 @@ pub const WRITE_THREADS: usize = 4;
 /// reach its speed only with several requests in flight: 4 x 4 MiB read a cold GiB at
 /// 0.93-1.02 GiB/s, 2 x 8 MiB at 0.65-0.82. The threads mostly wait, so more of them than
 /// cores costs nothing.
-const READ_CHUNK: u64 = 4 << 20;
-const _: () = assert!(READ_CHUNK.is_multiple_of(crate::memsum::GRID));
+pub(crate) const READ_CHUNK: u64 = 4 << 20;
 pub const READ_THREADS: usize = 4;
 
 /// `extents` cut where they cross a multiple of `grid`. Cutting on a fixed grid rather
@@ -376,7 +375,7 @@ pub fn read_extents(
     let direct = std::sync::atomic::AtomicU64::new(0);
     let count = chunks.len();
     parallel(chunks, threads, |(offset, chunk)| {
-        crate::memory_manager::populate_host_range(chunk.as_mut_ptr(), chunk.len());
+        crate::sys::memory::populate_host_range(chunk.as_mut_ptr(), chunk.len());
         if file.read_exact_at(chunk, offset)? {
             direct.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm::config::SnapshotConfig;
-use vmm::config::migration;
+use vmm::config::VmSnapshotConfig;
+use vmm::config::migration_params as migration;
 use vmm::config::options::{self, OptionsError};
-use vmm::vmm::error_chain;
+use vmm::errors::error_chain;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,7 +128,7 @@ impl Command {
             Command::ShutdownVmm => ApiCall::put("vmm.shutdown"),
             Command::Snapshot { destination_url } => ApiCall::put_json(
                 "vm.snapshot",
-                &SnapshotConfig {
+                &VmSnapshotConfig {
                     destination_url: destination_url.clone(),
                 },
             )?,

@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,12 +29,12 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::parser::{Progress, Reject, Request, RequestParser};
+use super::parser::{ParseStep, Reject, Request, RequestParser};
 use super::routes::{self, RouteError};
-use super::{ApiError, ApiRequest, ApiResponse, ApiResult};
+use super::{ApiCall, ApiError, ApiRequest, ApiResponse, ApiResult};
 pub use crate::config::options::ApiLimits;
-use crate::event_monitor;
-use crate::vmm::VmmEvent;
+use crate::events::Notifier;
+use event_monitor::Event;
 
 /// The default of [`ApiLimits::reply_timeout`].
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,7 +80,7 @@ pub enum Error {
 
 /// Binds `path` and serves the REST API on a new thread with the default limits,
 /// forwarding requests to `vmm`.
-pub fn start_http_server(path: &Path, vmm: Sender<VmmEvent>) -> Result<JoinHandle<()>, Error> {
+pub fn start_http_server(path: &Path, vmm: Notifier<ApiCall>) -> Result<JoinHandle<()>, Error> {
     spawn_http_server(path, vmm, ApiLimits::default()).map(HttpServer::into_thread)
 }
 
@@ -118,7 +117,7 @@ impl HttpServer {
 /// [`start_http_server`] with chosen limits, returning an [`HttpServer`].
 pub fn spawn_http_server(
     path: &Path,
-    vmm: Sender<VmmEvent>,
+    vmm: Notifier<ApiCall>,
     limits: ApiLimits,
 ) -> Result<HttpServer, Error> {
     spawn_http_server_on(bind(path)?, vmm, limits)
@@ -127,7 +126,7 @@ pub fn spawn_http_server(
 /// [`spawn_http_server`] on a socket that is already listening (`--api-socket fd=N`).
 pub fn spawn_http_server_on(
     listener: UnixListener,
-    vmm: Sender<VmmEvent>,
+    vmm: Notifier<ApiCall>,
     limits: ApiLimits,
 ) -> Result<HttpServer, Error> {
     let shared = Arc::new(Shared {
@@ -190,7 +189,7 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
 /// What the acceptor and the connection threads share.
 #[derive(Debug)]
 struct Shared {
-    vmm: Sender<VmmEvent>,
+    vmm: Notifier<ApiCall>,
     limits: ApiLimits,
     /// Connection slots taken (see [`Slot`]).
     open: AtomicUsize,
@@ -301,7 +300,7 @@ impl Reply {
         log::warn!("API: dropping {request:?}: its client hung up before it could run");
         let mut properties = BTreeMap::new();
         properties.insert("request".to_string(), format!("{request:?}"));
-        event_monitor::event("api", "request-dropped", Some(&properties));
+        event_monitor::event(Event::ApiRequestDropped, Some(&properties));
         true
     }
 }
@@ -314,22 +313,13 @@ impl Reply {
 /// for, so it asks for nothing. Not POLLRDHUP: that also fires when the client only shut
 /// down its sending side, and such a client still waits for its answer.
 fn hung_up(stream: &UnixStream) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    }];
-    // SAFETY: `fds` is one valid pollfd on our stack, and the length passed is 1; the fd
-    // is owned by `stream`, which outlives the call; a zero timeout never blocks.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    if n < 0 {
-        log::debug!(
-            "API: cannot check whether a client is still connected: {}",
-            io::Error::last_os_error()
-        );
-        return false;
+    match crate::sys::socket::poll_one(stream, 0, Duration::ZERO) {
+        Ok(revents) => revents & (libc::POLLHUP | libc::POLLERR) != 0,
+        Err(e) => {
+            log::debug!("API: cannot check whether a client is still connected: {e}");
+            false
+        }
     }
-    n > 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 fn serve(listener: &UnixListener, shared: &Arc<Shared>) {
@@ -479,14 +469,14 @@ fn read_request(
             return parser.finish();
         }
         match parser.feed(&chunk[..n])? {
-            Progress::NeedMore => {}
-            Progress::SendContinue => {
+            ParseStep::NeedMore => {}
+            ParseStep::SendContinue => {
                 stream
                     .set_write_timeout(Some(left))
                     .and_then(|()| stream.write_all(b"HTTP/1.1 100 \r\n\r\n"))
                     .map_err(io_error)?;
             }
-            Progress::Complete(request) => return Ok(Some(request)),
+            ParseStep::Complete(request) => return Ok(Some(request)),
         }
     }
 }
@@ -563,10 +553,9 @@ fn call_vmm(
     };
     let reply = Reply { tx, client };
     let gone = || CallError::Api(ApiError::VmmGone, None);
-    slot.0
-        .vmm
-        .send(VmmEvent::Api { request, reply })
-        .map_err(|_| gone())?;
+    if !slot.0.vmm.send(ApiCall { request, reply }) {
+        return Err(gone());
+    }
     let answer = match reply_timeout {
         None => answer.recv().map_err(|_| gone())?,
         Some(timeout) => match answer.recv_timeout(timeout) {
@@ -715,13 +704,10 @@ mod tests {
     }
 
     /// A stand-in for the control loop: answers each request with a fixed result.
-    fn fake_vmm() -> Sender<VmmEvent> {
-        let (tx, rx) = mpsc::channel::<VmmEvent>();
+    fn fake_vmm() -> Notifier<ApiCall> {
+        let (tx, rx) = mpsc::channel::<ApiCall>();
         thread::spawn(move || {
-            for event in rx {
-                let VmmEvent::Api { request, reply } = event else {
-                    continue;
-                };
+            for ApiCall { request, reply } in rx {
                 let result = match request {
                     ApiRequest::VmmPing => Ok(ApiResponse::Ping(VmmPingResponse {
                         build_version: "test".to_string(),
@@ -755,7 +741,7 @@ mod tests {
                 let _ = reply.send(result);
             }
         });
-        tx
+        Notifier::new(tx)
     }
 
     fn server() -> TempSocket {
@@ -950,9 +936,9 @@ mod tests {
     #[test]
     fn vmm_gone_is_503() {
         let path = temp_socket();
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel::<ApiCall>();
         drop(rx);
-        start_http_server(&path, tx).unwrap();
+        start_http_server(&path, Notifier::new(tx)).unwrap();
         let resp = call(&path, "GET", "vmm.ping", None);
         assert_eq!(resp.status, 503);
         assert_eq!(resp.error_message(), "the VMM is shutting down");
@@ -961,14 +947,14 @@ mod tests {
     #[test]
     fn silent_vmm_is_504() {
         let path = temp_socket();
-        let (tx, rx) = mpsc::channel::<VmmEvent>();
+        let (tx, rx) = mpsc::channel::<ApiCall>();
         // Holds the requests (and their reply senders) without answering.
         let hoarder = thread::spawn(move || rx.iter().collect::<Vec<_>>());
         let limits = ApiLimits {
             reply_timeout: Duration::from_millis(50),
             ..ApiLimits::default()
         };
-        spawn_http_server(&path, tx, limits).unwrap();
+        spawn_http_server(&path, Notifier::new(tx), limits).unwrap();
         let resp = call(&path, "GET", "vm.info", None);
         assert_eq!(resp.status, 504);
         assert!(resp.error_message().contains("did not answer vm.info"));
@@ -1010,7 +996,7 @@ mod tests {
         assert_eq!(fs::read_to_string(&file).unwrap(), "not a socket");
     }
 
-    fn server_with(limits: ApiLimits, vmm: Sender<VmmEvent>) -> TempSocket {
+    fn server_with(limits: ApiLimits, vmm: Notifier<ApiCall>) -> TempSocket {
         let path = temp_socket();
         spawn_http_server(&path, vmm, limits).unwrap();
         path
@@ -1081,15 +1067,12 @@ mod tests {
     /// while it waits, and the loop must not run it.
     #[test]
     fn a_request_whose_client_left_is_not_run() {
-        let (tx, rx) = mpsc::channel::<VmmEvent>();
+        let (tx, rx) = mpsc::channel::<ApiCall>();
         let (busy_tx, busy_rx) = mpsc::channel::<()>();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let (ran_tx, ran_rx) = mpsc::channel::<(ApiRequest, bool)>();
         thread::spawn(move || {
-            for event in rx {
-                let VmmEvent::Api { request, reply } = event else {
-                    continue;
-                };
+            for ApiCall { request, reply } in rx {
                 if request == ApiRequest::VmResume {
                     let _ = busy_tx.send(());
                     let _ = release_rx.recv();
@@ -1099,7 +1082,7 @@ mod tests {
                 let _ = reply.send(Ok(ApiResponse::Empty));
             }
         });
-        let sock = server_with(ApiLimits::default(), tx);
+        let sock = server_with(ApiLimits::default(), Notifier::new(tx));
         let busy = {
             let sock = sock.0.clone();
             thread::spawn(move || call(&sock, "PUT", "vm.resume", None))

@@ -5,6 +5,7 @@ pub mod http;
 pub mod parser;
 pub mod routes;
 
+pub use crate::vm::VmState;
 pub use http::Reply;
 
 use serde::{Deserialize, Serialize};
@@ -29,12 +30,19 @@ pub enum ApiRequest {
     /// Build a VM from a snapshot directory (only when there is no VM yet).
     VmRestore(RestoreParams),
     /// Start sending the VM to another VMM (returns once the worker runs).
-    VmSendMigration(Box<crate::migration::send::SendParams>),
+    VmSendMigration(Box<crate::config::migration_params::SendParams>),
     /// Receive a VM (answered when it has arrived; the VMM serves other requests
     /// meanwhile).
-    VmReceiveMigration(crate::migration::receive::ReceiveParams),
+    VmReceiveMigration(crate::config::migration_params::ReceiveParams),
     /// End the running send-migration (Cloud Hypervisor's `vm.cancel-migration`).
     VmCancelMigration,
+}
+
+/// A request on its way to the control loop, with where its single answer goes.
+#[derive(Debug)]
+pub struct ApiCall {
+    pub request: ApiRequest,
+    pub reply: Reply,
 }
 
 impl ApiRequest {
@@ -49,15 +57,6 @@ impl ApiRequest {
                 | ApiRequest::VmReceiveMigration(_)
         )
     }
-}
-
-/// Lifecycle state as reported by `vm.info` (Cloud Hypervisor's spelling).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Shutdown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,16 +140,7 @@ impl Reason {
     /// `error`'s Display followed by each source's. A source whose text the message
     /// already ends with (a Display that repeats its source) is not repeated.
     pub fn of(error: &dyn std::error::Error) -> Self {
-        let mut chain = vec![error.to_string()];
-        let mut source = error.source();
-        while let Some(e) = source {
-            let part = e.to_string();
-            if chain.last().is_none_or(|last| !last.ends_with(&part)) {
-                chain.push(part);
-            }
-            source = e.source();
-        }
-        Reason(chain)
+        Reason(crate::errors::chain_parts(error))
     }
 
     pub fn messages(&self) -> &[String] {

@@ -42,7 +42,7 @@ impl Reject {
 
 /// What the server should do after feeding bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
+pub enum ParseStep {
     /// Read more.
     NeedMore,
     /// The client waits for `100 Continue` before it sends the body: send it, then read
@@ -81,18 +81,18 @@ impl RequestParser {
     /// Feeds the next bytes read from the client. After `Complete` or an error the parser
     /// is finished; anything fed later is ignored (without keep-alive, bytes after the
     /// announced body have no meaning).
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<Progress, Reject> {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<ParseStep, Reject> {
         if self.done {
-            return Ok(Progress::NeedMore);
+            return Ok(ParseStep::NeedMore);
         }
         let result = self.feed_inner(&mut bytes);
-        if !matches!(result, Ok(Progress::NeedMore | Progress::SendContinue)) {
+        if !matches!(result, Ok(ParseStep::NeedMore | ParseStep::SendContinue)) {
             self.done = true;
         }
         result
     }
 
-    fn feed_inner(&mut self, bytes: &mut &[u8]) -> Result<Progress, Reject> {
+    fn feed_inner(&mut self, bytes: &mut &[u8]) -> Result<ParseStep, Reject> {
         if self.head.is_none() {
             // Take no more than the head may need, so a flood never grows the buffer
             // past the cap; what is left over after the head is body.
@@ -112,24 +112,24 @@ impl RequestParser {
                 None if self.buf.len() >= MAX_HEAD_BYTES => {
                     return Err(Reject::new(431, "the request head is too large"));
                 }
-                None => return Ok(Progress::NeedMore),
+                None => return Ok(ParseStep::NeedMore),
             }
         }
         self.push_body(bytes);
         let Some(head) = &self.head else {
-            return Ok(Progress::NeedMore);
+            return Ok(ParseStep::NeedMore);
         };
         if self.buf.len() >= head.content_length {
-            return Ok(Progress::Complete(Request {
+            return Ok(ParseStep::Complete(Request {
                 method: head.method.clone(),
                 path: head.path.clone(),
                 body: std::mem::take(&mut self.buf),
             }));
         }
         if std::mem::take(&mut self.continue_pending) {
-            return Ok(Progress::SendContinue);
+            return Ok(ParseStep::SendContinue);
         }
-        Ok(Progress::NeedMore)
+        Ok(ParseStep::NeedMore)
     }
 
     /// `Some((head length, head))` once the head is complete.
@@ -236,21 +236,21 @@ fn body_headers(headers: &[httparse::Header<'_>]) -> Result<(usize, bool), Rejec
 mod tests {
     use super::*;
 
-    fn parse_all(chunks: &[&[u8]]) -> Result<Progress, Reject> {
+    fn parse_all(chunks: &[&[u8]]) -> Result<ParseStep, Reject> {
         let mut p = RequestParser::new();
         for c in chunks {
             let r = p.feed(c);
-            if !matches!(r, Ok(Progress::NeedMore | Progress::SendContinue)) {
+            if !matches!(r, Ok(ParseStep::NeedMore | ParseStep::SendContinue)) {
                 return r;
             }
         }
-        Ok(Progress::NeedMore)
+        Ok(ParseStep::NeedMore)
     }
 
     #[test]
     fn whole_and_split_requests() {
         let text = b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}trailing";
-        let want = Progress::Complete(Request {
+        let want = ParseStep::Complete(Request {
             method: "PUT".into(),
             path: "/api/v1/vm.pause".into(),
             body: b"{}".to_vec(),
@@ -268,20 +268,20 @@ mod tests {
     fn continue_is_asked_once_and_only_without_body() {
         let head = b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
         let mut p = RequestParser::new();
-        assert_eq!(p.feed(head), Ok(Progress::SendContinue));
-        assert_eq!(p.feed(b"{"), Ok(Progress::NeedMore));
-        assert!(matches!(p.feed(b"}"), Ok(Progress::Complete(_))));
+        assert_eq!(p.feed(head), Ok(ParseStep::SendContinue));
+        assert_eq!(p.feed(b"{"), Ok(ParseStep::NeedMore));
+        assert!(matches!(p.feed(b"}"), Ok(ParseStep::Complete(_))));
         let mut with_body = head.to_vec();
         with_body.extend_from_slice(b"{}");
         assert!(matches!(
             parse_all(&[&with_body]),
-            Ok(Progress::Complete(_))
+            Ok(ParseStep::Complete(_))
         ));
     }
 
     #[test]
     fn caps_and_bad_headers() {
-        let status = |r: Result<Progress, Reject>| r.unwrap_err().status;
+        let status = |r: Result<ParseStep, Reject>| r.unwrap_err().status;
         let flood = vec![b'a'; 3 * MAX_HEAD_BYTES];
         let mut p = RequestParser::new();
         let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
@@ -321,8 +321,8 @@ mod tests {
     fn announced_body_is_not_reserved() {
         let head = format!("PUT / HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n");
         let mut p = RequestParser::new();
-        assert_eq!(p.feed(head.as_bytes()), Ok(Progress::NeedMore));
-        assert_eq!(p.feed(b"abc"), Ok(Progress::NeedMore));
+        assert_eq!(p.feed(head.as_bytes()), Ok(ParseStep::NeedMore));
+        assert_eq!(p.feed(b"abc"), Ok(ParseStep::NeedMore));
         assert!(p.buf.capacity() < 4096, "{}", p.buf.capacity());
         assert_eq!(
             p.finish().unwrap_err().message,

@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiRequest};
-use crate::config::migration::{ReceiveMigrationConfig, SendMigrationConfig};
-use crate::config::{RestoreConfig, SnapshotConfig, file_url_path};
+use crate::config::migration_params::{ReceiveMigrationConfig, SendMigrationConfig};
+use crate::config::{RestoreConfig, VmSnapshotConfig, file_url_path};
 
 /// Every endpoint lives under this prefix.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -109,7 +109,7 @@ fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, ApiError> {
 }
 
 fn vm_snapshot(body: &[u8]) -> Result<ApiRequest, ApiError> {
-    let config: SnapshotConfig = parse_body(body)?;
+    let config: VmSnapshotConfig = parse_body(body)?;
     let destination = file_url_path(&config.destination_url)
         .map_err(|e| ApiError::BadRequest(format!("destination_url: {e}").into()))?;
     Ok(ApiRequest::VmSnapshot { destination })

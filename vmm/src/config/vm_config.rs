@@ -166,7 +166,7 @@ pub struct RestoreConfig {
 /// The `vm.snapshot` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SnapshotConfig {
+pub struct VmSnapshotConfig {
     pub destination_url: String,
 }
 

@@ -18,12 +18,29 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
-use crate::vmm::VmmEvent;
+use crate::events::{Notifier, VmNotice};
 use state::VcpuState;
 
 /// How long a vCPU may take to acknowledge a command. Generous: on this host a vCPU can be
 /// in the middle of a slow emulated instruction batch.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a vCPU cannot run on: the guest crashed, or KVM failed it.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN)")]
+    TripleFault,
+    #[error("KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}")]
+    FailEntry { reason: u64, cpu: u32 },
+    #[error("KVM internal error (the instruction emulator gave up)")]
+    Internal,
+    #[error("guest system event {0}")]
+    SystemEvent(u32),
+    #[error("unexpected exit {0}")]
+    Unexpected(String),
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -109,7 +126,7 @@ fn install_kick_handler() -> Result<()> {
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<PioBus>,
-    pub events: Sender<VmmEvent>,
+    pub events: Notifier<VmNotice>,
 }
 
 /// A vCPU that has been configured but not started.
@@ -201,7 +218,8 @@ impl Vcpu {
             }
             if let Err(error) = self.run_once(&ctx) {
                 failed = true;
-                let _ = ctx.events.send(VmmEvent::VcpuFailed { id: self.id, error });
+                let error = Box::new(error);
+                let _ = ctx.events.send(VmNotice::VcpuFailed { id: self.id, error });
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
@@ -209,7 +227,7 @@ impl Vcpu {
     }
 
     /// One `KVM_RUN` and the handling of its exit. An error means the vCPU cannot go on.
-    fn run_once(&mut self, ctx: &VcpuContext) -> std::result::Result<(), String> {
+    fn run_once(&mut self, ctx: &VcpuContext) -> std::result::Result<(), RunError> {
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 ctx.pio.write(port, data);
@@ -228,27 +246,25 @@ impl Vcpu {
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: the guest crashed. That is a failure of the VM, never
                 // the clean exit a guest's deliberate reset (i8042) is.
-                return Err("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
+                return Err(RunError::TripleFault);
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return Err(format!(
-                    "KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}"
-                ));
+                return Err(RunError::FailEntry { reason, cpu });
             }
             Ok(VcpuExit::InternalError) => {
-                return Err("KVM internal error (the instruction emulator gave up)".into());
+                return Err(RunError::Internal);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                return Err(format!("guest system event {kind}"));
+                return Err(RunError::SystemEvent(kind));
             }
             Ok(other) => {
-                return Err(format!("unexpected exit {other:?}"));
+                return Err(RunError::Unexpected(format!("{other:?}")));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked: clear the flag so the next KVM_RUN enters the guest again.
                 self.fd.set_kvm_immediate_exit(0);
             }
-            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+            Err(e) => return Err(RunError::Run(e)),
         }
         Ok(())
     }

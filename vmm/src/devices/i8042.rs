@@ -2,10 +2,8 @@
 //! port 0x64 pulses the CPU reset line. This VMM treats that as "the guest is done" and
 //! shuts down cleanly.
 
-use std::sync::mpsc::Sender;
-
 use super::PioDevice;
-use crate::vmm::VmmEvent;
+use crate::events::{Notifier, VmNotice};
 
 /// Ports 0x61..=0x64 (system control port B and the controller), like Cloud Hypervisor.
 pub const I8042_BASE: u16 = 0x61;
@@ -14,11 +12,11 @@ const COMMAND_OFFSET: u16 = 3;
 const CMD_RESET_CPU: u8 = 0xfe;
 
 pub struct I8042 {
-    events: Sender<VmmEvent>,
+    events: Notifier<VmNotice>,
 }
 
 impl I8042 {
-    pub fn new(events: Sender<VmmEvent>) -> Self {
+    pub fn new(events: Notifier<VmNotice>) -> Self {
         I8042 { events }
     }
 }
@@ -33,7 +31,7 @@ impl PioDevice for I8042 {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             log::info!("i8042 reset signalled by the guest");
             // The control loop may already be gone while the VMM exits; nothing to do then.
-            let _ = self.events.send(VmmEvent::GuestReset);
+            let _ = self.events.send(VmNotice::GuestReset);
         }
     }
 }
@@ -45,10 +43,10 @@ mod tests {
     #[test]
     fn reset_command_reaches_the_vmm() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut dev = I8042::new(tx);
+        let mut dev = I8042::new(Notifier::new(tx));
         dev.write(0, &[CMD_RESET_CPU]);
         assert!(rx.try_recv().is_err());
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
-        assert!(matches!(rx.try_recv(), Ok(VmmEvent::GuestReset)));
+        assert!(matches!(rx.try_recv(), Ok(VmNotice::GuestReset)));
     }
 }

@@ -18,13 +18,14 @@ use vm_memory::GuestMemoryMmap;
 use vm_migration::{ConnectionRole, Request, Status, read_role, send_response};
 
 use super::receive::{
-    Allocation, Error, ReceiveParams, Result, check_ranges, limits_for, next_request,
-    receive_memory,
+    Allocation, Error, Result, check_ranges, limits_for, next_request, receive_memory,
 };
-use super::transport::{Listener, Stream};
-use super::url::MigrationUrl;
 use super::watch::Watch;
+use crate::config::migration_params::ReceiveParams;
+use crate::errors::SharedError;
 use crate::memory_manager::GuestRamMapping;
+use crate::net::MigrationUrl;
+use crate::net::{Listener, Stream};
 use crate::thread_priority::Boost;
 
 /// How long an extra connection may take to say what it is for (its 2-byte role).
@@ -55,9 +56,23 @@ struct Conn {
     fault: Option<Stream>,
 }
 
+/// Why the pool of extra connections failed, besides a connection's own error.
+#[derive(Debug, thiserror::Error)]
+enum PoolError {
+    #[error("accepting a memory connection")]
+    Accept(#[source] std::io::Error),
+    #[error(
+        "the sender opened more than {0} extra connections at once (raise max_connections \
+         if it really needs them)"
+    )]
+    TooMany(usize),
+    #[error("spawning a memory connection thread")]
+    Spawn(#[source] std::io::Error),
+}
+
 struct Shared {
     stop: AtomicBool,
-    errors: Mutex<Vec<String>>,
+    errors: Mutex<Vec<SharedError>>,
     conns: Mutex<Vec<Conn>>,
     changed: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -68,8 +83,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, error: String) {
-        lock(&self.errors).push(error);
+    fn fail(&self, error: impl std::error::Error + Send + Sync + 'static) {
+        lock(&self.errors).push(Arc::new(error));
     }
 
     fn set_use(&self, index: usize, using: Use) {
@@ -150,7 +165,7 @@ impl Connections {
     }
 
     /// The first error a connection hit so far, if any.
-    pub fn first_error(&self) -> Option<String> {
+    pub fn first_error(&self) -> Option<SharedError> {
         lock(&self.shared.errors).first().cloned()
     }
 
@@ -239,7 +254,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
         match listener.accept() {
             Ok(stream) => take(stream, shared),
             Err(e) => {
-                shared.fail(format!("accepting a memory connection: {e}"));
+                shared.fail(PoolError::Accept(e));
                 return;
             }
         }
@@ -250,11 +265,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
 fn take(stream: Stream, shared: &Arc<Shared>) {
     let stopping = shared.stop.load(Ordering::Acquire);
     if !stopping && shared.open() >= shared.params.max_connections {
-        shared.fail(format!(
-            "the sender opened more than {} extra connections at once (raise \
-             max_connections if it really needs them)",
-            shared.params.max_connections
-        ));
+        shared.fail(PoolError::TooMany(shared.params.max_connections));
         // The main connection's wait sees the error within a second.
         return;
     }
@@ -282,7 +293,7 @@ fn take(stream: Stream, shared: &Arc<Shared>) {
         Ok(t) => lock(&shared.threads).push(t),
         Err(e) => {
             shared.set_use(index, Use::Done);
-            shared.fail(format!("spawning a memory connection thread: {e}"));
+            shared.fail(PoolError::Spawn(e));
         }
     }
 }
@@ -297,7 +308,7 @@ fn serve(mut stream: Stream, index: usize, shared: &Shared) {
     let _ = stream.set_read_timeout(timeout);
     match role {
         Ok(ConnectionRole::PrecopyMemory) if shared.params.postcopy => {
-            shared.fail(Error::PrecopySender.to_string());
+            shared.fail(Error::PrecopySender);
         }
         Ok(ConnectionRole::PrecopyMemory) => {
             shared.set_use(index, Use::Memory);
@@ -308,7 +319,7 @@ fn serve(mut stream: Stream, index: usize, shared: &Shared) {
             if let Err(e) = memory_worker(&mut stream, shared)
                 && !shared.stop.load(Ordering::Acquire)
             {
-                shared.fail(crate::vmm::error_chain(&e));
+                shared.fail(e);
             }
         }
         Ok(ConnectionRole::Fault) => {

@@ -1,5 +1,5 @@
 //! Routes a VM's state takes out of and into this VMM: the `file://` snapshot store and
-//! live migration (URLs, transport, the Config payload, sending and receiving).
+//! live migration (the Config payload, sending and receiving; the sockets are `net`'s).
 
 pub mod config;
 mod connections;
@@ -8,8 +8,4 @@ pub mod postcopy;
 pub mod receive;
 pub mod send;
 pub mod store;
-pub mod transport;
-pub mod url;
 pub mod watch;
-
-pub use url::MigrationUrl;

@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vm_migration::page_fault::read_fault_request;
 use vm_migration::{FaultRequest, MAX_PAGE_FAULT_LENGTH, ResponseHeader, Status};
 
-use super::transport::{Stream, is_timeout};
+use crate::net::{Stream, is_timeout};
 
 /// Key of the component in the state tree.
 pub const STATE_ID: &str = "postcopy";

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
@@ -30,18 +29,19 @@ use super::config::VmMigrationConfig;
 use super::connections::Connections;
 use super::populate_ahead::Pieces;
 use super::postcopy::{self, PostcopyState};
-use super::transport::is_timeout;
-use super::transport::{Listener, Stream};
-use super::url::MigrationUrl;
 use super::watch::{Phase, WaitError, Waited, Watch};
 use crate::config::ConsoleConfig;
-use crate::event_monitor;
+use crate::config::migration_params::ReceiveParams;
+use crate::events::{Notifier, VmNotice};
 use crate::memory_manager::GuestRamMapping;
+use crate::net::MigrationUrl;
+use crate::net::is_timeout;
+use crate::net::{Listener, Stream};
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
 use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
 use crate::vm::{self, Vm};
-use crate::vmm::VmmEvent;
+use event_monitor::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,8 +88,8 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    #[error("a memory connection failed: {0}")]
-    MemoryConnection(String),
+    #[error("a memory connection failed")]
+    MemoryConnection(#[source] crate::errors::SharedError),
     #[error("the sender abandoned the migration")]
     Abandoned,
     #[error("the sender closed the connection before the migration completed")]
@@ -135,32 +135,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 const MAX_MEMORY_FDS: usize = 64;
 /// How long a postcopy receiver waits at State for the sender's fault connection.
 const FAULT_CONNECTION_WAIT: Duration = Duration::from_secs(10);
-
-/// Default `connect_timeout_s`: long enough for an operator to start the sender after
-/// the receiver.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default `idle_timeout_s`.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default `max_connections`: extra memory connections a sender may open (Cloud
-/// Hypervisor's own limit is 128).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
-
-/// A `vm.receive-migration` request after validation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReceiveParams {
-    pub url: MigrationUrl,
-    /// Guest memory arrives on demand from the sender after the VM runs.
-    pub postcopy: bool,
-    /// How long the sender may take to connect.
-    pub connect_timeout: Duration,
-    /// How long the sender may send nothing (on any of its connections), between and
-    /// within messages.
-    pub idle_timeout: Duration,
-    /// Extra (PrecopyMemory or Fault) connections the sender may have open at once.
-    pub max_connections: usize,
-    /// Post-copy: the longest wait for one page pulled from the sender.
-    pub page_timeout: Duration,
-}
 
 /// The devices of a VM this VMM receives or restores: its own command line's, never
 /// the ones a migration sender or a snapshot directory names.
@@ -382,7 +356,7 @@ pub fn receive(
     listener: Listener,
     params: &ReceiveParams,
     local: &LocalDevices,
-    events: Sender<VmmEvent>,
+    events: Notifier<VmNotice>,
     watch: Arc<Watch>,
 ) -> Result<(Received, PendingComplete)> {
     let _unlink = UnlinkOnDrop(match &params.url {
@@ -391,7 +365,7 @@ pub fn receive(
     });
     let _forget = ForgetStreams(&watch);
     let listener = Arc::new(listener);
-    event_monitor::event("vm", "migration-receive-ready", None);
+    event_monitor::event(Event::VmMigrationReceiveReady, None);
     let mut main = watch
         .accept(&listener, params.connect_timeout)
         .map_err(|e| match e {
@@ -400,7 +374,7 @@ pub fn receive(
         })?;
     let _ = main.set_read_timeout(Some(params.idle_timeout));
     watch.set_phase(Phase::Connected);
-    event_monitor::event("vm", "migration-receive-started", None);
+    event_monitor::event(Event::VmMigrationReceiveStarted, None);
 
     let mut receiver = Receiver {
         phase: ProtocolPhase::Established,
@@ -419,11 +393,10 @@ pub fn receive(
         Ok(received) => Ok((received, PendingComplete(main))),
         Err(_) if watch.is_cancelled() => Err(Error::Cancelled),
         // A sender that hung up because a memory connection was refused: say why.
-        Err(Error::Disconnected | Error::Protocol(_)) if receiver.connection_error().is_some() => {
-            Err(Error::MemoryConnection(
-                receiver.connection_error().unwrap_or_default(),
-            ))
-        }
+        Err(e @ (Error::Disconnected | Error::Protocol(_))) => match receiver.connection_error() {
+            Some(refused) => Err(Error::MemoryConnection(refused)),
+            None => Err(e),
+        },
         Err(e) => Err(e),
     }
 }
@@ -454,14 +427,14 @@ struct Receiver {
     listener: Arc<Listener>,
     params: ReceiveParams,
     local: LocalDevices,
-    events: Sender<VmmEvent>,
+    events: Notifier<VmNotice>,
     /// The sender passed memfds: in post-copy it fills them itself.
     peer_memfds: bool,
     watch: Arc<Watch>,
 }
 
 impl Receiver {
-    fn connection_error(&self) -> Option<String> {
+    fn connection_error(&self) -> Option<crate::errors::SharedError> {
         self.connections.as_ref().and_then(Connections::first_error)
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{Listener, Stream};
+use crate::net::{Listener, Stream};
 
 /// Where a receive is, for `vm.info`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,7 +275,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::transport::is_timeout;
+    use crate::net::is_timeout;
     use std::os::unix::net::UnixStream;
 
     #[test]

@@ -187,7 +187,7 @@ pub fn enter(kind: ThreadKind) {
         return;
     }
     if let Err(e) = apply(mode, kind) {
-        eprintln!("error: {}", crate::vmm::error_chain(&e));
+        eprintln!("error: {}", crate::errors::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -88,4 +88,25 @@ impl UffdMemorySource for FileSource {
         f.file.read_exact_at(buf, offset)?;
         f.check(offset, buf)
     }
+
+    /// A file has no separate path for faults: they read it like the prefetch does.
+    fn read_for_fault(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read(index, offset, buf)
+    }
+
+    fn prefetch_chunk(&self) -> u64 {
+        super::handler::PREFETCH_CHUNK
+    }
+
+    /// Nobody waits to hear that the restore is complete.
+    fn finished(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A file read never waits on a peer: nothing to unblock.
+    fn stop(&self) {}
+
+    fn origin(&self) -> &'static str {
+        "from the snapshot"
+    }
 }

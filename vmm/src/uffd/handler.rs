@@ -11,20 +11,23 @@
 //! because both copies come from the same source. Once every data page is resident the
 //! prefetcher unregisters guest RAM: holes then behave like ordinary untouched memory and
 //! are never allocated ahead of use.
+//!
+//! This file is the fill engine; `metrics` holds what it reports, `fd` the userfaultfd
+//! calls it shares with `peer`.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{EventBuffer, RegisterMode, Uffd};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fd::{self, pending_faults, registered_uffd, unregister_all};
+use super::metrics::FillProgress;
 use super::{Error, UffdMemorySource};
+use crate::events::{Notifier, VmNotice};
 use crate::sparse::{Extent, PAGE_SIZE};
-use crate::vmm::VmmEvent;
 
 /// Prefetch read size: large sequential reads run at disk/page-cache speed.
 pub(super) const PREFETCH_CHUNK: u64 = 2 << 20;
@@ -41,97 +44,13 @@ pub struct Region {
     pub size: u64,
 }
 
-/// Fault service times in 2 µs buckets up to 8 ms (the last bucket takes the rest):
-/// fine enough for p50/p99 of faults that take tens of microseconds.
-#[derive(Debug)]
-pub struct LatencyHistogram {
-    buckets: Vec<AtomicU64>,
-}
-
-const BUCKET_NS: u64 = 2_000;
-const BUCKETS: usize = 4096;
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        LatencyHistogram {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-}
-
-impl Progress {
-    /// Records that the restore is complete, logs it and emits the event.
-    pub(super) fn mark_complete(&self, source: &str) {
-        let elapsed = self
-            .started
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .map_or(0, |s| s.elapsed().as_millis() as u64);
-        self.completed_after_ms.store(elapsed, Ordering::Release);
-        self.complete.store(true, Ordering::Release);
-        log::info!(
-            "on-demand restore {source} complete: {} pages resident after {elapsed} ms, {} faults",
-            self.resident_pages.load(Ordering::Relaxed),
-            self.faults.load(Ordering::Relaxed)
-        );
-        crate::event_monitor::event("vm", "restore-memory-complete", None);
-    }
-}
-
-impl LatencyHistogram {
-    pub fn record(&self, ns: u64) {
-        let i = ((ns / BUCKET_NS) as usize).min(BUCKETS - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The upper bound, in µs, of the bucket holding quantile `q` (0 without samples).
-    pub fn quantile_us(&self, q: f64) -> u64 {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return 0;
-        }
-        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return (i as u64 + 1) * BUCKET_NS / 1000;
-            }
-        }
-        BUCKETS as u64 * BUCKET_NS / 1000
-    }
-}
-
-/// Restore progress, readable at any time (vm.info).
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub total_pages: u64,
-    pub resident_pages: AtomicU64,
-    pub faults: AtomicU64,
-    pub complete: AtomicBool,
-    /// Sum of fault service times in ns, for the mean fault latency.
-    pub fault_ns: AtomicU64,
-    /// Time from reading a fault event to the page being in place.
-    pub fault_latency: LatencyHistogram,
-    pub started: Mutex<Option<Instant>>,
-    pub completed_after_ms: AtomicU64,
-    /// Bytes read from the source (snapshot file or migration peer).
-    pub bytes_fetched: AtomicU64,
-}
-
 struct Shared {
     uffd: Uffd,
     regions: Vec<Region>,
     /// One bit per page of each region: set once the page is resident.
     bitmaps: Vec<Vec<AtomicU64>>,
     source: Arc<dyn UffdMemorySource>,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
     stop: EventFd,
     stopping: AtomicBool,
     /// Set just before guest RAM is unregistered, when every data page is in.
@@ -146,25 +65,6 @@ pub struct OnDemandMemory {
 }
 
 /// An error that makes the restore impossible: the VM must not run on missing pages.
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_quantiles() {
-        let h = LatencyHistogram::default();
-        assert_eq!(h.quantile_us(0.5), 0);
-        for _ in 0..98 {
-            h.record(10_000);
-        }
-        h.record(500_000);
-        h.record(100_000_000);
-        assert_eq!(h.quantile_us(0.5), 12);
-        assert_eq!(h.quantile_us(0.99), 502);
-        assert_eq!(h.quantile_us(1.0), 8192);
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 enum FillError {
     #[error("reading guest memory at offset {offset:#x} of mapping {index} from the source")]
@@ -174,10 +74,16 @@ enum FillError {
         #[source]
         source: std::io::Error,
     },
-    #[error("resolving a page at {addr:#x}: {error}")]
-    Resolve { addr: u64, error: String },
-    #[error("reading userfaultfd events: {0}")]
-    Events(String),
+    #[error("resolving a page at {addr:#x}")]
+    Resolve {
+        addr: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("reading userfaultfd events")]
+    Events(#[source] userfaultfd::Error),
+    #[error("reading userfaultfd events")]
+    Wait(#[source] std::io::Error),
     #[error("fault at {0:#x} outside guest RAM")]
     OutsideRam(u64),
 }
@@ -188,7 +94,7 @@ impl OnDemandMemory {
     pub fn start(
         regions: Vec<Region>,
         source: Arc<dyn UffdMemorySource>,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
         let uffd = registered_uffd(
             regions.iter().map(|r| (r.host, r.size)),
@@ -205,7 +111,7 @@ impl OnDemandMemory {
                     .collect()
             })
             .collect();
-        let progress = Arc::new(Progress {
+        let progress = Arc::new(FillProgress {
             total_pages,
             started: Mutex::new(Some(Instant::now())),
             ..Default::default()
@@ -244,7 +150,7 @@ impl OnDemandMemory {
         Ok(OnDemandMemory { shared, threads })
     }
 
-    pub fn progress(&self) -> Arc<Progress> {
+    pub fn progress(&self) -> Arc<FillProgress> {
         self.shared.progress.clone()
     }
 
@@ -264,10 +170,10 @@ impl Drop for OnDemandMemory {
     }
 }
 
-fn report(events: &Sender<VmmEvent>, error: &FillError) {
-    log::error!("on-demand memory: {}", crate::vmm::error_chain(error));
-    let _ = events.send(VmmEvent::MemoryFailed {
-        error: crate::vmm::error_chain(error),
+fn report(events: &Notifier<VmNotice>, error: FillError) {
+    log::error!("on-demand memory: {}", crate::errors::error_chain(&error));
+    let _ = events.send(VmNotice::MemoryFailed {
+        error: Box::new(error),
     });
 }
 
@@ -370,7 +276,7 @@ impl Shared {
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: dst,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }
@@ -451,7 +357,7 @@ impl Shared {
                 Err(e) => {
                     return Err(FillError::Resolve {
                         addr: page_addr,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }
@@ -491,37 +397,15 @@ impl Shared {
         self.fetch_in(index, offset, rest, true)
     }
 
-    /// Waits until the userfaultfd or the stop eventfd is readable.
-    fn wait(&self) -> bool {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        n >= 0 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-    }
-
-    fn fault_loop(&self, events: &Sender<VmmEvent>) {
+    fn fault_loop(&self, events: &Notifier<VmNotice>) {
         crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         // Page-aligned, so a file source may read into it with O_DIRECT.
         let mut block = crate::sparse::PageBuf::default();
         let buf = block.get(FAULT_BLOCK as usize);
         let mut event_buf = EventBuffer::new(64);
         while !self.stopping() {
-            if !self.wait() {
-                report(
-                    events,
-                    &FillError::Events(std::io::Error::last_os_error().to_string()),
-                );
+            if !fd::wait_readable(&self.uffd, &self.stop) {
+                report(events, FillError::Wait(std::io::Error::last_os_error()));
                 return;
             }
             if self.stopping() {
@@ -530,7 +414,7 @@ impl Shared {
             let faults = match pending_faults(&self.uffd, &mut event_buf) {
                 Ok(f) => f,
                 Err(e) => {
-                    report(events, &FillError::Events(e));
+                    report(events, FillError::Events(e));
                     return;
                 }
             };
@@ -542,7 +426,7 @@ impl Shared {
                     .serve_fault(addr, read_at, &mut *buf)
                     .and_then(|block| block.map_or(Ok(()), |b| self.fill_block(b, &mut *buf)));
                 if let Err(e) = result {
-                    report(events, &e);
+                    report(events, e);
                     return;
                 }
             }
@@ -552,7 +436,7 @@ impl Shared {
     /// Copies every data chunk that is not resident yet, with `PREFETCH_THREADS`
     /// workers pulling chunks in address order from one queue. Returns false if a worker
     /// hit an error (already reported) or the restore is being stopped.
-    fn prefetch_all(&self, events: &Sender<VmmEvent>) -> bool {
+    fn prefetch_all(&self, events: &Notifier<VmNotice>) -> bool {
         let chunk_size = self.source.prefetch_chunk().max(PAGE_SIZE);
         let chunks: Vec<(usize, u64, u64)> = (0..self.regions.len())
             .flat_map(|index| {
@@ -583,7 +467,7 @@ impl Shared {
                 };
                 if let Err(e) = self.fetch_in(index, pos, &mut buf[..len as usize], false) {
                     failed.store(true, Ordering::Relaxed);
-                    report(events, &e);
+                    report(events, e);
                     return;
                 }
             }
@@ -597,7 +481,7 @@ impl Shared {
         !failed.load(Ordering::Relaxed) && !self.stopping()
     }
 
-    fn prefetch(&self, events: &Sender<VmmEvent>) {
+    fn prefetch(&self, events: &Notifier<VmNotice>) {
         crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
         if !self.prefetch_all(events) {
             return;
@@ -611,46 +495,5 @@ impl Shared {
             log::warn!("telling the memory source the restore is complete: {e}");
         }
         self.progress.mark_complete(self.source.origin());
-    }
-}
-
-/// The addresses of the page faults pending on `uffd` now (it is non-blocking).
-pub(super) fn pending_faults(uffd: &Uffd, buf: &mut EventBuffer) -> Result<Vec<u64>, String> {
-    match uffd.read_events(buf) {
-        Ok(iter) => Ok(iter
-            .filter_map(|e| match e {
-                Ok(Event::Pagefault { addr, .. }) => Some(addr as u64),
-                _ => None,
-            })
-            .collect()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// A userfaultfd with every `(host, size)` range registered in `mode`. Faults come from
-/// KVM inside the kernel, so it is not user-mode only.
-pub(super) fn registered_uffd(
-    regions: impl Iterator<Item = (u64, u64)>,
-    mode: RegisterMode,
-) -> Result<Uffd, Error> {
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .create()
-        .map_err(Error::Create)?;
-    for (host, size) in regions {
-        uffd.register_with_mode(host as *mut libc::c_void, size as usize, mode)
-            .map_err(|source| Error::Register { host, size, source })?;
-    }
-    Ok(uffd)
-}
-
-/// Takes guest RAM out of userfaultfd's hands once every page that matters is in.
-pub(super) fn unregister_all(uffd: &Uffd, regions: impl Iterator<Item = (u64, u64)>) {
-    for (host, size) in regions {
-        if let Err(e) = uffd.unregister(host as *mut libc::c_void, size as usize) {
-            log::warn!("unregistering guest RAM from userfaultfd: {e}");
-        }
     }
 }

@@ -1,9 +1,13 @@
 //! On-demand guest memory through userfaultfd. `UffdMemorySource` says where page contents
-//! come from (a snapshot file today; a migration peer later); `handler` owns the
-//! userfaultfd, serves faults and prefetches everything else in the background.
+//! come from (`file`: a snapshot's memory file; `remote`: a post-copy migration source,
+//! pulled over the socket); `handler` owns the userfaultfd, serves faults and prefetches
+//! everything else in the background. `peer` is the other way round: a peer (the offload
+//! daemon, a post-copy sender's memfds) writes the pages itself and this VMM only waits.
 
+mod fd;
 pub mod file;
 pub mod handler;
+pub mod metrics;
 pub mod peer;
 pub mod remote;
 
@@ -11,7 +15,8 @@ use std::io;
 
 use crate::sparse::Extent;
 
-pub use handler::{OnDemandMemory, Progress};
+pub use handler::OnDemandMemory;
+pub use metrics::FillProgress;
 pub use peer::{PeerFilledMemory, SharedRegion};
 
 /// Guest RAM being filled on demand: copied in from a `UffdMemorySource` (a snapshot
@@ -22,7 +27,7 @@ pub enum OnDemand {
 }
 
 impl OnDemand {
-    pub fn progress(&self) -> std::sync::Arc<Progress> {
+    pub fn progress(&self) -> std::sync::Arc<FillProgress> {
         match self {
             OnDemand::Copied(m) => m.progress(),
             OnDemand::Peer(m) => m.progress(),
@@ -39,6 +44,8 @@ impl OnDemand {
 
 /// Where the contents of guest RAM come from during an on-demand restore. Mappings are
 /// numbered as in `MemoryManager::mappings()`; offsets are relative to a mapping's start.
+/// No method has a default body: each backend says what it does for each (a default
+/// would be one backend's behaviour the others inherit without noticing).
 pub trait UffdMemorySource: Send + Sync {
     /// The parts of mapping `index` that hold data; every other page is zero.
     fn extents(&self, index: usize) -> &[Extent];
@@ -47,24 +54,16 @@ pub trait UffdMemorySource: Send + Sync {
     fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// The same for a vCPU waiting on a fault: a source with a separate low-latency path
     /// (a post-copy fault connection) serves it there, never behind a bulk read.
-    fn read_for_fault(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read(index, offset, buf)
-    }
+    fn read_for_fault(&self, index: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Bytes per background read.
-    fn prefetch_chunk(&self) -> u64 {
-        handler::PREFETCH_CHUNK
-    }
+    fn prefetch_chunk(&self) -> u64;
     /// Every data page is in place and guest RAM is unregistered: a peer that wants to
     /// know is told here.
-    fn finished(&self) -> io::Result<()> {
-        Ok(())
-    }
+    fn finished(&self) -> io::Result<()>;
     /// The restore is being torn down: unblock any read waiting on a silent peer.
-    fn stop(&self) {}
+    fn stop(&self);
     /// Where the memory comes from, for logs ("from ...").
-    fn origin(&self) -> &'static str {
-        "from the snapshot"
-    }
+    fn origin(&self) -> &'static str;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,6 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -28,10 +27,10 @@ use vm_migration::page_fault::{read_page_fault_response, send_page_fault};
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::Error;
-use super::handler::Progress;
-use crate::migration::transport::Stream;
+use super::metrics::FillProgress;
+use crate::events::{Notifier, VmNotice};
+use crate::net::Stream;
 use crate::sparse::{self, PAGE_SIZE};
-use crate::vmm::VmmEvent;
 
 /// Bytes asked for per background request where the last one held data.
 const CHUNK: u64 = 2 << 20;
@@ -61,7 +60,7 @@ pub struct PeerFilledMemory {
     /// it waits on a silent peer.
     stream: Option<Stream>,
     thread: Option<JoinHandle<()>>,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
 }
 
 struct Filler {
@@ -70,7 +69,7 @@ struct Filler {
     /// Per region, one bit per page a guest fault asked for.
     faulted: Vec<Vec<u64>>,
     stream: Stream,
-    progress: Arc<Progress>,
+    progress: Arc<FillProgress>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -83,12 +82,16 @@ enum FillError {
         #[source]
         source: vm_migration::Error,
     },
-    #[error("mapping the page at {addr:#x}: {error}")]
-    Continue { addr: u64, error: String },
+    #[error("mapping the page at {addr:#x}")]
+    Continue {
+        addr: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
     #[error("finding the pages the peer wrote")]
     Extents(#[source] std::io::Error),
-    #[error("reading userfaultfd events: {0}")]
-    Events(String),
+    #[error("reading userfaultfd events")]
+    Events(#[source] userfaultfd::Error),
     #[error("fault at {0:#x} outside guest RAM")]
     OutsideRam(u64),
 }
@@ -99,14 +102,14 @@ impl PeerFilledMemory {
     pub fn start(
         regions: Vec<SharedRegion>,
         stream: Stream,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
         // MISSING and MINOR together: see the module docs.
-        let uffd = Arc::new(super::handler::registered_uffd(
+        let uffd = Arc::new(super::fd::registered_uffd(
             regions.iter().map(|r| (r.host, r.size)),
             RegisterMode::MISSING | RegisterMode::MINOR,
         )?);
-        let progress = Arc::new(Progress {
+        let progress = Arc::new(FillProgress {
             total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
             started: Mutex::new(Some(Instant::now())),
             ..Default::default()
@@ -130,9 +133,10 @@ impl PeerFilledMemory {
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Uffd);
                 if let Err(e) = filler.run() {
-                    let error = crate::vmm::error_chain(&e);
-                    log::error!("on-demand memory from the peer: {error}");
-                    let _ = events.send(VmmEvent::MemoryFailed { error });
+                    let chain = crate::errors::error_chain(&e);
+                    log::error!("on-demand memory from the peer: {chain}");
+                    let error = Box::new(e);
+                    let _ = events.send(VmNotice::MemoryFailed { error });
                 }
             })
             .map_err(|e| Error::Spawn("uffd peer", e))?;
@@ -145,7 +149,7 @@ impl PeerFilledMemory {
         })
     }
 
-    pub fn progress(&self) -> Arc<Progress> {
+    pub fn progress(&self) -> Arc<FillProgress> {
         self.progress.clone()
     }
 
@@ -176,8 +180,8 @@ impl Filler {
                 return Ok(());
             }
             // Guest faults first, always.
-            let faults = super::handler::pending_faults(&self.uffd, &mut events)
-                .map_err(FillError::Events)?;
+            let faults =
+                super::fd::pending_faults(&self.uffd, &mut events).map_err(FillError::Events)?;
             for addr in faults {
                 self.serve_fault(addr)?;
             }
@@ -204,7 +208,7 @@ impl Filler {
     /// Everything the peer holds is mapped: unregistering lets untouched holes behave
     /// as ordinary shared memory, and closing the connection tells the peer to stop.
     fn finish(&mut self) {
-        super::handler::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
+        super::fd::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
         self.stream.shutdown();
         self.progress.mark_complete("from the peer");
     }
@@ -298,7 +302,7 @@ impl Filler {
                 Err(e) => {
                     return Err(FillError::Continue {
                         addr: addr + pos,
-                        error: e.to_string(),
+                        source: e,
                     });
                 }
             }

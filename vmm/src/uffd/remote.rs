@@ -19,8 +19,8 @@ use vm_migration::page_fault::{read_page_fault_response, send_fault_complete, se
 use vm_migration::{MemoryRange, PageDelivery};
 
 use super::UffdMemorySource;
-use crate::migration::MigrationUrl;
-use crate::migration::transport::{Stream, is_timeout};
+use crate::net::MigrationUrl;
+use crate::net::{Stream, is_timeout};
 use crate::sparse::Extent;
 
 /// Background chunk with a connection of its own: large enough that the per-request
@@ -133,16 +133,27 @@ impl RemoteSource {
                         ),
                     )
                 } else {
-                    io::Error::other(format!(
-                        "pulling {} bytes at gpa {:#x} from the migration source {}: {}",
-                        range.length,
-                        range.gpa,
-                        self.peer_name,
-                        crate::vmm::error_chain(&e)
-                    ))
+                    io::Error::other(PullFailed {
+                        length: range.length,
+                        gpa: range.gpa,
+                        peer: self.peer_name.clone(),
+                        source: e,
+                    })
                 }
             })
     }
+}
+
+/// A pull that failed for another reason than the source's silence; the cause stays
+/// its source, for whoever prints the chain.
+#[derive(Debug, thiserror::Error)]
+#[error("pulling {length} bytes at gpa {gpa:#x} from the migration source {peer}")]
+struct PullFailed {
+    length: u64,
+    gpa: u64,
+    peer: String,
+    #[source]
+    source: vm_migration::Error,
 }
 
 /// The parts of `ranges` (guest-physical, sorted or not) inside `region`, as sorted,
@@ -193,7 +204,7 @@ impl UffdMemorySource for RemoteSource {
     fn finished(&self) -> io::Result<()> {
         let result = if self.confirm {
             let mut s = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-            send_fault_complete(&mut *s).map_err(|e| io::Error::other(e.to_string()))
+            send_fault_complete(&mut *s).map_err(io::Error::other)
         } else {
             Ok(())
         };

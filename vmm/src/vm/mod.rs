@@ -6,7 +6,6 @@ pub mod kvm_state;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
@@ -16,7 +15,6 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::VmState;
 use crate::arch::x86_64::{cpuid, layout, mptable, pvh, regs};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{self, Vcpu, VcpuCommand, VcpuContext, VcpuHandle};
@@ -24,12 +22,21 @@ use crate::devices::PioBus;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, SerialOutput};
 use crate::devices::serial_sinks::{PtySink, SocketSink};
+use crate::events::{Notifier, VmNotice};
 use crate::memory_manager::{self, MemoryManager};
 use crate::state::{StateError, StateTree};
 use crate::uffd::handler::Region;
 use crate::uffd::{OnDemand, OnDemandMemory, PeerFilledMemory, SharedRegion, UffdMemorySource};
-use crate::vmm::VmmEvent;
 use kvm_state::KvmVm;
+
+/// A VM's lifecycle state, as `vm.info` reports it (Cloud Hypervisor's spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -134,7 +141,7 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM from `config` ready to boot: everything `new_for_restore` builds plus
     /// the kernel, its PVH boot data and the boot vCPU's entry state.
-    pub fn new(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
+    pub fn new(config: &VmConfig, events: Notifier<VmNotice>) -> Result<Self> {
         let vm = Self::with_memory(config, events, None, false)?;
         // Only a boot: a restored or received VM gets its pages from elsewhere, and
         // populated pages would hide the faults an on-demand restore serves.
@@ -153,7 +160,7 @@ impl Vm {
     /// Builds the VM from `config` with empty RAM: KVM VM with in-kernel irqchip and PIT,
     /// guest RAM, devices, and vCPUs with their CPUID (not yet running). A restore fills
     /// the RAM and applies a state tree before `boot`.
-    pub fn new_for_restore(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Self> {
+    pub fn new_for_restore(config: &VmConfig, events: Notifier<VmNotice>) -> Result<Self> {
         Self::with_memory(config, events, None, true)
     }
 
@@ -161,7 +168,7 @@ impl Vm {
     /// mapping) that a migration source handed over, instead of fresh memory.
     pub fn new_for_migration(
         config: &VmConfig,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
         memory_files: Option<Vec<File>>,
     ) -> Result<Self> {
         Self::with_memory(config, events, memory_files, true)
@@ -171,7 +178,7 @@ impl Vm {
     /// is appended to (it may still hold the source's output) instead of truncated.
     fn with_memory(
         config: &VmConfig,
-        events: Sender<VmmEvent>,
+        events: Notifier<VmNotice>,
         memory_files: Option<Vec<File>>,
         continued: bool,
     ) -> Result<Self> {
@@ -366,10 +373,7 @@ impl Vm {
 
     /// Makes guest RAM, built on memfds a migration peer handed over, fill itself by
     /// asking that peer over `fault_connection`. Only before the vCPUs start.
-    pub fn enable_peer_memory(
-        &mut self,
-        fault_connection: crate::migration::transport::Stream,
-    ) -> Result<()> {
+    pub fn enable_peer_memory(&mut self, fault_connection: crate::net::Stream) -> Result<()> {
         self.expect_state("restore memory on demand into", &[VmState::Created])?;
         let files = self.memory.backing_files();
         if files.is_empty() {
@@ -541,7 +545,7 @@ type SerialHandle = Option<Arc<Mutex<SerialDevice>>>;
 fn build_pio_bus(
     config: &mut VmConfig,
     vm_fd: &VmFd,
-    events: Sender<VmmEvent>,
+    events: Notifier<VmNotice>,
     append_serial: bool,
 ) -> Result<(PioBus, SerialHandle)> {
     let mut bus = PioBus::default();

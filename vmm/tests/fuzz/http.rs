@@ -5,7 +5,7 @@
 
 use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
-use vmm::api::parser::{MAX_BODY_BYTES, MAX_HEAD_BYTES, Progress, Request, RequestParser};
+use vmm::api::parser::{MAX_BODY_BYTES, MAX_HEAD_BYTES, ParseStep, Request, RequestParser};
 
 const CAP: &str = "max(16 KiB head cap, 2 x input) + 1 KiB";
 
@@ -22,8 +22,8 @@ fn run(pieces: &[Vec<u8>]) -> (Option<Result<Request, u16>>, usize) {
         let step = parser.feed(piece);
         held = held.max(parser.buffered());
         match step {
-            Ok(Progress::NeedMore | Progress::SendContinue) => {}
-            Ok(Progress::Complete(r)) => return (Some(Ok(r)), held),
+            Ok(ParseStep::NeedMore | ParseStep::SendContinue) => {}
+            Ok(ParseStep::Complete(r)) => return (Some(Ok(r)), held),
             Err(reject) => {
                 assert!(!reject.message.is_empty());
                 assert!((400..600).contains(&reject.status), "{reject:?}");

@@ -6,7 +6,7 @@
 
 use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
-use vmm::config::migration::{parse_receive_migration, parse_send_migration};
+use vmm::config::migration_params::{parse_receive_migration, parse_send_migration};
 use vmm::config::options::{self, VmParams};
 
 const CAP: &str = "8 x input + 16 KiB";

@@ -19,12 +19,13 @@ use fuzz_harness::{Peak, measure, report};
 use serde_json::Value;
 use vm_migration::memory::MemoryRange;
 use vm_migration::protocol::{CURRENT_PROTOCOL_VERSION, Command, RequestHeader};
+use vmm::config::migration_params::ReceiveParams;
 use vmm::config::{ConsoleConfig, ConsoleOutputMode};
 use vmm::memory_manager::GuestRamMapping;
 use vmm::migration::config::VmMigrationConfig;
-use vmm::migration::receive::{self, LocalDevices, ReceiveParams};
-use vmm::migration::url::MigrationUrl;
+use vmm::migration::receive::{self, LocalDevices};
 use vmm::migration::watch::Watch;
+use vmm::net::MigrationUrl;
 
 use crate::strategies;
 
@@ -192,7 +193,8 @@ fn run_case(msgs: &[Msg], postcopy: bool, config: &Value, peak: &Peak) -> bool {
         console: off(),
     };
     let listener = receive::listen(&url).unwrap();
-    let (events, _events_rx) = std::sync::mpsc::channel();
+    let (events, _events_rx) = std::sync::mpsc::channel::<vmm::events::VmNotice>();
+    let events = vmm::events::Notifier::new(events);
     let watch = Arc::new(Watch::new().unwrap());
     let sender = {
         let msgs = msgs.to_vec();

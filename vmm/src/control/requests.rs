@@ -9,9 +9,9 @@ use crate::api::{
     ApiError, ApiRequest, ApiResponse, ApiResult, MemoryRestoreProgress, VmInfoResponse,
     VmmPingResponse,
 };
-use crate::event_monitor;
 use crate::migration::{send, store};
 use crate::vm::{self, Vm};
+use event_monitor::Event;
 
 impl Vmm {
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
@@ -73,21 +73,21 @@ impl Vmm {
             }
             ApiRequest::VmPause => {
                 let vm = self.vm_mut()?;
-                event_monitor::event("vm", "pausing", None);
+                event_monitor::event(Event::VmPausing, None);
                 vm.pause().map_err(api_error("pause"))?;
-                event_monitor::event("vm", "paused", None);
+                event_monitor::event(Event::VmPaused, None);
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmResume => {
                 let vm = self.vm_mut()?;
-                event_monitor::event("vm", "resuming", None);
+                event_monitor::event(Event::VmResuming, None);
                 vm.resume().map_err(api_error("resume"))?;
-                event_monitor::event("vm", "resumed", None);
+                event_monitor::event(Event::VmResumed, None);
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmShutdown => {
                 self.vm_mut()?.shutdown().map_err(api_error("shut down"))?;
-                event_monitor::event("vm", "shutdown", None);
+                event_monitor::event(Event::VmShutdown, None);
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmmShutdown => {
@@ -141,7 +141,7 @@ impl Vmm {
     }
 }
 
-fn migration_progress(p: &send::Progress) -> crate::api::MigrationProgress {
+fn migration_progress(p: &send::SendProgress) -> crate::api::MigrationProgress {
     let phase = match p.phase.load(Ordering::Acquire) {
         send::PHASE_SETUP => "setup",
         send::PHASE_ITERATING => "iterating",

@@ -1,18 +1,20 @@
 //! The control loop: owns the VM, serves API requests and vCPU/device notifications
 //! arriving on one channel, and decides when the process exits.
 
-mod api;
 mod migrate;
+mod requests;
 mod snapshot;
 
 use std::sync::{Arc, mpsc};
 
-use crate::api::{ApiRequest, VmState};
+use crate::api::{ApiCall, ApiRequest, VmState};
 use crate::config::{RestoreParams, VmConfig};
-use crate::event_monitor;
+use crate::errors::error_chain;
+use crate::events::{Notifier, VmNotice};
 use crate::migration::receive::{self, LocalDevices};
 use crate::migration::send;
 use crate::vm::{self, Vm};
+use event_monitor::Event;
 
 use migrate::{Incoming, Outgoing};
 pub use migrate::{MigrationError, ReceivedVm};
@@ -23,29 +25,35 @@ pub use snapshot::{RestoreError, SnapshotError};
 #[derive(Debug)]
 pub enum VmmEvent {
     /// An API request and where to send its single answer.
-    Api {
-        request: ApiRequest,
-        reply: crate::api::Reply,
-    },
-    /// The guest asked for a reset (i8042 0xFE): this VMM shuts down cleanly (the test
-    /// guest's way to end a run). A triple fault is a `VcpuFailed` instead.
-    GuestReset,
-    /// A vCPU thread hit an error it cannot recover from.
-    VcpuFailed { id: u8, error: String },
-    /// Guest RAM cannot be filled (on-demand restore): the VM must stop rather than run
-    /// on missing pages.
-    MemoryFailed { error: String },
+    Api(ApiCall),
+    /// The VM's vCPUs, devices or memory fillers report something the loop must act on.
+    Vm(VmNotice),
     /// A migration worker needs the VM (pause it, save its state).
-    Migration {
-        request: send::Control,
-        reply: mpsc::Sender<Result<send::ControlReply, String>>,
-    },
+    Migration(send::ControlCall),
     /// The migration worker finished; `Err` holds the reason it failed.
-    MigrationDone { result: Result<(), String> },
+    MigrationDone { result: Result<(), send::Error> },
     /// The receive worker finished: the VM that arrived, or why none did.
     ReceiveDone {
         result: Result<ReceivedVm, receive::Error>,
     },
+}
+
+impl From<ApiCall> for VmmEvent {
+    fn from(call: ApiCall) -> Self {
+        VmmEvent::Api(call)
+    }
+}
+
+impl From<VmNotice> for VmmEvent {
+    fn from(notice: VmNotice) -> Self {
+        VmmEvent::Vm(notice)
+    }
+}
+
+impl From<send::ControlCall> for VmmEvent {
+    fn from(call: send::ControlCall) -> Self {
+        VmmEvent::Migration(call)
+    }
 }
 
 /// Why `Vmm::run` returned without an error.
@@ -74,12 +82,16 @@ pub enum Error {
     BootVm(#[source] vm::Error),
     #[error("failed to restore the VM")]
     Restore(#[source] RestoreError),
-    #[error("vCPU {id} failed: {error}")]
-    VcpuFailed { id: u8, error: String },
+    #[error("vCPU {id} failed")]
+    VcpuFailed {
+        id: u8,
+        #[source]
+        error: crate::errors::BoxError,
+    },
     #[error("the VM stopped ({what}) because it lost guest memory: {cause}")]
     GuestMemoryLost { what: String, cause: String },
-    #[error("guest memory could not be restored: {0}")]
-    MemoryFailed(String),
+    #[error("guest memory could not be restored")]
+    MemoryFailed(#[source] crate::errors::BoxError),
 }
 
 /// The VMM: at most one VM, driven by events.
@@ -89,7 +101,7 @@ pub struct Vmm {
     vm: Option<Vm>,
     migration: Option<Outgoing>,
     /// The last migration's figures stay visible in vm.info.
-    last_migration: Option<Arc<send::Progress>>,
+    last_migration: Option<Arc<send::SendProgress>>,
     incoming: Option<Incoming>,
     /// Serial and console of a VM this VMM receives: its own command line's.
     local: LocalDevices,
@@ -125,10 +137,10 @@ impl Vmm {
     pub fn run(mut self, startup: Option<VmStartup>) -> Result<VmmExit, Error> {
         match startup {
             Some(VmStartup::Boot(config)) => {
-                event_monitor::event("vm", "booting", None);
-                let mut vm = Vm::new(&config, self.events.clone()).map_err(Error::CreateVm)?;
+                event_monitor::event(Event::VmBooting, None);
+                let mut vm = Vm::new(&config, self.notifier()).map_err(Error::CreateVm)?;
                 vm.boot().map_err(Error::BootVm)?;
-                event_monitor::event("vm", "booted", None);
+                event_monitor::event(Event::VmBooted, None);
                 self.vm = Some(vm);
             }
             Some(VmStartup::Restore(params)) => self.restore(&params).map_err(Error::Restore)?,
@@ -140,11 +152,11 @@ impl Vmm {
                 return Ok(VmmExit::Shutdown);
             };
             match event {
-                VmmEvent::Api {
+                VmmEvent::Api(ApiCall {
                     request: ApiRequest::VmReceiveMigration(params),
                     reply,
-                } => self.start_receive(params, reply),
-                VmmEvent::Api { request, reply } => {
+                }) => self.start_receive(params, reply),
+                VmmEvent::Api(ApiCall { request, reply }) => {
                     if reply.abandoned(&request) {
                         continue;
                     }
@@ -155,54 +167,59 @@ impl Vmm {
                     if exit && ok {
                         // The VM is gone for good (Cloud Hypervisor deletes its config).
                         if self.vm.is_some() {
-                            event_monitor::event("vm", "deleted", None);
+                            event_monitor::event(Event::VmDeleted, None);
                         }
-                        event_monitor::event("vmm", "shutdown", None);
+                        event_monitor::event(Event::VmmShutdown, None);
                         return Ok(VmmExit::Shutdown);
                     }
                 }
-                VmmEvent::GuestReset => {
+                VmmEvent::Vm(VmNotice::GuestReset) => {
                     let lost = self.lost_memory();
                     self.stop_vm();
-                    event_monitor::event("vmm", "shutdown", None);
+                    event_monitor::event(Event::VmmShutdown, None);
                     if let Some(cause) = lost {
                         let what = "the guest reset itself".to_string();
                         return Err(Error::GuestMemoryLost { what, cause });
                     }
                     return Ok(VmmExit::GuestReset);
                 }
-                VmmEvent::VcpuFailed { id, error } => {
+                VmmEvent::Vm(VmNotice::VcpuFailed { id, error }) => {
                     let lost = self.lost_memory();
                     self.stop_vm();
                     return Err(match lost {
                         Some(cause) => Error::GuestMemoryLost {
-                            what: format!("vCPU {id}: {error}"),
+                            what: format!("vCPU {id}: {}", error_chain(&*error)),
                             cause,
                         },
                         None => Error::VcpuFailed { id, error },
                     });
                 }
-                VmmEvent::MemoryFailed { error } => {
+                VmmEvent::Vm(VmNotice::MemoryFailed { error }) => {
                     if let Some(vm) = self.vm.as_mut() {
                         if let Err(e) = vm.stop_after_memory_failure() {
                             log::error!("stopping the VM: {e}");
                         }
-                        event_monitor::event("vm", "shutdown", None);
+                        event_monitor::event(Event::VmShutdown, None);
                     }
                     return Err(Error::MemoryFailed(error));
                 }
-                VmmEvent::Migration { request, reply } => {
+                VmmEvent::Migration(send::ControlCall { request, reply }) => {
                     let _ = reply.send(self.migration_control(request));
                 }
                 VmmEvent::MigrationDone { result } => {
                     if self.migration_done(result) {
-                        event_monitor::event("vmm", "shutdown", None);
+                        event_monitor::event(Event::VmmShutdown, None);
                         return Ok(VmmExit::Migrated);
                     }
                 }
                 VmmEvent::ReceiveDone { result } => self.receive_done(result),
             }
         }
+    }
+
+    /// Where the VM's threads send their notices: this loop's channel.
+    fn notifier(&self) -> Notifier<VmNotice> {
+        Notifier::new(self.events.clone())
     }
 
     /// Why the VM's memory is gone, if it is (a peer truncated a memfd it shares).
@@ -217,43 +234,7 @@ impl Vmm {
             if let Err(e) = vm.shutdown() {
                 log::error!("shutting down the VM: {e}");
             }
-            event_monitor::event("vm", "shutdown", None);
+            event_monitor::event(Event::VmShutdown, None);
         }
-    }
-}
-
-/// `A: B: C` for an error and its sources. Some library errors already print their source
-/// in their own message; such a repeated tail is not printed twice.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] Middle);
-    #[derive(Debug, thiserror::Error)]
-    #[error("middle: inner")]
-    struct Middle(#[source] Inner);
-    #[derive(Debug, thiserror::Error)]
-    #[error("inner")]
-    struct Inner;
-
-    #[test]
-    fn chain_skips_repeated_tails() {
-        assert_eq!(error_chain(&Outer(Middle(Inner))), "outer: middle: inner");
     }
 }

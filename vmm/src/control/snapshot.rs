@@ -8,9 +8,9 @@ use std::time::Instant;
 use super::Vmm;
 use crate::api::VmState;
 use crate::config::{MemoryRestoreMode, RestoreParams};
-use crate::event_monitor;
 use crate::migration::store;
 use crate::vm::{self, Vm};
+use event_monitor::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -62,7 +62,7 @@ impl Vmm {
         let destination = crate::snapfile::snapshot_dir(destination)
             .map_err(|e| SnapshotError::Destination(destination.to_path_buf(), e))?;
         let start = Instant::now();
-        event_monitor::event("vm", "snapshotting", None);
+        event_monitor::event(Event::VmSnapshotting, None);
         let state = vm.save_state().map_err(SnapshotError::State)?;
         log::debug!("snapshot: state saved in {:?}", start.elapsed());
         let stats = store::save(&destination, vm.config(), &state, vm.memory())
@@ -73,7 +73,7 @@ impl Vmm {
             destination.display(),
             start.elapsed()
         );
-        event_monitor::event("vm", "snapshotted", None);
+        event_monitor::event(Event::VmSnapshotted, None);
         Ok(())
     }
 
@@ -85,7 +85,7 @@ impl Vmm {
         {
             return Err(RestoreError::VmExists(vm.state()));
         }
-        event_monitor::event("vm", "restoring", None);
+        event_monitor::event(Event::VmRestoring, None);
         let start = Instant::now();
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
         let source = crate::snapfile::snapshot_dir(&params.source).map_err(|source| {
@@ -100,7 +100,7 @@ impl Vmm {
         // The VM is built from the config while the manifest, state and memory piece
         // lists are read and checked beside it; a damaged snapshot still fails before
         // the VM runs, and the VM is then dropped.
-        let events = self.events.clone();
+        let events = self.notifier();
         // A snapshot directory may come from anyone: it names no host file this VMM
         // opens (the same rule as for a migration sender).
         let config = self
@@ -140,12 +140,12 @@ impl Vmm {
             start.elapsed()
         );
         self.vm = Some(vm);
-        event_monitor::event("vm", "restored", None);
+        event_monitor::event(Event::VmRestored, None);
         if params.resume {
             // The vCPUs started running above; Cloud Hypervisor reports a restore with
             // resume as a restore followed by a resume.
-            event_monitor::event("vm", "resuming", None);
-            event_monitor::event("vm", "resumed", None);
+            event_monitor::event(Event::VmResuming, None);
+            event_monitor::event(Event::VmResumed, None);
         }
         Ok(())
     }

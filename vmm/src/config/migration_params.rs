@@ -1,5 +1,6 @@
 //! The `vm.send-migration` and `vm.receive-migration` bodies (Cloud Hypervisor v54 field
-//! names), their validation, and the option strings ch-remote accepts for them.
+//! names), their validation into [`SendParams`] and [`ReceiveParams`] (what the migration
+//! workers run with), and the option strings ch-remote accepts for them.
 //!
 //! On the wire we write Cloud Hypervisor's spelling (`"memory_mode": "Postcopy"`,
 //! `"timeout_strategy": "Ignore"`), so its VMM understands our ch-remote; as input we also
@@ -13,9 +14,61 @@ use serde::{Deserialize, Serialize};
 
 use super::options::{Key, Options, OptionsError, Toggle, value};
 use super::vm_config::{NO_VFIO, NO_ZONES, Unsupported, refuse_if};
-use crate::migration::MigrationUrl;
-use crate::migration::receive::{self, ReceiveParams};
-use crate::migration::send::{SendParams, TimeoutStrategy};
+use crate::net::MigrationUrl;
+
+/// What to do when the guest dirties memory faster than it can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeoutStrategy {
+    /// Give up; the source VM keeps running.
+    #[default]
+    Cancel,
+    /// Pause the VM anyway and send the rest, however long the downtime.
+    Ignore,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendParams {
+    pub url: MigrationUrl,
+    pub local: bool,
+    /// Total connections: 1 = memory on the main connection; N > 1 = N extra memory
+    /// connections beside the main one.
+    pub connections: u8,
+    pub downtime: Duration,
+    pub timeout: Duration,
+    pub timeout_strategy: TimeoutStrategy,
+    pub preserve_source: bool,
+    /// Memory after the switch, pulled by the destination.
+    pub postcopy: bool,
+    /// How long any wait on the destination may last: a connect, a write that makes no
+    /// progress, an answer that does not come.
+    pub io_timeout: Duration,
+}
+
+/// Default `connect_timeout_s`: long enough for an operator to start the sender after
+/// the receiver.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `idle_timeout_s`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `max_connections`: extra memory connections a sender may open (Cloud
+/// Hypervisor's own limit is 128).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// A `vm.receive-migration` request after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveParams {
+    pub url: MigrationUrl,
+    /// Guest memory arrives on demand from the sender after the VM runs.
+    pub postcopy: bool,
+    /// How long the sender may take to connect.
+    pub connect_timeout: Duration,
+    /// How long the sender may send nothing (on any of its connections), between and
+    /// within messages.
+    pub idle_timeout: Duration,
+    /// Extra (PrecopyMemory or Fault) connections the sender may have open at once.
+    pub max_connections: usize,
+    /// Post-copy: the longest wait for one page pulled from the sender.
+    pub page_timeout: Duration,
+}
 
 /// Pre-copy (memory before the switch) or post-copy (after it, pulled by the destination).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -34,7 +87,7 @@ pub enum ParamsError {
         expected: &'static str,
     },
     #[error("{0}")]
-    Url(#[from] crate::migration::url::UrlError),
+    Url(#[from] crate::net::UrlError),
     #[error("{field} must be at least 1")]
     Zero { field: &'static str },
     #[error("connections must be 1..=128, got {0}")]
@@ -301,7 +354,7 @@ impl ReceiveMigrationConfig {
             None => Ok(default),
         };
         let max_connections = match self.max_connections {
-            None => receive::DEFAULT_MAX_CONNECTIONS,
+            None => DEFAULT_MAX_CONNECTIONS,
             Some(n @ 1..=128) => n as usize,
             Some(n) => return Err(ParamsError::MaxConnections(n)),
         };
@@ -310,14 +363,10 @@ impl ReceiveMigrationConfig {
             postcopy: self.postcopy(),
             connect_timeout: seconds(
                 self.connect_timeout_s,
-                receive::DEFAULT_CONNECT_TIMEOUT,
+                DEFAULT_CONNECT_TIMEOUT,
                 "connect_timeout_s",
             )?,
-            idle_timeout: seconds(
-                self.idle_timeout_s,
-                receive::DEFAULT_IDLE_TIMEOUT,
-                "idle_timeout_s",
-            )?,
+            idle_timeout: seconds(self.idle_timeout_s, DEFAULT_IDLE_TIMEOUT, "idle_timeout_s")?,
             max_connections,
             page_timeout: self.page_timeout()?,
         })
@@ -618,9 +667,9 @@ mod tests {
             .unwrap()
             .params()
             .unwrap();
-        assert_eq!(p.connect_timeout, receive::DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(p.idle_timeout, receive::DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(p.max_connections, receive::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(p.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(p.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(p.max_connections, DEFAULT_MAX_CONNECTIONS);
         let p = parse_receive_migration(
             "receiver_url=unix:/x,connect_timeout_s=2,idle_timeout_s=3,max_connections=4",
         )

@@ -22,6 +22,10 @@
 //!
 //! Emitting happens on vCPU and control-loop paths, so [`event`] only formats the line and
 //! hands it to a writer thread over a channel: it never waits on file I/O.
+//!
+//! Its own crate (as in Cloud Hypervisor), so that the VMM and the offload daemon can
+//! both emit; the names are the typed [`Event`], not strings at each call site. The
+//! writer thread runs a hook first, which the VMM uses to install its seccomp filter.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -48,6 +52,113 @@ pub enum Error {
     AlreadyInitialised,
 }
 
+/// Every event this VMM emits. The source and name strings are the file's (and Cloud
+/// Hypervisor's where it has the event; docs/events.md lists ours beside theirs), and
+/// never change: readers match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    VmmStarting,
+    VmmShutdown,
+    VmBooting,
+    VmBooted,
+    VmPausing,
+    VmPaused,
+    VmResuming,
+    VmResumed,
+    VmSnapshotting,
+    VmSnapshotted,
+    VmRestoring,
+    VmRestored,
+    VmShutdown,
+    VmDeleted,
+    VmRestoreMemoryComplete,
+    VmMigrationStarted,
+    VmMigrationMemoryIteration,
+    VmMigrationPostcopyStarted,
+    VmMigrationFinished,
+    VmMigrationFailed,
+    VmPostcopyMigrationCompleted,
+    VmMigrationReceiveStarted,
+    VmMigrationReceiveReady,
+    VmMigrationReceiveFinished,
+    VmMigrationReceiveFailed,
+    ApiRequestDropped,
+}
+
+impl Event {
+    /// Each event, in the order of the table above.
+    pub const ALL: [Event; 26] = [
+        Event::VmmStarting,
+        Event::VmmShutdown,
+        Event::VmBooting,
+        Event::VmBooted,
+        Event::VmPausing,
+        Event::VmPaused,
+        Event::VmResuming,
+        Event::VmResumed,
+        Event::VmSnapshotting,
+        Event::VmSnapshotted,
+        Event::VmRestoring,
+        Event::VmRestored,
+        Event::VmShutdown,
+        Event::VmDeleted,
+        Event::VmRestoreMemoryComplete,
+        Event::VmMigrationStarted,
+        Event::VmMigrationMemoryIteration,
+        Event::VmMigrationPostcopyStarted,
+        Event::VmMigrationFinished,
+        Event::VmMigrationFailed,
+        Event::VmPostcopyMigrationCompleted,
+        Event::VmMigrationReceiveStarted,
+        Event::VmMigrationReceiveReady,
+        Event::VmMigrationReceiveFinished,
+        Event::VmMigrationReceiveFailed,
+        Event::ApiRequestDropped,
+    ];
+
+    /// The `source` and `event` strings written for it.
+    pub fn strings(self) -> (&'static str, &'static str) {
+        match self {
+            Event::VmmStarting => ("vmm", "starting"),
+            Event::VmmShutdown => ("vmm", "shutdown"),
+            Event::VmBooting => ("vm", "booting"),
+            Event::VmBooted => ("vm", "booted"),
+            Event::VmPausing => ("vm", "pausing"),
+            Event::VmPaused => ("vm", "paused"),
+            Event::VmResuming => ("vm", "resuming"),
+            Event::VmResumed => ("vm", "resumed"),
+            Event::VmSnapshotting => ("vm", "snapshotting"),
+            Event::VmSnapshotted => ("vm", "snapshotted"),
+            Event::VmRestoring => ("vm", "restoring"),
+            Event::VmRestored => ("vm", "restored"),
+            Event::VmShutdown => ("vm", "shutdown"),
+            Event::VmDeleted => ("vm", "deleted"),
+            Event::VmRestoreMemoryComplete => ("vm", "restore-memory-complete"),
+            Event::VmMigrationStarted => ("vm", "migration-started"),
+            Event::VmMigrationMemoryIteration => ("vm", "migration-memory-iteration"),
+            Event::VmMigrationPostcopyStarted => ("vm", "migration-postcopy-started"),
+            Event::VmMigrationFinished => ("vm", "migration-finished"),
+            Event::VmMigrationFailed => ("vm", "migration-failed"),
+            Event::VmPostcopyMigrationCompleted => ("vm", "postcopy-migration-completed"),
+            Event::VmMigrationReceiveStarted => ("vm", "migration-receive-started"),
+            Event::VmMigrationReceiveReady => ("vm", "migration-receive-ready"),
+            Event::VmMigrationReceiveFinished => ("vm", "migration-receive-finished"),
+            Event::VmMigrationReceiveFailed => ("vm", "migration-receive-failed"),
+            Event::ApiRequestDropped => ("api", "request-dropped"),
+        }
+    }
+
+    /// The component (`vmm`, `vm`, `api`).
+    pub fn source(self) -> &'static str {
+        self.strings().0
+    }
+
+    /// What happened (`booted`).
+    pub fn name(self) -> &'static str {
+        self.strings().1
+    }
+}
+
 #[derive(Serialize)]
 struct Timestamp {
     secs: u64,
@@ -55,7 +166,7 @@ struct Timestamp {
 }
 
 #[derive(Serialize)]
-struct Event<'a> {
+struct Record<'a> {
     timestamp: Timestamp,
     source: &'a str,
     event: &'a str,
@@ -74,8 +185,8 @@ pub struct Monitor {
 
 impl Monitor {
     /// Opens (creating, truncating, as Cloud Hypervisor does) `path` and starts the
-    /// writer thread.
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    /// writer thread, which calls `on_start` before anything else.
+    pub fn open(path: &Path, on_start: fn()) -> Result<Self, Error> {
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -85,15 +196,18 @@ impl Monitor {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Self::from_file(file)
+        Self::from_file(file, on_start)
     }
 
     /// Writes to `file` (an inherited `fd=`), from where its offset is.
-    pub fn from_file(file: File) -> Result<Self, Error> {
+    pub fn from_file(file: File, on_start: fn()) -> Result<Self, Error> {
         let (tx, rx) = mpsc::channel::<Message>();
         let writer = thread::Builder::new()
             .name("event-monitor".to_string())
-            .spawn(move || write_lines(file, rx))
+            .spawn(move || {
+                on_start();
+                write_lines(file, rx)
+            })
             .map_err(Error::SpawnWriter)?;
         Ok(Monitor {
             start: Instant::now(),
@@ -103,9 +217,9 @@ impl Monitor {
     }
 
     /// Queues one event; see [`event`].
-    pub fn emit(&self, source: &str, event: &str, properties: Option<&BTreeMap<String, String>>) {
+    pub fn emit(&self, event: Event, properties: Option<&BTreeMap<String, String>>) {
         let Some(lines) = &self.lines else { return };
-        let line = format_event(self.start.elapsed(), source, event, properties);
+        let line = format_event(self.start.elapsed(), event, properties);
         // The writer only goes away if it failed; it already logged why.
         let _ = lines.send(Message::Event(line));
     }
@@ -141,11 +255,11 @@ impl Drop for Monitor {
 
 fn format_event(
     elapsed: Duration,
-    source: &str,
-    event: &str,
+    event: Event,
     properties: Option<&BTreeMap<String, String>>,
 ) -> String {
-    let event = Event {
+    let (source, event) = event.strings();
+    let event = Record {
         timestamp: Timestamp {
             secs: elapsed.as_secs(),
             nanos: elapsed.subsec_nanos(),
@@ -163,7 +277,6 @@ fn format_event(
 }
 
 fn write_lines(mut file: File, lines: mpsc::Receiver<Message>) {
-    crate::seccomp::enter(crate::seccomp::ThreadKind::EventMonitor);
     for message in lines {
         let line = match message {
             Message::Event(line) => line,
@@ -183,20 +296,21 @@ fn write_lines(mut file: File, lines: mpsc::Receiver<Message>) {
 
 static MONITOR: OnceLock<Monitor> = OnceLock::new();
 
-/// Starts the process-wide monitor writing to `path`. Call it once, early in `main`.
-pub fn init(path: &Path) -> Result<(), Error> {
+/// Starts the process-wide monitor writing to `path`. Call it once, early in `main`;
+/// the writer thread runs `on_start` first (a seccomp filter, say).
+pub fn init(path: &Path, on_start: fn()) -> Result<(), Error> {
     if MONITOR.get().is_some() {
         return Err(Error::AlreadyInitialised);
     }
-    install(Monitor::open(path)?)
+    install(Monitor::open(path, on_start)?)
 }
 
 /// Starts the process-wide monitor writing to an open `file` (`--event-monitor fd=N`).
-pub fn init_file(file: File) -> Result<(), Error> {
+pub fn init_file(file: File, on_start: fn()) -> Result<(), Error> {
     if MONITOR.get().is_some() {
         return Err(Error::AlreadyInitialised);
     }
-    install(Monitor::from_file(file)?)
+    install(Monitor::from_file(file, on_start)?)
 }
 
 fn install(monitor: Monitor) -> Result<(), Error> {
@@ -213,10 +327,9 @@ pub fn flush(timeout: Duration) {
 }
 
 /// Emits one event to the process-wide monitor, or does nothing if none was initialised.
-/// `source` is the component (`vmm`, `vm`, `cpu`...), `event` what happened (`booted`).
-pub fn event(source: &str, event: &str, properties: Option<&BTreeMap<String, String>>) {
+pub fn event(event: Event, properties: Option<&BTreeMap<String, String>>) {
     if let Some(monitor) = MONITOR.get() {
-        monitor.emit(source, event, properties);
+        monitor.emit(event, properties);
     }
 }
 
@@ -258,11 +371,11 @@ mod tests {
     fn writes_one_json_object_per_line() {
         let path = temp_path("lines.json");
         std::fs::write(&path, "previous\n").unwrap();
-        let monitor = Monitor::open(&path).unwrap();
-        monitor.emit("vm", "booted", None);
+        let monitor = Monitor::open(&path, || {}).unwrap();
+        monitor.emit(Event::VmBooted, None);
         let mut props = BTreeMap::new();
         props.insert("id".to_string(), "0".to_string());
-        monitor.emit("cpu", "paused", Some(&props));
+        monitor.emit(Event::VmPaused, Some(&props));
         drop(monitor); // drains and joins the writer
 
         let text = std::fs::read_to_string(&path).unwrap();
@@ -290,15 +403,14 @@ mod tests {
         let expected = "{\n  \"timestamp\": {\n    \"secs\": 3,\n    \"nanos\": 42\n  },\n  \
                         \"source\": \"vm\",\n  \"event\": \"booted\",\n  \"properties\": null\n}\n\n";
         assert_eq!(
-            format_event(Duration::new(3, 42), "vm", "booted", None),
+            format_event(Duration::new(3, 42), Event::VmBooted, None),
             expected
         );
         let mut props = BTreeMap::new();
         props.insert("id".to_string(), "0".to_string());
         let with = format_event(
             Duration::new(0, 1),
-            "vm",
-            "migration-memory-iteration",
+            Event::VmMigrationMemoryIteration,
             Some(&props),
         );
         assert!(
@@ -309,32 +421,82 @@ mod tests {
 
     #[test]
     fn open_error_names_the_path() {
-        let err = Monitor::open(Path::new("/nonexistent/dir/ev.json")).unwrap_err();
+        let err = Monitor::open(Path::new("/nonexistent/dir/ev.json"), || {}).unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot open the event monitor file /nonexistent/dir/ev.json"
         );
     }
 
+    #[test]
+    fn the_writer_runs_its_start_hook() {
+        static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let path = temp_path("hook.json");
+        let monitor = Monitor::open(&path, || {
+            STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .unwrap();
+        monitor.flush(Duration::from_secs(10));
+        assert!(STARTED.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     // The only test touching the process-wide monitor (it can be initialised once).
     #[test]
     fn global_init_and_event() {
-        event("vmm", "before-init", None); // a no-op, must not panic
+        event(Event::VmmShutdown, None); // a no-op, must not panic
         let path = temp_path("global.json");
-        init(&path).unwrap();
-        assert!(matches!(init(&path), Err(Error::AlreadyInitialised)));
-        event("vmm", "starting", None);
+        init(&path, || {}).unwrap();
+        assert!(matches!(init(&path, || {}), Err(Error::AlreadyInitialised)));
+        event(Event::VmmStarting, None);
 
         // The writer is asynchronous: wait for the line with a deadline.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             if text.contains("\"event\": \"starting\"") {
-                assert!(!text.contains("before-init"));
+                assert!(!text.contains("shutdown"));
                 break;
             }
             assert!(Instant::now() < deadline, "event never written: {text:?}");
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The strings of every event, written down: the file's contract with its readers
+    /// (docs/events.md).
+    #[test]
+    fn event_strings_are_the_documented_ones() {
+        let strings: Vec<(&str, &str)> = Event::ALL.iter().map(|e| e.strings()).collect();
+        let expected = [
+            ("vmm", "starting"),
+            ("vmm", "shutdown"),
+            ("vm", "booting"),
+            ("vm", "booted"),
+            ("vm", "pausing"),
+            ("vm", "paused"),
+            ("vm", "resuming"),
+            ("vm", "resumed"),
+            ("vm", "snapshotting"),
+            ("vm", "snapshotted"),
+            ("vm", "restoring"),
+            ("vm", "restored"),
+            ("vm", "shutdown"),
+            ("vm", "deleted"),
+            ("vm", "restore-memory-complete"),
+            ("vm", "migration-started"),
+            ("vm", "migration-memory-iteration"),
+            ("vm", "migration-postcopy-started"),
+            ("vm", "migration-finished"),
+            ("vm", "migration-failed"),
+            ("vm", "postcopy-migration-completed"),
+            ("vm", "migration-receive-started"),
+            ("vm", "migration-receive-ready"),
+            ("vm", "migration-receive-finished"),
+            ("vm", "migration-receive-failed"),
+            ("api", "request-dropped"),
+        ];
+        assert_eq!(strings, expected);
+        assert_eq!(Event::VmBooted.source(), "vm");
+        assert_eq!(Event::ApiRequestDropped.name(), "request-dropped");
     }
 }

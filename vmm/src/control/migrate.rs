@@ -6,14 +6,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::api::migration_api_error;
-use super::{Vmm, VmmEvent, error_chain};
+use super::requests::migration_api_error;
+use super::{Vmm, VmmEvent};
 use crate::api::{ApiError, ApiResponse, Reply, VmState};
-use crate::event_monitor;
-use crate::migration::receive::ReceiveParams;
-use crate::migration::transport::Cancel;
+use crate::config::migration_params::{ReceiveParams, SendParams};
+use crate::errors::error_chain;
+use crate::events::Notifier;
 use crate::migration::watch::Watch;
-use crate::migration::{MigrationUrl, receive, send};
+use crate::migration::{receive, send};
+use crate::net::Cancel;
+use crate::net::MigrationUrl;
+use event_monitor::Event;
 
 /// How long `vmm.shutdown` waits for a cancelled receive to let go of its sockets.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -56,13 +59,13 @@ pub enum MigrationError {
 /// so a start that fails halfway has not run a single guest instruction here (the sender
 /// will resume its copy, which may share this memory). A failed start leaves no vCPU.
 fn start_received(vm: &mut crate::vm::Vm, resume: bool) -> Result<(), MigrationError> {
-    event_monitor::event("vm", "restoring", None);
+    event_monitor::event(Event::VmRestoring, None);
     let started = vm.start(true).and_then(|()| {
-        event_monitor::event("vm", "restored", None);
+        event_monitor::event(Event::VmRestored, None);
         if resume {
-            event_monitor::event("vm", "resuming", None);
+            event_monitor::event(Event::VmResuming, None);
             vm.resume()?;
-            event_monitor::event("vm", "resumed", None);
+            event_monitor::event(Event::VmResumed, None);
         }
         Ok(())
     });
@@ -99,7 +102,8 @@ pub struct ReceivedVm(pub Box<receive::Received>, StartHandoff);
 /// The worker waits for the start; it gives up after a deadline only if the control loop
 /// has not begun starting the VM, so an Error answer never goes out for a VM that runs.
 struct StartHandoff {
-    started: mpsc::Sender<Result<(), String>>,
+    /// Whether the VM started here.
+    started: mpsc::Sender<bool>,
     claim: Arc<AtomicU8>,
 }
 
@@ -128,12 +132,12 @@ impl StartHandoff {
 /// sender then keeps its copy paused and says so (the VM may be running here).
 fn answer_complete(
     pending: receive::PendingComplete,
-    started: mpsc::Receiver<Result<(), String>>,
+    started: mpsc::Receiver<bool>,
     claim: &AtomicU8,
     deadline: Duration,
 ) {
     let result = match started.recv_timeout(deadline) {
-        Ok(r) => Some(r.is_ok()),
+        Ok(r) => Some(r),
         Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
         Err(mpsc::RecvTimeoutError::Timeout) => {
             let gave_up = claim
@@ -151,7 +155,7 @@ fn answer_complete(
                 Some(false)
             } else {
                 match started.recv_timeout(deadline) {
-                    Ok(r) => Some(r.is_ok()),
+                    Ok(r) => Some(r),
                     Err(mpsc::RecvTimeoutError::Disconnected) => Some(false),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                 }
@@ -178,7 +182,7 @@ impl std::fmt::Debug for ReceivedVm {
 
 /// A send-migration in progress (or just finished).
 pub(super) struct Outgoing {
-    pub(super) progress: Arc<send::Progress>,
+    pub(super) progress: Arc<send::SendProgress>,
     cancel: Arc<Cancel>,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The VM ran when the migration started, so a failure resumes it.
@@ -189,10 +193,7 @@ pub(super) struct Outgoing {
 impl Vmm {
     /// Starts sending the VM to `params.url` on a worker thread and returns at once; the
     /// worker reports back with `MigrationDone`.
-    pub(super) fn send_migration(
-        &mut self,
-        params: send::SendParams,
-    ) -> Result<(), MigrationError> {
+    pub(super) fn send_migration(&mut self, params: SendParams) -> Result<(), MigrationError> {
         if self.migration.is_some() {
             return Err(MigrationError::Busy);
         }
@@ -236,7 +237,7 @@ impl Vmm {
             let ranges = memory.mapped_ranges().map_err(MigrationError::Prepare)?;
             (Some(log), ranges)
         };
-        let progress = Arc::new(send::Progress::default());
+        let progress = Arc::new(send::SendProgress::default());
         let cancel = Arc::new(Cancel::default());
         let ctx = send::SendContext {
             params: params.clone(),
@@ -247,7 +248,7 @@ impl Vmm {
             dirty_log,
             initial_ranges,
             resume_on_destination: state == VmState::Running,
-            events: self.events.clone(),
+            events: Notifier::new(self.events.clone()),
             progress: progress.clone(),
             cancel: cancel.clone(),
         };
@@ -257,7 +258,7 @@ impl Vmm {
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationSend);
                 let _boost = crate::thread_priority::Boost::current_thread();
-                let result = send::run(&ctx).map_err(|e| error_chain(&e));
+                let result = send::run(&ctx);
                 if let Some(log) = &ctx.dirty_log
                     && let Err(e) = log.stop()
                 {
@@ -295,28 +296,28 @@ impl Vmm {
     pub(super) fn migration_control(
         &mut self,
         request: send::Control,
-    ) -> Result<send::ControlReply, String> {
+    ) -> Result<send::ControlReply, crate::errors::BoxError> {
         let vm = self.vm.as_mut().ok_or("the VM is gone")?;
         match request {
             send::Control::Pause => {
                 if vm.state() == VmState::Running {
-                    event_monitor::event("vm", "pausing", None);
-                    vm.pause().map_err(|e| error_chain(&e))?;
-                    event_monitor::event("vm", "paused", None);
+                    event_monitor::event(Event::VmPausing, None);
+                    vm.pause()?;
+                    event_monitor::event(Event::VmPaused, None);
                 }
                 Ok(send::ControlReply::Paused)
             }
             send::Control::SaveState => {
-                event_monitor::event("vm", "snapshotting", None);
-                let tree = vm.save_state().map_err(|e| error_chain(&e))?;
-                event_monitor::event("vm", "snapshotted", None);
+                event_monitor::event(Event::VmSnapshotting, None);
+                let tree = vm.save_state()?;
+                event_monitor::event(Event::VmSnapshotted, None);
                 Ok(send::ControlReply::State(Box::new(tree)))
             }
         }
     }
 
     /// Returns whether the VMM should exit (the VM now lives on the destination).
-    pub(super) fn migration_done(&mut self, result: Result<(), String>) -> bool {
+    pub(super) fn migration_done(&mut self, result: Result<(), send::Error>) -> bool {
         let Some(mut outgoing) = self.migration.take() else {
             return false;
         };
@@ -340,7 +341,7 @@ impl Vmm {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-                event_monitor::event("vm", "migration-finished", Some(&figures));
+                event_monitor::event(Event::VmMigrationFinished, Some(&figures));
                 if outgoing.preserve_source {
                     log::info!("migration finished; the source VM stays paused (preserve_source)");
                     false
@@ -353,11 +354,13 @@ impl Vmm {
                     {
                         log::error!("stopping the migrated VM's vCPUs: {e}");
                     }
-                    event_monitor::event("vm", "deleted", None);
+                    event_monitor::event(Event::VmDeleted, None);
                     true
                 }
             }
-            Err(reason) => {
+            Err(error) => {
+                // vm.info and the event show it as text; the log line too.
+                let reason = error_chain(&error);
                 let progress = &outgoing.progress;
                 progress.phase.store(send::PHASE_FAILED, Ordering::Release);
                 *progress.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
@@ -373,7 +376,7 @@ impl Vmm {
                     && let Some(vm) = self.vm.as_mut()
                     && vm.state() == VmState::Paused
                 {
-                    event_monitor::event("vm", "resuming", None);
+                    event_monitor::event(Event::VmResuming, None);
                     match vm.resume() {
                         Ok(()) => resumed = true,
                         Err(e) => log::error!("resuming after the failed migration: {e}"),
@@ -384,8 +387,7 @@ impl Vmm {
                     None => "gone".to_string(),
                 };
                 event_monitor::event(
-                    "vm",
-                    "migration-failed",
+                    Event::VmMigrationFailed,
                     Some(
                         &[
                             ("error".to_string(), reason),
@@ -396,7 +398,7 @@ impl Vmm {
                     ),
                 );
                 if resumed {
-                    event_monitor::event("vm", "resumed", None);
+                    event_monitor::event(Event::VmResumed, None);
                 }
                 false
             }
@@ -437,8 +439,8 @@ impl Vmm {
         let p = params.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-receive".into())
-            .spawn(
-                move || match receive::receive(listener, &p, &local, events.clone(), w) {
+            .spawn(move || {
+                match receive::receive(listener, &p, &local, Notifier::new(events.clone()), w) {
                     Ok((received, pending)) => {
                         let (started, wait) = mpsc::channel();
                         let claim = Arc::new(AtomicU8::new(HANDOFF_WAITING));
@@ -455,8 +457,8 @@ impl Vmm {
                     Err(e) => {
                         let _ = events.send(VmmEvent::ReceiveDone { result: Err(e) });
                     }
-                },
-            );
+                }
+            });
         let worker = match spawned {
             Ok(w) => w,
             Err(e) => return Err((MigrationError::Prepare(e), reply)),
@@ -486,8 +488,7 @@ impl Vmm {
                         return Err(MigrationError::StartAbandoned);
                     }
                     let started = start_received(&mut vm, resume);
-                    let answer = started.as_ref().map(|_| ()).map_err(|e| error_chain(e));
-                    let _ = handoff.started.send(answer);
+                    let _ = handoff.started.send(started.is_ok());
                     started.map(|()| vm)
                 });
         // The worker has the answer to Complete (or has finished): it ends promptly.
@@ -497,14 +498,13 @@ impl Vmm {
         match result {
             Ok(vm) => {
                 self.vm = Some(vm);
-                event_monitor::event("vm", "migration-receive-finished", None);
+                event_monitor::event(Event::VmMigrationReceiveFinished, None);
                 let _ = incoming.reply.send(Ok(ApiResponse::Empty));
             }
             Err(e) => {
                 log::error!("receiving a migration failed: {}", error_chain(&e));
                 event_monitor::event(
-                    "vm",
-                    "migration-receive-failed",
+                    Event::VmMigrationReceiveFailed,
                     Some(
                         &[("error".to_string(), error_chain(&e))]
                             .into_iter()

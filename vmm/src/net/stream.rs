@@ -4,16 +4,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::url::MigrationUrl;
+use crate::net::MigrationUrl;
+use crate::sys::socket;
 
 #[derive(Debug)]
 pub enum Stream {
@@ -49,7 +48,7 @@ impl Stream {
             MigrationUrl::Unix(path) => loop {
                 cancel.check()?;
                 let left = deadline.saturating_duration_since(Instant::now());
-                match connect_unix(path, left.min(CONNECT_SLICE)) {
+                match socket::connect_unix(path, left.min(CONNECT_SLICE)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && !left.is_zero() => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         return Err(io::Error::new(
@@ -166,148 +165,30 @@ impl Stream {
 /// the cancel flag is looked at again.
 const CONNECT_SLICE: Duration = Duration::from_millis(100);
 
-/// A UNIX connect that waits at most `timeout` for the listener's queue (Linux bounds
-/// that wait by the socket's send timeout); `WouldBlock` when it stays full.
-fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    // Room for the terminating NUL, which the zeroed array already holds.
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a usable socket path", path.display()),
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket that nothing else owns.
-    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    // Zero would mean "no limit".
-    stream.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    loop {
-        // SAFETY: `addr` is a valid sockaddr_un and `len` stays within it (checked
-        // above); the fd is an open socket owned by `stream`.
-        let r = unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                (&raw const addr).cast::<libc::sockaddr>(),
-                len as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            // An interrupted connect that completed meanwhile.
-            Some(libc::EISCONN) => break,
-            _ => return Err(e),
-        }
-    }
-    stream.set_write_timeout(None)?;
-    Ok(stream)
-}
-
 /// A TCP connect to `addr` that gives up at `deadline` or once `cancel` is requested: one
 /// nonblocking connect, polled in slices on the same socket (a new attempt per slice
 /// would never finish a handshake slower than a slice).
 fn connect_tcp(addr: &SocketAddr, deadline: Instant, cancel: &Cancel) -> io::Result<TcpStream> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
-    let fd = unsafe { libc::socket(family, flags, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket that nothing else owns.
-    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let r = match addr {
-        SocketAddr::V4(a) => {
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: `sa` is a valid sockaddr_in of the size passed; the fd is open.
-            unsafe {
-                libc::connect(
-                    fd,
-                    (&raw const sa).cast::<libc::sockaddr>(),
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
-        }
-        SocketAddr::V6(a) => {
-            let sa = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: `sa` is a valid sockaddr_in6 of the size passed; the fd is open.
-            unsafe {
-                libc::connect(
-                    fd,
-                    (&raw const sa).cast::<libc::sockaddr>(),
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
-        }
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        // EINTR: the handshake goes on in the background, as with EINPROGRESS.
-        if !matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) {
-            return Err(e);
-        }
+    let (stream, pending) = socket::tcp_connect_nonblocking(addr)?;
+    if pending {
         loop {
             cancel.check()?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let ms = left.min(CONNECT_SLICE).as_millis().max(1) as libc::c_int;
-            // SAFETY: one valid pollfd for an fd `stream` keeps open.
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            let slice = left.min(CONNECT_SLICE).max(Duration::from_millis(1));
+            match socket::poll_one(&stream, libc::POLLOUT, slice) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+                Ok(0) => {}
+                Ok(_) => {
+                    // Writable or failed: the handshake is over either way.
+                    if let Some(e) = stream.take_error()? {
+                        return Err(e);
+                    }
+                    break;
                 }
-                return Err(e);
-            }
-            if n > 0 {
-                // Writable or failed: the handshake is over either way.
-                if let Some(e) = stream.take_error()? {
-                    return Err(e);
-                }
-                break;
             }
         }
     }
@@ -472,6 +353,8 @@ impl Listener {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     fn pair() -> (Stream, Stream) {
