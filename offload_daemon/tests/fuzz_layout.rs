@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 
 use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
-use offload_daemon::layout::{self, CONFIG_FILE, MANIFEST_FILE, STATE_FILE};
+use offload_daemon::layout;
+use vmm::snapshot_format::{DirKind, STATE_FILE, memory_file_name, sums_file_name};
+
+const CONFIG_FILE: &str = DirKind::Daemon.config_file();
+const MANIFEST_FILE: &str = DirKind::Daemon.manifest_file();
 use offload_daemon::restore;
 use serde_json::{Value, json};
 use vmm::memsum::{self, PieceSum};
@@ -232,12 +236,8 @@ fn write_dir(dir: &Path, files: &Files, manifest: Option<&[u8]>) {
         }
     }
     for slot in 0..2u32 {
-        fs::write(
-            dir.join(layout::sums_file_name(slot)),
-            &files.sums[slot as usize],
-        )
-        .unwrap();
-        let path = dir.join(layout::memory_file_name(slot));
+        fs::write(dir.join(sums_file_name(slot)), &files.sums[slot as usize]).unwrap();
+        let path = dir.join(memory_file_name(slot));
         let memory = fs::File::create(path).unwrap();
         memory.set_len(SLOT_SIZE).unwrap();
         use std::os::unix::fs::FileExt;

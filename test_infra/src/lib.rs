@@ -15,8 +15,8 @@
 //! - [`ch_daemon`]: Cloud Hypervisor's reference daemon's restore, as a stand-in for CI.
 
 pub mod ch_daemon;
-pub mod cli_compat;
 pub mod ch_wire;
+pub mod cli_compat;
 pub mod daemon;
 pub mod damage;
 pub mod guest;

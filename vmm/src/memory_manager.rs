@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -20,15 +19,9 @@ use crate::sparse;
 
 const PAGE_SIZE: u64 = 4096;
 
-/// One contiguous piece of guest RAM: KVM slot `slot` maps guest physical `gpa..gpa+size`
-/// onto the RAM memfd at `file_offset`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestRamMapping {
-    pub slot: u32,
-    pub gpa: u64,
-    pub size: u64,
-    pub file_offset: u64,
-}
+/// KVM slot `slot` of a mapping is its KVM memory slot; `file_offset` is into the RAM
+/// memfd. Defined with the snapshot format, which is free of KVM.
+pub use crate::snapshot_format::GuestRamMapping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

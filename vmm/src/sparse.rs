@@ -394,14 +394,14 @@ pub fn read_extents(
 /// goes to the disk without a second copy in the page cache (here also faster than
 /// buffered writes). Every write to it must be whole, page-aligned pages from a
 /// page-aligned buffer. Filesystems without O_DIRECT (tmpfs) get a buffered file. It holds
-/// guest RAM, so only its owner may read it (`snapfile::FILE_MODE`).
+/// guest RAM, so only its owner may read it (`snapshot_format::files::FILE_MODE`).
 pub fn create_direct(path: &std::path::Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = |flags| {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(crate::snapfile::FILE_MODE)
+            .mode(crate::snapshot_format::files::FILE_MODE)
             .custom_flags(flags)
             .open(path)
     };

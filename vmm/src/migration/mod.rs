@@ -1,5 +1,4 @@
-//! Routes a VM's state takes out of and into this VMM: the `file://` snapshot store and
-//! live migration (URLs, transport, the Config payload, sending and receiving).
+//! Live migration (URLs, transport, the Config payload, sending and receiving).
 
 pub mod config;
 mod connections;
@@ -7,7 +6,6 @@ mod populate_ahead;
 pub mod postcopy;
 pub mod receive;
 pub mod send;
-pub mod store;
 pub mod transport;
 pub mod url;
 pub mod watch;

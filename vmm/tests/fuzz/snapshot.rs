@@ -12,7 +12,8 @@ use fuzz_harness::proptest::prelude::*;
 use fuzz_harness::{Peak, measure, report};
 use serde_json::{Value, json};
 use vmm::memsum::{self, PieceSum};
-use vmm::migration::store;
+use vmm::snapshot_format::{STATE_FILE, memory_file_name, sums_file_name};
+use vmm::snapshot_store as store;
 use vmm::state::StateTree;
 
 use crate::strategies;
@@ -91,15 +92,11 @@ fn manifest_for(files: &Files) -> Value {
 /// Writes the directory; the memory files are sparse, of the valid size.
 fn write_dir(dir: &Path, files: &Files, manifest: &[u8]) {
     fs::write(dir.join(store::CONFIG_FILE), &files.config).unwrap();
-    fs::write(dir.join(store::STATE_FILE), &files.state).unwrap();
+    fs::write(dir.join(STATE_FILE), &files.state).unwrap();
     fs::write(dir.join(store::MANIFEST_FILE), manifest).unwrap();
     for slot in 0..2u32 {
-        fs::write(
-            dir.join(store::sums_file_name(slot)),
-            &files.sums[slot as usize],
-        )
-        .unwrap();
-        let memory = fs::File::create(dir.join(store::memory_file_name(slot))).unwrap();
+        fs::write(dir.join(sums_file_name(slot)), &files.sums[slot as usize]).unwrap();
+        let memory = fs::File::create(dir.join(memory_file_name(slot))).unwrap();
         memory.set_len(SLOT_SIZE).unwrap();
     }
 }

@@ -23,6 +23,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use super::error::{self, Error, Result};
+
 /// Mode of every file a snapshot writes (before the umask).
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of every directory a snapshot creates (before the umask).
@@ -133,6 +135,30 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(DIR_MODE).create(path)
 }
+
+/// Opens file `name` of snapshot directory `dir`: a regular file, not through a symlink;
+/// a missing one is [`Error::Missing`].
+pub fn open_in(dir: &Path, name: &str) -> Result<File> {
+    let path = dir.join(name);
+    open_regular(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::Missing(path.clone())
+        } else {
+            error::io("cannot open", &path)(e)
+        }
+    })
+}
+
+/// A small file of the directory (config, state, manifest), whole, if at most `limit`
+/// bytes.
+pub fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
+    let mut file = open_in(dir, name)?;
+    crate::sparse::read_capped(&mut file, limit).map_err(error::io("cannot read", &dir.join(name)))
+}
+
+/// Largest config, state or manifest read back (matches the migration protocol's limit
+/// on a JSON payload; a few hundred KiB even with many vCPUs).
+pub const JSON_LIMIT: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 
 #[cfg(test)]
 mod tests {
