@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vm_migration::{Limits, Request, Status};
+use vm_migration::{Limits, ReceiverPhase as Phase, Request, Status};
 use vmm::snapshot_format::manifest::{Manifest, MemoryEntry};
 use vmm::snapshot_format::{
     self as format, DirKind, FileDigest, GuestRamMapping, PartialDir, STATE_FILE,
@@ -106,25 +106,6 @@ fn check_output_dir(dir: &Path) -> Result<(), Error> {
         format::Error::NotEmpty(path) => Error::OutputNotEmpty(path),
         e => Error::Write(e),
     })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    Established,
-    Started,
-    Configured,
-    StateReceived,
-}
-
-impl Phase {
-    fn expects(self) -> &'static str {
-        match self {
-            Phase::Established => "Start",
-            Phase::Started => "MemoryFd or Config",
-            Phase::Configured => "State",
-            Phase::StateReceived => "Complete or CompletePaused",
-        }
-    }
 }
 
 /// What has arrived so far.
