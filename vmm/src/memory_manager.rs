@@ -381,11 +381,11 @@ impl MemoryManager {
         Ok(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, m.size as usize) })
     }
 
-    /// Host address and size of every mapping, in `mappings()` order.
-    pub fn host_regions(&self) -> std::io::Result<Vec<(u64, u64)>> {
+    /// Every mapping with its host address, in `mappings()` order.
+    pub fn host_mappings(&self) -> std::io::Result<Vec<(GuestRamMapping, u64)>> {
         self.mappings
             .iter()
-            .map(|m| Ok((self.host_address(m)?, m.size)))
+            .map(|m| Ok((*m, self.host_address(m)?)))
             .collect()
     }
 

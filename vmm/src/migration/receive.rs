@@ -39,7 +39,7 @@ use crate::event_monitor;
 use crate::memory_manager::GuestRamMapping;
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
-use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
+use crate::uffd::remote::{RemotePeer, RemoteSource};
 use crate::vm::{self, Vm};
 use crate::vmm::VmmEvent;
 
@@ -600,15 +600,7 @@ impl Receiver {
             }
             // Our own RAM: pages come inline over the fault connections.
             (true, false) => {
-                let regions = vm
-                    .memory()
-                    .mappings()
-                    .iter()
-                    .map(|m| RemoteRegion {
-                        gpa: m.gpa,
-                        size: m.size,
-                    })
-                    .collect();
+                let regions = vm.memory().mappings().to_vec();
                 let data = postcopy_state.as_ref().map(PostcopyState::ranges);
                 let confirm = postcopy_state.as_ref().is_some_and(|s| s.confirm_complete);
                 let peer = RemotePeer {
