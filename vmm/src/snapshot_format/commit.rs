@@ -50,7 +50,7 @@ impl PartialDir {
         check_empty(dest)?;
         let name = dest
             .file_name()
-            .ok_or_else(|| Error::NotEmpty(dest.to_path_buf()))?;
+            .ok_or_else(|| Error::NoName(dest.to_path_buf()))?;
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),

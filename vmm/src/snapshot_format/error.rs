@@ -19,6 +19,8 @@ pub enum Error {
     },
     #[error("snapshot destination {} exists and is not an empty directory", .0.display())]
     NotEmpty(PathBuf),
+    #[error("snapshot destination {} names no directory (give its path)", .0.display())]
+    NoName(PathBuf),
     #[error("{} is not a valid {what}", path.display())]
     Decode {
         what: &'static str,
