@@ -472,7 +472,7 @@ fn damaged_snapshots_are_refused() {
     // 2, piece sums inside the manifest), which it still reads.
     let old = dir.join("version-2");
     test_infra::damage::copy_snapshot(&snap, &old).unwrap();
-    to_version_2(&old);
+    test_infra::old_formats::to_version_2(&old).unwrap();
     vmm.api_ok("PUT", "vm.restore", Some(&restore_body(&old, "Copy", true)))
         .unwrap();
     expect_continues(&mut vmm, &last, 2);
@@ -482,34 +482,6 @@ fn damaged_snapshots_are_refused() {
 fn flip_memory_byte(dir: &Path) {
     let offset = test_infra::damage::middle_of_pieces(dir, 0).unwrap();
     test_infra::damage::flip_byte(&dir.join("memory-0"), offset, 0x20).unwrap();
-}
-
-/// Rewrites a snapshot in format version 2: the piece sums as JSON in the manifest.
-fn to_version_2(dir: &Path) {
-    let p = dir.join("snapshot.json");
-    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-    let slots: Vec<u32> = manifest["mappings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["slot"].as_u64().unwrap() as u32)
-        .collect();
-    let lists: Vec<serde_json::Value> = slots
-        .iter()
-        .map(|&slot| {
-            let pieces = memory_pieces(dir, slot).unwrap();
-            fs::remove_file(dir.join(format!("memory-{slot}.sums"))).unwrap();
-            pieces
-                .iter()
-                .map(|p| serde_json::json!({"offset": p.offset, "len": p.len, "crc32": p.crc32}))
-                .collect()
-        })
-        .collect();
-    let m = manifest.as_object_mut().unwrap();
-    m.remove("memory_sums");
-    m.insert("memory".into(), lists.into());
-    m.insert("version".into(), 2.into());
-    fs::write(&p, serde_json::to_vec(&manifest).unwrap()).unwrap();
 }
 
 /// Replaces memory-<slot>.sums with `pieces` and records its new digest in the manifest.

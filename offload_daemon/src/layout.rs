@@ -1,5 +1,7 @@
-//! The snapshot directory: file names, the manifest, the part of the Config payload the
-//! daemon interprets, and the sparse extent copy both directions share.
+//! What the daemon reads of a Config payload (its guest RAM mappings) and the sparse
+//! extent copy both directions share. The directory itself (file names, manifest,
+//! digests, piece sums, atomic commit) is `vmm::snapshot_format`, kind
+//! `DirKind::Daemon`:
 //!
 //! ```text
 //! D/migration_config.json   Config payload, byte for byte
@@ -14,26 +16,14 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use serde::{Deserialize, Serialize};
-use vmm::migration::config::GuestRamMappingData;
+use serde::Deserialize;
+use vmm::memsum::PieceSum;
+use vmm::snapshot_format::GuestRamMapping;
+use vmm::snapshot_format::mapping::GuestRamMappingData;
 use vmm::sparse::Extent;
-
-pub const CONFIG_FILE: &str = "migration_config.json";
-pub const STATE_FILE: &str = "state.json";
-pub const MANIFEST_FILE: &str = "manifest.json";
-/// 3: the memory sums in binary `.sums` files (a restore decodes them in well under a
-/// millisecond; as JSON in the manifest they took milliseconds to parse before the VM
-/// could resume). 2: memory sums per piece (extents cut on the `SUM_GRID`), so any part
-/// of a snapshot can be verified on its own before it is used. 1 summed whole extents.
-pub const MANIFEST_VERSION: u32 = 3;
-/// The oldest manifest version restore still reads.
-pub const OLDEST_MANIFEST_VERSION: u32 = 2;
 
 /// Grid the memory checksums are cut on (see `vmm::memsum`).
 pub const SUM_GRID: u64 = vmm::memsum::GRID;
-
-/// Largest config/state/manifest file read back from disk (matches the wire limit).
-pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 
 /// Bytes per read/write while copying an extent, and copies in flight: O_DIRECT on this
 /// host's disk wants several large requests at once (daemon snapshot of 768 MiB: 407-608
@@ -41,9 +31,6 @@ pub const MAX_JSON_FILE: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
 /// of them than cores costs little. The chunk is a multiple of `SUM_GRID`.
 const COPY_CHUNK: u64 = 4 << 20;
 pub const COPY_THREADS: usize = 4;
-
-/// The memory and checksum files are named as in `vm.snapshot`'s directories.
-pub use vmm::migration::store::{memory_file_name, sums_file_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,7 +63,7 @@ struct MemoryManagerView {
 /// The guest RAM mappings of a Config payload, checked for overflow and duplicate slots.
 /// A VM always has RAM: an empty list is a broken or hostile peer, refused before any
 /// snapshot directory is written that no restore could use.
-pub fn guest_ram_mappings(config: &[u8]) -> Result<Vec<GuestRamMappingData>, Error> {
+pub fn guest_ram_mappings(config: &[u8]) -> Result<Vec<GuestRamMapping>, Error> {
     let view: ConfigView = serde_json::from_slice(config).map_err(Error::ParseConfig)?;
     let mappings = view.memory_manager_data.guest_ram_mappings;
     if mappings.is_empty() {
@@ -95,48 +82,7 @@ pub fn guest_ram_mappings(config: &[u8]) -> Result<Vec<GuestRamMappingData>, Err
             return Err(Error::DuplicateSlot(m.slot));
         }
     }
-    Ok(mappings)
-}
-
-/// `manifest.json`: lets restore refuse a damaged snapshot before any VM runs on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub version: u32,
-    pub config: FileSum,
-    pub state: FileSum,
-    pub memory: Vec<MemoryFileSum>,
-}
-
-/// Length and CRC32 of a whole small file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSum {
-    pub len: u64,
-    pub crc32: u32,
-}
-
-impl FileSum {
-    pub fn of(bytes: &[u8]) -> Self {
-        FileSum {
-            len: bytes.len() as u64,
-            crc32: crc32fast::hash(bytes),
-        }
-    }
-}
-
-/// One `memory-<slot>` file: its size and the CRC32 of each piece of data (see
-/// `vmm::memsum`), in offset order: in version 3 the length and CRC32 of its `.sums`
-/// file, in version 2 the pieces themselves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemoryFileSum {
-    pub slot: u32,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sums: Option<FileSum>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extents: Option<Vec<ExtentSum>>,
+    Ok(mappings.into_iter().map(Into::into).collect())
 }
 
 /// Where `copy_extents` reads from: a memfd, or a snapshot file through
@@ -157,9 +103,6 @@ impl ReadAt for vmm::sparse::BulkFile {
     }
 }
 
-/// One piece of memory data and its CRC32.
-pub use vmm::memsum::PieceSum as ExtentSum;
-
 /// Copies each extent `[offset, offset+len)` from `src` at `src_base + offset` to `dst`
 /// at `dst_base + offset` (reads through `src`, writes with pwrite), and returns the
 /// CRC32 of each piece (the extents cut on `SUM_GRID`). Nothing outside the extents is
@@ -178,7 +121,7 @@ pub fn copy_extents(
     dst_base: u64,
     extents: &[Extent],
     threads: usize,
-) -> io::Result<Vec<ExtentSum>> {
+) -> io::Result<Vec<PieceSum>> {
     let chunks = vmm::sparse::cut(extents, COPY_CHUNK);
     let sums = vmm::memsum::PieceSums::default();
     let next = std::sync::atomic::AtomicUsize::new(0);

@@ -92,13 +92,13 @@ impl LockedListener {
             .create(true)
             .truncate(false)
             .write(true)
-            .mode(vmm::snapfile::FILE_MODE);
-        let lock = vmm::snapfile::open_regular_with(options, &lock_path).map_err(|source| {
-            Error::OpenLock {
+            .mode(vmm::snapshot_format::files::FILE_MODE);
+        let lock = vmm::snapshot_format::files::open_regular_with(options, &lock_path).map_err(
+            |source| Error::OpenLock {
                 path: lock_path.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         // Released by the kernel when the process dies, so a crash never leaves the path
         // locked, only a stale socket file.
         match try_write_lock(&lock) {

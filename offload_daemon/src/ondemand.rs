@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use vm_migration::page_fault::{read_fault_request, send_page_written_to_memfd};
 use vm_migration::{ConnectionRole, FaultRequest, MAX_PAGE_FAULT_LENGTH, write_role};
-use vmm::migration::config::GuestRamMappingData as GuestRamMapping;
+use vmm::snapshot_format::GuestRamMapping;
 use vmm::sparse::PAGE_SIZE;
 
 use crate::restore::{self, Error, Options, SlotSource};

@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vm_migration::RequestHeader;
-use vmm::migration::config::GuestRamMappingData;
+use vmm::memsum::PieceSum;
+use vmm::snapshot_format::files::{self, JSON_LIMIT};
+use vmm::snapshot_format::manifest::{self, Manifest};
+use vmm::snapshot_format::{self as format, DirKind, GuestRamMapping, STATE_FILE};
 
-use crate::layout::{
-    self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, MAX_JSON_FILE, Manifest,
-    OLDEST_MANIFEST_VERSION, STATE_FILE,
-};
+use crate::layout;
+
+const KIND: DirKind = DirKind::Daemon;
 
 /// How a restore runs (the command line's flags).
 #[derive(Debug, Clone)]
@@ -28,8 +30,8 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{} is missing", .0.display())]
-    Missing(PathBuf),
+    #[error(transparent)]
+    Format(#[from] format::Error),
     #[error(
         "{} is missing, so nothing in the directory can be verified; pass \
          --allow-unverified to restore it anyway (Cloud Hypervisor's own daemon writes \
@@ -37,44 +39,6 @@ pub enum Error {
         .0.display()
     )]
     NoManifest(PathBuf),
-    #[error("checksum file {}", path.display())]
-    Sums {
-        path: PathBuf,
-        #[source]
-        source: vmm::memsum::SumsError,
-    },
-    #[error("cannot read {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} is not a valid manifest", path.display())]
-    BadManifest {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(
-        "manifest version {0} is not supported (this daemon reads versions \
-         {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})"
-    )]
-    ManifestVersion(u32),
-    #[error(
-        "the manifest entry of slot {0} has its memory checksums in the wrong form for \
-         its version"
-    )]
-    ManifestSumsForm(u32),
-    #[error(
-        "{file} does not match the manifest: {len} bytes, crc32 {crc32:08x}; expected {expected_len} bytes, crc32 {expected_crc32:08x}"
-    )]
-    FileChecksum {
-        file: String,
-        len: u64,
-        crc32: u32,
-        expected_len: u64,
-        expected_crc32: u32,
-    },
     #[error("{STATE_FILE} is not valid JSON (truncated?)")]
     StateNotJson(#[source] serde_json::Error),
     #[error(transparent)]
@@ -86,23 +50,6 @@ pub enum Error {
         slot: u32,
         manifest: u64,
         config: u64,
-    },
-    #[error(
-        "the manifest lists a memory piece at {offset}+{len} that is empty, out of order, \
-         crosses the {} KiB checksum grid or lies outside slot {slot}'s {size} bytes",
-        layout::SUM_GRID >> 10
-    )]
-    ManifestExtent {
-        slot: u32,
-        offset: u64,
-        len: u64,
-        size: u64,
-    },
-    #[error("{} has {len} bytes, expected exactly {expected} (truncated?)", path.display())]
-    MemorySize {
-        path: PathBuf,
-        len: u64,
-        expected: u64,
     },
     #[error("{}: {mismatch}", path.display())]
     ExtentChecksum {
@@ -175,46 +122,12 @@ pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), Error>
     Ok(())
 }
 
-/// Opens a file of the snapshot directory: a regular file, never through a symlink
-/// (`vmm::snapfile`).
-fn open_input(path: &Path) -> Result<File, Error> {
-    vmm::snapfile::open_regular(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => Error::Missing(path.to_path_buf()),
-        _ => Error::Read {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
-}
-
-fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
-    let mut file = open_input(path)?;
-    vmm::sparse::read_capped(&mut file, limit).map_err(|source| Error::Read {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn check_file(file: &str, bytes: &[u8], expected: layout::FileSum) -> Result<(), Error> {
-    let got = layout::FileSum::of(bytes);
-    if got != expected {
-        return Err(Error::FileChecksum {
-            file: file.to_string(),
-            len: got.len,
-            crc32: got.crc32,
-            expected_len: expected.len,
-            expected_crc32: expected.crc32,
-        });
-    }
-    Ok(())
-}
-
 /// A snapshot directory's config, state, manifest and mappings, checked.
 pub struct Meta {
     pub config: Vec<u8>,
     pub state: Vec<u8>,
     pub manifest: Option<Manifest>,
-    pub mappings: Vec<GuestRamMappingData>,
+    pub mappings: Vec<GuestRamMapping>,
 }
 
 fn load(dir: &Path, allow_unverified: bool) -> Result<Loaded, Error> {
@@ -246,14 +159,15 @@ pub fn load_meta(dir: &Path, allow_unverified: bool) -> Result<Meta, Error> {
 
 /// The raw bytes of `migration_config.json` and `state.json`.
 pub(crate) fn read_config_state(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
-    // Given by its real path, like the files in it (`vmm::snapfile`).
-    vmm::snapfile::snapshot_dir(dir).map_err(|source| Error::Read {
+    // Given by its real path, like the files in it (`vmm::snapshot_format::files`).
+    files::snapshot_dir(dir).map_err(|source| format::Error::Io {
+        step: "cannot read",
         path: dir.to_path_buf(),
         source,
     })?;
     Ok((
-        read_small(&dir.join(CONFIG_FILE), MAX_JSON_FILE)?,
-        read_small(&dir.join(STATE_FILE), MAX_JSON_FILE)?,
+        files::read_small(dir, KIND.config_file(), JSON_LIMIT)?,
+        files::read_small(dir, STATE_FILE, JSON_LIMIT)?,
     ))
 }
 
@@ -265,30 +179,15 @@ pub(crate) fn load_manifest(
     state: &[u8],
     allow_unverified: bool,
 ) -> Result<Option<Manifest>, Error> {
-    let manifest = match read_small(&dir.join(MANIFEST_FILE), MAX_JSON_FILE) {
-        Ok(bytes) => {
-            let path = dir.join(MANIFEST_FILE);
-            let m: Manifest = serde_json::from_slice(&bytes)
-                .map_err(|source| Error::BadManifest { path, source })?;
-            if !(OLDEST_MANIFEST_VERSION..=MANIFEST_VERSION).contains(&m.version) {
-                return Err(Error::ManifestVersion(m.version));
-            }
-            Some(m)
-        }
-        Err(Error::Missing(path)) if allow_unverified => {
-            log::warn!(
-                "{} is missing: memory, config and state cannot be verified \
-                 (--allow-unverified)",
-                path.display()
-            );
-            None
-        }
-        Err(Error::Missing(path)) => return Err(Error::NoManifest(path)),
-        Err(e) => return Err(e),
-    };
-    if let Some(m) = &manifest {
-        check_file(CONFIG_FILE, config, m.config)?;
-        check_file(STATE_FILE, state, m.state)?;
+    let manifest = Manifest::read(KIND, dir)?;
+    match &manifest {
+        Some(m) => m.check_files(KIND, dir, config, state)?,
+        None if allow_unverified => log::warn!(
+            "{} is missing: memory, config and state cannot be verified \
+             (--allow-unverified)",
+            dir.join(KIND.manifest_file()).display()
+        ),
+        None => return Err(Error::NoManifest(dir.join(KIND.manifest_file()))),
     }
     Ok(manifest)
 }
@@ -297,7 +196,7 @@ pub(crate) fn load_manifest(
 pub(crate) fn parse_config_state(
     config: &[u8],
     state: &[u8],
-) -> Result<Vec<GuestRamMappingData>, Error> {
+) -> Result<Vec<GuestRamMapping>, Error> {
     // Without a manifest this still catches most truncations; the VMM would reject the
     // State anyway, but only after the memory was sent.
     serde_json::from_slice::<serde::de::IgnoredAny>(state).map_err(Error::StateNotJson)?;
@@ -311,7 +210,7 @@ pub struct SlotSource {
     pub file: vmm::sparse::BulkFile,
     /// The data pieces in order. Without a manifest: the file's own data extents cut the
     /// same way, with nothing to check them against (`has_sums` false, `crc32` 0).
-    pub pieces: Vec<layout::ExtentSum>,
+    pub pieces: Vec<PieceSum>,
     pub has_sums: bool,
 }
 
@@ -330,16 +229,8 @@ impl SlotSource {
 
 /// Fills a fresh memfd (`file_offset + size` bytes, mapped by the receiver at
 /// `file_offset`) from `memory-<slot>`, verifying each extent against the manifest.
-fn load_slot(
-    dir: &Path,
-    m: &GuestRamMappingData,
-    manifest: Option<&Manifest>,
-) -> Result<File, Error> {
+fn load_slot(dir: &Path, m: &GuestRamMapping, manifest: Option<&Manifest>) -> Result<File, Error> {
     let src = slot_source(dir, m, manifest)?;
-    let read_err = |source| Error::Read {
-        path: src.path.clone(),
-        source,
-    };
     let memfd = empty_memfd(m)?;
     let sums = layout::copy_extents(
         &src.file,
@@ -349,13 +240,13 @@ fn load_slot(
         &vmm::memsum::joined(&src.pieces),
         layout::COPY_THREADS,
     )
-    .map_err(read_err)?;
+    .map_err(format::error::io("cannot read", &src.path))?;
     check_sums(&src, &sums)?;
     Ok(memfd)
 }
 
 /// A memfd for slot `m`, `file_offset + size` bytes, all holes.
-pub(crate) fn empty_memfd(m: &GuestRamMappingData) -> Result<File, Error> {
+pub(crate) fn empty_memfd(m: &GuestRamMapping) -> Result<File, Error> {
     // Overflow of file_offset + size was ruled out when the config was parsed.
     create_memfd(m.file_offset + m.size).map_err(|source| Error::Memfd {
         slot: m.slot,
@@ -364,7 +255,7 @@ pub(crate) fn empty_memfd(m: &GuestRamMappingData) -> Result<File, Error> {
 }
 
 /// Compares the sums of copied extents with the manifest's.
-pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result<(), Error> {
+pub(crate) fn check_sums(src: &SlotSource, sums: &[PieceSum]) -> Result<(), Error> {
     if src.has_sums {
         let expected = &src.pieces;
         if sums.len() != expected.len() {
@@ -384,45 +275,14 @@ pub(crate) fn check_sums(src: &SlotSource, sums: &[layout::ExtentSum]) -> Result
     Ok(())
 }
 
-/// The pieces a manifest entry lists: from its `.sums` file (version 3, checked against
-/// the entry), or inline (version 2).
-fn manifest_pieces(
-    dir: &Path,
-    entry: &layout::MemoryFileSum,
-    version: u32,
-) -> Result<Vec<layout::ExtentSum>, Error> {
-    match (entry.sums, &entry.extents) {
-        (Some(sums), None) if version >= 3 => {
-            let path = dir.join(layout::sums_file_name(entry.slot));
-            let file = open_input(&path)?;
-            vmm::memsum::read_sums(&file, sums.len, sums.crc32, entry.size)
-                .map_err(|source| Error::Sums { path, source })
-        }
-        (None, Some(extents)) if version == 2 => Ok(extents.clone()),
-        _ => Err(Error::ManifestSumsForm(entry.slot)),
-    }
-}
-
 /// Opens and checks slot `m`'s memory file (size, manifest entry, extent bounds).
 pub fn slot_source(
     dir: &Path,
-    m: &GuestRamMappingData,
+    m: &GuestRamMapping,
     manifest: Option<&Manifest>,
 ) -> Result<SlotSource, Error> {
-    let path = dir.join(layout::memory_file_name(m.slot));
-    let read_err = |source| Error::Read {
-        path: path.clone(),
-        source,
-    };
-    let file = open_input(&path)?;
-    let len = file.metadata().map_err(read_err)?.len();
-    if len != m.size {
-        return Err(Error::MemorySize {
-            path,
-            len,
-            expected: m.size,
-        });
-    }
+    let path = dir.join(format::memory_file_name(m.slot));
+    let file = manifest::open_memory_file(dir, m.slot, m.size)?;
     let pieces = match manifest {
         Some(man) => {
             let entry = man
@@ -437,22 +297,16 @@ pub fn slot_source(
                     config: m.size,
                 });
             }
-            let pieces = manifest_pieces(dir, entry, man.version)?;
-            vmm::memsum::check_layout(&pieces, m.size).map_err(|e| Error::ManifestExtent {
-                slot: m.slot,
-                offset: e.offset,
-                len: e.len,
-                size: m.size,
-            })?;
             // The manifest's pieces are the data the snapshot had, even if the file was
             // since copied densely.
-            pieces
+            man.pieces(dir, entry)?
         }
         None => {
-            let extents = vmm::sparse::file_data_extents(&file, 0, m.size).map_err(read_err)?;
+            let extents = vmm::sparse::file_data_extents(&file, 0, m.size)
+                .map_err(format::error::io("cannot read", &path))?;
             vmm::memsum::pieces(&extents)
                 .into_iter()
-                .map(|p| layout::ExtentSum {
+                .map(|p| PieceSum {
                     offset: p.offset,
                     len: p.len,
                     crc32: 0,
@@ -548,89 +402,5 @@ pub(crate) fn send_suffix(stream: &UnixStream, state: &[u8], resume: bool) -> Re
             RequestHeader::complete_paused(),
             &[],
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use layout::{ExtentSum, FileSum, MemoryFileSum};
-
-    fn piece(offset: u64) -> ExtentSum {
-        ExtentSum {
-            offset,
-            len: 4096,
-            crc32: offset as u32 ^ 0x5a5a,
-        }
-    }
-
-    #[test]
-    fn manifest_pieces_from_sums_files_and_inline() {
-        let dir = std::env::temp_dir().join(format!("od-pieces-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pieces = vec![piece(0), piece(1 << 20)];
-        let bytes = vmm::memsum::encode(&pieces).unwrap();
-        std::fs::write(dir.join("memory-0.sums"), &bytes).unwrap();
-        let v3 = MemoryFileSum {
-            slot: 0,
-            size: 2 << 20,
-            sums: Some(FileSum::of(&bytes)),
-            extents: None,
-        };
-        assert_eq!(manifest_pieces(&dir, &v3, 3).unwrap(), pieces);
-        // Version 2 lists the pieces inline; each version only in its own form.
-        let v2 = MemoryFileSum {
-            sums: None,
-            extents: Some(pieces.clone()),
-            ..v3.clone()
-        };
-        assert_eq!(manifest_pieces(&dir, &v2, 2).unwrap(), pieces);
-        assert!(matches!(
-            manifest_pieces(&dir, &v2, 3),
-            Err(Error::ManifestSumsForm(0))
-        ));
-        assert!(matches!(
-            manifest_pieces(&dir, &v3, 2),
-            Err(Error::ManifestSumsForm(0))
-        ));
-        // A sums file that does not match its digest, or is cut mid-record.
-        std::fs::write(dir.join("memory-0.sums"), &bytes[..20]).unwrap();
-        assert!(matches!(
-            manifest_pieces(&dir, &v3, 3),
-            Err(Error::Sums {
-                source: vmm::memsum::SumsError::Size { .. },
-                ..
-            })
-        ));
-        let cut = MemoryFileSum {
-            sums: Some(FileSum::of(&bytes[..20])),
-            ..v3.clone()
-        };
-        assert!(matches!(
-            manifest_pieces(&dir, &cut, 3),
-            Err(Error::Sums {
-                source: vmm::memsum::SumsError::Records(20),
-                ..
-            })
-        ));
-        // Longer than a slot of that size can need: refused before it is read.
-        let tiny = MemoryFileSum {
-            size: 0,
-            ..v3.clone()
-        };
-        std::fs::write(dir.join("memory-0.sums"), &bytes).unwrap();
-        assert!(matches!(
-            manifest_pieces(&dir, &tiny, 3),
-            Err(Error::Sums {
-                source: vmm::memsum::SumsError::TooLarge { .. },
-                ..
-            })
-        ));
-        std::fs::remove_file(dir.join("memory-0.sums")).unwrap();
-        assert!(matches!(
-            manifest_pieces(&dir, &v3, 3),
-            Err(Error::Missing(_))
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

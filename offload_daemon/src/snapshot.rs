@@ -1,6 +1,6 @@
 //! `offload_daemon snapshot`: act as a migration receiver (local mode, memory fds) and
 //! store what arrives in a directory that appears complete or not at all. The directory
-//! holds guest RAM: it is created 0700 and its files 0600 (`vmm::snapfile`).
+//! holds guest RAM: it is created 0700 and its files 0600 (`vmm::snapshot_format`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,11 +9,16 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vm_migration::{Limits, Request, Status};
-use vmm::migration::config::GuestRamMappingData;
+use vm_migration::{Limits, ReceiverPhase as Phase, Request, Status};
+use vmm::snapshot_format::manifest::{Manifest, MemoryEntry};
+use vmm::snapshot_format::{
+    self as format, DirKind, FileDigest, GuestRamMapping, PartialDir, STATE_FILE,
+};
 
-use crate::layout::{self, CONFIG_FILE, MANIFEST_FILE, MANIFEST_VERSION, STATE_FILE};
+use crate::layout;
 use crate::lock::{self, LockedListener};
+
+const KIND: DirKind = DirKind::Daemon;
 
 /// More memory fds than any VM has slots; bounds what a peer can make us hold open.
 const MAX_MEMORY_FDS: usize = 4096;
@@ -62,25 +67,20 @@ pub enum Error {
     MissingFd(u32),
     #[error("the memory fd of slot {slot} has {len} bytes, the mapping needs {needed}")]
     FdTooSmall { slot: u32, len: u64, needed: u64 },
-    #[error("{step} {}", path.display())]
-    Write {
-        step: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] format::Error),
 }
 
 fn write_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error + use<> {
-    let path = path.to_path_buf();
-    move |source| Error::Write { step, path, source }
+    let f = format::error::io(step, path);
+    move |source| Error::Write(f(source))
 }
 
 /// Serves one snapshot on `socket` into `output_dir`. Once connected, the sender may stay
 /// silent at most `io_timeout` at a time.
 pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(), Error> {
     let output_dir =
-        &vmm::snapfile::snapshot_dir(output_dir).map_err(|source| Error::InspectOutput {
+        &format::files::snapshot_dir(output_dir).map_err(|source| Error::InspectOutput {
             path: output_dir.to_path_buf(),
             source,
         })?;
@@ -102,38 +102,10 @@ pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(),
 /// Refuses a non-empty output directory before anything is received, so the sender
 /// fails fast instead of after pausing its VM.
 fn check_output_dir(dir: &Path) -> Result<(), Error> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(Error::OutputNotEmpty(dir.to_path_buf()));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::InspectOutput {
-            path: dir.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    Established,
-    Started,
-    Configured,
-    StateReceived,
-}
-
-impl Phase {
-    fn expects(self) -> &'static str {
-        match self {
-            Phase::Established => "Start",
-            Phase::Started => "MemoryFd or Config",
-            Phase::Configured => "State",
-            Phase::StateReceived => "Complete or CompletePaused",
-        }
-    }
+    format::check_empty(dir).map_err(|e| match e {
+        format::Error::NotEmpty(path) => Error::OutputNotEmpty(path),
+        e => Error::Write(e),
+    })
 }
 
 /// What has arrived so far.
@@ -141,7 +113,7 @@ impl Phase {
 struct Received {
     fds: HashMap<u32, File>,
     config: Vec<u8>,
-    mappings: Vec<GuestRamMappingData>,
+    mappings: Vec<GuestRamMapping>,
     state: Vec<u8>,
 }
 
@@ -250,38 +222,8 @@ fn reply_error(conn: &UnixStream) {
     }
 }
 
-/// Removes the temp dir unless the snapshot was committed.
-struct TempDirGuard {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        if !self.committed
-            && let Err(e) = std::fs::remove_dir_all(&self.path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            log::warn!("cannot remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let file = vmm::snapfile::create_private(path).map_err(write_err("creating", path))?;
-    std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0)
-        .map_err(write_err("writing", path))?;
-    file.sync_all().map_err(write_err("fsyncing", path))
-}
-
-fn sync_dir(path: &Path) -> Result<(), Error> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err("fsyncing directory", path))
-}
-
-/// Writes the directory as a hidden sibling, fsyncs everything, then renames it into
-/// place: a crash at any point leaves either no `output_dir` or a complete one.
+/// Writes the directory through `snapshot_format::PartialDir`: a crash at any point
+/// leaves either no `output_dir` or a complete one.
 fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
     let started = Instant::now();
     // Check before writing anything: a missing fd would make a snapshot of zeros.
@@ -302,66 +244,47 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
         }
     }
 
-    let parent = match output_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = output_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "snapshot".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    vmm::snapfile::create_private_dir(&tmp).map_err(write_err("creating", &tmp))?;
-    let mut guard = TempDirGuard {
-        path: tmp.clone(),
-        committed: false,
-    };
-
-    write_file_synced(&tmp.join(CONFIG_FILE), &rx.config)?;
-    write_file_synced(&tmp.join(STATE_FILE), &rx.state)?;
+    let partial = PartialDir::create(output_dir)?;
+    partial.write_file(KIND.config_file(), &rx.config)?;
+    partial.write_file(STATE_FILE, &rx.state)?;
     let mut memory = Vec::with_capacity(rx.mappings.len());
     let mut data_bytes = 0u64;
     let mut ram_bytes = 0u64;
     for m in &rx.mappings {
         let fd = rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?;
-        let path = tmp.join(layout::memory_file_name(m.slot));
-        let file = vmm::sparse::create_direct(&path).map_err(write_err("creating", &path))?;
+        let path = partial.path().join(format::memory_file_name(m.slot));
+        let file = vmm::snapshot_format::files::create_direct(&path)
+            .map_err(write_err("creating", &path))?;
         file.set_len(m.size).map_err(write_err("sizing", &path))?;
         let extents = vmm::sparse::file_data_extents(fd, m.file_offset, m.size).map_err(
             write_err("finding data extents of the memory fd for", &path),
         )?;
-        let extents =
+        let pieces =
             layout::copy_extents(fd, m.file_offset, &file, 0, &extents, layout::COPY_THREADS)
                 .map_err(write_err("copying guest memory to", &path))?;
         file.sync_all().map_err(write_err("fsyncing", &path))?;
-        data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
+        let written = pieces.iter().map(|e| e.len).sum::<u64>();
+        data_bytes += written;
         ram_bytes += m.size;
-        let sums_path = tmp.join(layout::sums_file_name(m.slot));
-        let sums = vmm::memsum::encode(&extents).map_err(write_err("encoding", &sums_path))?;
-        write_file_synced(&sums_path, &sums)?;
-        memory.push(layout::MemoryFileSum {
+        let sums = vmm::memsum::encode(&pieces).map_err(write_err("encoding", &path))?;
+        partial.write_file(&format::sums_file_name(m.slot), &sums)?;
+        memory.push(MemoryEntry {
             slot: m.slot,
             size: m.size,
-            sums: Some(layout::FileSum::of(&sums)),
-            extents: None,
+            data_bytes: written,
+            sums: Some(FileDigest::of(&sums)),
+            inline: None,
         });
     }
-    let manifest = layout::Manifest {
-        version: MANIFEST_VERSION,
-        config: layout::FileSum::of(&rx.config),
-        state: layout::FileSum::of(&rx.state),
+    let manifest = Manifest {
+        version: format::VERSION,
+        config: FileDigest::of(&rx.config),
+        state: FileDigest::of(&rx.state),
+        mappings: None,
         memory,
     };
-    let manifest_path = tmp.join(MANIFEST_FILE);
-    let manifest_json = serde_json::to_vec(&manifest)
-        .map_err(|e| write_err("serializing", &manifest_path)(io::Error::other(e)))?;
-    write_file_synced(&manifest_path, &manifest_json)?;
-    sync_dir(&tmp)?;
-    // rename(2) replaces an empty directory and fails on a non-empty one, so a directory
-    // created meanwhile is never clobbered.
-    std::fs::rename(&tmp, output_dir).map_err(write_err("renaming the temp dir to", output_dir))?;
-    guard.committed = true;
-    sync_dir(&parent)?;
+    partial.write_file(KIND.manifest_file(), &manifest.encode(KIND)?)?;
+    partial.commit()?;
     let secs = started.elapsed().as_secs_f64();
     log::info!(
         "snapshot written to {}: {} MiB of data in {} MiB of RAM, {:.3} s ({:.0} MiB/s)",

@@ -217,7 +217,11 @@ fn check_snapshot_dir(snap: &Path) {
     let leftovers: Vec<_> = std::fs::read_dir(parent)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(vmm::snapshot_format::commit::PARTIAL_MARK)
+        })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
@@ -481,7 +485,11 @@ fn daemon_killed_mid_snapshot_leaves_source_running_and_no_snapshot() {
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(vmm::snapshot_format::commit::PARTIAL_MARK)
+        })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

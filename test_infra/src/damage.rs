@@ -19,7 +19,7 @@ pub fn flip_byte(path: &Path, offset: u64, mask: u8) -> std::io::Result<()> {
 /// The data pieces of `memory-<slot>` in a snapshot directory (`vm.snapshot`'s or the
 /// offload daemon's, which name their files alike), from its checksums file.
 pub fn memory_pieces(dir: &Path, slot: u32) -> std::io::Result<Vec<vmm::memsum::PieceSum>> {
-    let name = vmm::migration::store::sums_file_name(slot);
+    let name = vmm::snapshot_format::sums_file_name(slot);
     let sums = std::fs::read(dir.join(&name))?;
     vmm::memsum::decode(&sums).ok_or_else(|| {
         std::io::Error::new(

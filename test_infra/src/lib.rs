@@ -27,6 +27,7 @@ pub mod hostile_api;
 pub mod hostile_peer;
 pub mod lines;
 pub mod migration;
+pub mod old_formats;
 pub mod process;
 pub mod procfs;
 pub mod seccomp;

@@ -65,6 +65,7 @@ pub mod framing;
 pub mod memory;
 pub mod page_fault;
 pub mod protocol;
+pub mod receiver;
 pub mod request;
 pub mod role;
 
@@ -86,5 +87,6 @@ pub use protocol::{
     CURRENT_PROTOCOL_VERSION, Command, HEADER_SIZE, RequestHeader, ResponseHeader, Status,
     check_version, supported_versions,
 };
+pub use receiver::ReceiverPhase;
 pub use request::{DEFAULT_MAX_JSON_PAYLOAD, Limits, Request, read_request, send_memory_table};
 pub use role::{ConnectionRole, read_role, write_role};

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -23,15 +22,9 @@ const _: () = assert!(sparse::READ_CHUNK.is_multiple_of(crate::memsum::GRID));
 
 const PAGE_SIZE: u64 = 4096;
 
-/// One contiguous piece of guest RAM: KVM slot `slot` maps guest physical `gpa..gpa+size`
-/// onto the RAM memfd at `file_offset`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestRamMapping {
-    pub slot: u32,
-    pub gpa: u64,
-    pub size: u64,
-    pub file_offset: u64,
-}
+/// KVM slot `slot` of a mapping is its KVM memory slot; `file_offset` is into the RAM
+/// memfd. Defined with the snapshot format, which is free of KVM.
+pub use crate::snapshot_format::GuestRamMapping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -391,11 +384,11 @@ impl MemoryManager {
         Ok(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, m.size as usize) })
     }
 
-    /// Host address and size of every mapping, in `mappings()` order.
-    pub fn host_regions(&self) -> std::io::Result<Vec<(u64, u64)>> {
+    /// Every mapping with its host address, in `mappings()` order.
+    pub fn host_mappings(&self) -> std::io::Result<Vec<(GuestRamMapping, u64)>> {
         self.mappings
             .iter()
-            .map(|m| Ok((self.host_address(m)?, m.size)))
+            .map(|m| Ok((*m, self.host_address(m)?)))
             .collect()
     }
 

@@ -389,27 +389,6 @@ pub fn read_extents(
     Ok(total_len(extents))
 }
 
-/// Creates `path` (which must not exist) for writing with O_DIRECT: page-aligned data
-/// goes to the disk without a second copy in the page cache (here also faster than
-/// buffered writes). Every write to it must be whole, page-aligned pages from a
-/// page-aligned buffer. Filesystems without O_DIRECT (tmpfs) get a buffered file. It holds
-/// guest RAM, so only its owner may read it (`snapfile::FILE_MODE`).
-pub fn create_direct(path: &std::path::Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(crate::snapfile::FILE_MODE)
-            .custom_flags(flags)
-            .open(path)
-    };
-    match open(libc::O_DIRECT) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
-        other => other,
-    }
-}
-
 /// Total bytes of `extents`.
 pub fn total_len(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.len).sum()

@@ -9,7 +9,8 @@ use crate::api::{
     ApiError, ApiRequest, ApiResponse, ApiResult, MemoryRestoreProgress, VmInfoResponse,
     VmmPingResponse,
 };
-use crate::migration::{send, store};
+use crate::migration::send;
+use crate::snapshot_store as store;
 use crate::vm::{self, Vm};
 use event_monitor::Event;
 
@@ -103,7 +104,9 @@ impl Vmm {
                         state,
                     },
                     SnapshotError::RestoreInProgress { .. } => ApiError::conflict(&e),
-                    SnapshotError::Store(store::Error::DestinationNotEmpty(_))
+                    SnapshotError::Store(store::Error::Format(
+                        crate::snapshot_format::Error::NotEmpty(_),
+                    ))
                     | SnapshotError::Destination(..) => ApiError::bad_request(&e),
                     other => ApiError::internal("snapshot", &other),
                 })?;

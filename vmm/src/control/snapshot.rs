@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::Vmm;
 use crate::api::VmState;
 use crate::config::{MemoryRestoreMode, RestoreParams};
-use crate::migration::store;
+use crate::snapshot_store as store;
 use crate::vm::{self, Vm};
 use event_monitor::Event;
 
@@ -59,7 +59,7 @@ impl Vmm {
                 total: p.total_pages,
             });
         }
-        let destination = crate::snapfile::snapshot_dir(destination)
+        let destination = crate::snapshot_format::files::snapshot_dir(destination)
             .map_err(|e| SnapshotError::Destination(destination.to_path_buf(), e))?;
         let start = Instant::now();
         event_monitor::event(Event::VmSnapshotting, None);
@@ -88,13 +88,14 @@ impl Vmm {
         event_monitor::event(Event::VmRestoring, None);
         let start = Instant::now();
         let snapshot_error = |e| RestoreError::Snapshot(params.source.clone(), e);
-        let source = crate::snapfile::snapshot_dir(&params.source).map_err(|source| {
-            snapshot_error(store::Error::Io {
-                step: "cannot open directory",
-                path: params.source.clone(),
-                source,
-            })
-        })?;
+        let source =
+            crate::snapshot_format::files::snapshot_dir(&params.source).map_err(|source| {
+                snapshot_error(store::Error::Format(crate::snapshot_format::Error::Io {
+                    step: "cannot open directory",
+                    path: params.source.clone(),
+                    source,
+                }))
+            })?;
         let opened = store::open(&source).map_err(snapshot_error)?;
         let t_load = start.elapsed();
         // The VM is built from the config while the manifest, state and memory piece

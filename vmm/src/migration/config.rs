@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout;
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::memory_manager::GuestRamMapping;
+pub use crate::snapshot_format::mapping::{GuestRamMappingData, ZoneId};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmMigrationConfig {
@@ -111,35 +112,6 @@ pub struct CpuIdEntry {
     pub edx: u32,
 }
 
-/// One guest RAM mapping as Cloud Hypervisor describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestRamMappingData {
-    pub slot: u32,
-    pub gpa: u64,
-    pub size: u64,
-    #[serde(default)]
-    pub zone_id: ZoneId,
-    #[serde(default)]
-    pub virtio_mem: bool,
-    pub file_offset: u64,
-}
-
-/// Cloud Hypervisor names its default memory zone; we have one zone.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ZoneId;
-
-impl Serialize for ZoneId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("mem0")
-    }
-}
-
-impl<'de> Deserialize<'de> for ZoneId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(|_| ZoneId)
-    }
-}
-
 /// A peer's `vm_config`, with `serial`, `console` and `payload` taken only if they parse:
 /// a receiver puts its own serial and console in their place and drops the payload paths
 /// (`receive.rs`, `local_config`), so a console mode we lack (Cloud Hypervisor's `Pty`,
@@ -219,17 +191,7 @@ impl VmMigrationConfig {
                         })
                         .collect(),
                 },
-                guest_ram_mappings: mappings
-                    .iter()
-                    .map(|m| GuestRamMappingData {
-                        slot: m.slot,
-                        gpa: m.gpa,
-                        size: m.size,
-                        zone_id: ZoneId,
-                        virtio_mem: false,
-                        file_offset: m.file_offset,
-                    })
-                    .collect(),
+                guest_ram_mappings: mappings.iter().copied().map(Into::into).collect(),
                 start_of_device_area: start_of_device_area(mappings),
                 boot_ram: ram,
                 current_ram: ram,
@@ -251,12 +213,8 @@ impl VmMigrationConfig {
         self.memory_manager_data
             .guest_ram_mappings
             .iter()
-            .map(|m| GuestRamMapping {
-                slot: m.slot,
-                gpa: m.gpa,
-                size: m.size,
-                file_offset: m.file_offset,
-            })
+            .copied()
+            .map(Into::into)
             .collect()
     }
 }

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vm_migration::{
-    Limits, MEMORY_RANGE_SIZE, MemoryRangeTable, Request, Status, check_version, read_request,
-    recv_memory_fd_payload, send_response,
+    Limits, MEMORY_RANGE_SIZE, MemoryRangeTable, ReceiverPhase, Request, Status, check_version,
+    read_request, recv_memory_fd_payload, send_response,
 };
 
 use super::config::VmMigrationConfig;
@@ -39,7 +39,7 @@ use crate::net::is_timeout;
 use crate::net::{Listener, Stream};
 use crate::state::StateTree;
 use crate::thread_priority::Boost;
-use crate::uffd::remote::{RemotePeer, RemoteRegion, RemoteSource};
+use crate::uffd::remote::{RemotePeer, RemoteSource};
 use crate::vm::{self, Vm};
 use event_monitor::Event;
 
@@ -377,7 +377,7 @@ pub fn receive(
     event_monitor::event(Event::VmMigrationReceiveStarted, None);
 
     let mut receiver = Receiver {
-        phase: ProtocolPhase::Established,
+        phase: ReceiverPhase::Established,
         fds: BTreeMap::new(),
         vm: None,
         connections: None,
@@ -411,16 +411,8 @@ impl Drop for ForgetStreams<'_> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ProtocolPhase {
-    Established,
-    Started,
-    Configured,
-    StateReceived,
-}
-
 struct Receiver {
-    phase: ProtocolPhase,
+    phase: ReceiverPhase,
     fds: BTreeMap<u32, File>,
     vm: Option<Vm>,
     connections: Option<Connections>,
@@ -492,12 +484,12 @@ impl Receiver {
         };
         match (self.phase, request) {
             (_, Request::Abandon) => Ok(None),
-            (ProtocolPhase::Established, Request::Start { version }) => {
+            (ReceiverPhase::Established, Request::Start { version }) => {
                 check_version(version).map_err(Error::Protocol)?;
-                self.phase = ProtocolPhase::Started;
+                self.phase = ReceiverPhase::Started;
                 Ok(None)
             }
-            (ProtocolPhase::Started, Request::MemoryFd) => {
+            (ReceiverPhase::Started, Request::MemoryFd) => {
                 // A guest has a handful of RAM slots; each fd pins memory.
                 if self.fds.len() >= MAX_MEMORY_FDS {
                     return Err(Error::TooManyMemoryFds);
@@ -513,16 +505,16 @@ impl Receiver {
                 self.fds.insert(slot, file);
                 Ok(None)
             }
-            (ProtocolPhase::Started, Request::Config(bytes)) => {
+            (ReceiverPhase::Started, Request::Config(bytes)) => {
                 self.configure(&bytes)?;
-                self.phase = ProtocolPhase::Configured;
+                self.phase = ReceiverPhase::Configured;
                 self.watch.set_phase(Phase::Memory);
                 Ok(None)
             }
-            (ProtocolPhase::Configured, Request::Memory(_)) if self.params.postcopy => {
+            (ReceiverPhase::Configured, Request::Memory(_)) if self.params.postcopy => {
                 Err(Error::PrecopySender)
             }
-            (ProtocolPhase::Configured, Request::Memory(table)) => {
+            (ReceiverPhase::Configured, Request::Memory(table)) => {
                 let vm = self.vm.as_ref().ok_or(Error::LayoutMismatch)?;
                 check_ranges(&table, vm.memory().mappings())?;
                 receive_memory(
@@ -535,19 +527,16 @@ impl Receiver {
                 )?;
                 Ok(None)
             }
-            (ProtocolPhase::Configured, Request::State(bytes)) => {
+            (ReceiverPhase::Configured, Request::State(bytes)) => {
                 self.watch.set_phase(Phase::State);
                 self.apply_state(&bytes)?;
-                self.phase = ProtocolPhase::StateReceived;
+                self.phase = ReceiverPhase::StateReceived;
                 self.watch.set_phase(Phase::Completing);
                 Ok(None)
             }
-            (ProtocolPhase::StateReceived, Request::Complete) => Ok(Some(true)),
-            (ProtocolPhase::StateReceived, Request::CompletePaused) => Ok(Some(false)),
-            (ProtocolPhase::Established, r) => Err(unexpected(&r, "Start")),
-            (ProtocolPhase::Started, r) => Err(unexpected(&r, "MemoryFd or Config")),
-            (ProtocolPhase::Configured, r) => Err(unexpected(&r, "Memory or State")),
-            (ProtocolPhase::StateReceived, r) => Err(unexpected(&r, "Complete or CompletePaused")),
+            (ReceiverPhase::StateReceived, Request::Complete) => Ok(Some(true)),
+            (ReceiverPhase::StateReceived, Request::CompletePaused) => Ok(Some(false)),
+            (phase, r) => Err(unexpected(&r, phase.expects())),
         }
     }
 
@@ -584,15 +573,7 @@ impl Receiver {
             }
             // Our own RAM: pages come inline over the fault connections.
             (true, false) => {
-                let regions = vm
-                    .memory()
-                    .mappings()
-                    .iter()
-                    .map(|m| RemoteRegion {
-                        gpa: m.gpa,
-                        size: m.size,
-                    })
-                    .collect();
+                let regions = vm.memory().mappings().to_vec();
                 let data = postcopy_state.as_ref().map(PostcopyState::ranges);
                 let confirm = postcopy_state.as_ref().is_some_and(|s| s.confirm_complete);
                 let peer = RemotePeer {

@@ -29,7 +29,7 @@ pub struct FileSource {
 
 impl FileSource {
     /// One memory file per mapping (its path for messages, the file, opened and checked
-    /// by the caller as hostile input, see `snapfile`), with the pieces of data the
+    /// by the caller as hostile input, see `snapshot_format::files`), with the pieces of data the
     /// manifest lists for it.
     pub fn new(files: Vec<(PathBuf, File, Vec<PieceSum>)>) -> Self {
         let files = files

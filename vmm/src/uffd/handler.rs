@@ -27,6 +27,7 @@ use super::fd::{self, pending_faults, registered_uffd, unregister_all};
 use super::metrics::FillProgress;
 use super::{Error, UffdMemorySource};
 use crate::events::{Notifier, VmNotice};
+use crate::snapshot_format::GuestRamMapping;
 use crate::sparse::{Extent, PAGE_SIZE};
 
 /// Prefetch read size: large sequential reads run at disk/page-cache speed.
@@ -37,16 +38,11 @@ const PREFETCH_THREADS: usize = 2;
 /// Pages resolved per fault: the faulting page and the rest of its aligned 64 KiB block.
 const FAULT_BLOCK: u64 = 64 << 10;
 
-/// One guest RAM mapping as the VMM sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct Region {
-    pub host: u64,
-    pub size: u64,
-}
-
 struct Shared {
     uffd: Uffd,
-    regions: Vec<Region>,
+    mappings: Vec<GuestRamMapping>,
+    /// Where each mapping is in this process.
+    hosts: Vec<u64>,
     /// One bit per page of each region: set once the page is resident.
     bitmaps: Vec<Vec<AtomicU64>>,
     source: Arc<dyn UffdMemorySource>,
@@ -89,24 +85,25 @@ enum FillError {
 }
 
 impl OnDemandMemory {
-    /// Registers `regions` for missing-page faults and starts serving them from `source`.
-    /// Must run before any vCPU touches guest RAM.
+    /// Registers guest RAM (each mapping with its host address) for missing-page faults
+    /// and starts serving them from `source`. Must run before any vCPU touches guest RAM.
     pub fn start(
-        regions: Vec<Region>,
+        ram: Vec<(GuestRamMapping, u64)>,
         source: Arc<dyn UffdMemorySource>,
         events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
+        let (mappings, hosts): (Vec<GuestRamMapping>, Vec<u64>) = ram.into_iter().unzip();
         let uffd = registered_uffd(
-            regions.iter().map(|r| (r.host, r.size)),
+            hosts.iter().zip(&mappings).map(|(h, m)| (*h, m.size)),
             RegisterMode::MISSING,
         )?;
-        let total_pages = (0..regions.len())
+        let total_pages = (0..mappings.len())
             .map(|i| crate::sparse::total_len(source.extents(i)) / PAGE_SIZE)
             .sum();
-        let bitmaps = regions
+        let bitmaps = mappings
             .iter()
-            .map(|r| {
-                (0..(r.size / PAGE_SIZE).div_ceil(64))
+            .map(|m| {
+                (0..(m.size / PAGE_SIZE).div_ceil(64))
                     .map(|_| AtomicU64::new(0))
                     .collect()
             })
@@ -118,7 +115,8 @@ impl OnDemandMemory {
         });
         let shared = Arc::new(Shared {
             uffd,
-            regions,
+            mappings,
+            hosts,
             bitmaps,
             source,
             progress,
@@ -189,11 +187,20 @@ impl Shared {
         errno == libc::ENOENT && self.unregistered.load(Ordering::Acquire)
     }
 
-    fn find(&self, addr: u64) -> Option<(usize, u64)> {
-        self.regions
+    /// Host address and length of every mapping.
+    fn host_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.hosts
             .iter()
-            .position(|r| addr >= r.host && addr < r.host + r.size)
-            .map(|i| (i, addr - self.regions[i].host))
+            .zip(&self.mappings)
+            .map(|(h, m)| (*h, m.size))
+    }
+
+    fn find(&self, addr: u64) -> Option<(usize, u64)> {
+        self.hosts
+            .iter()
+            .zip(&self.mappings)
+            .position(|(&host, m)| addr >= host && addr - host < m.size)
+            .map(|i| (i, addr - self.hosts[i]))
     }
 
     fn is_resident(&self, index: usize, offset: u64) -> bool {
@@ -228,7 +235,7 @@ impl Shared {
     /// Copies `bytes` to mapping `index` at `offset`, page run by page run, skipping pages
     /// that became resident meanwhile. `wake` resolves faults waiting on the range.
     fn copy_in(&self, index: usize, offset: u64, bytes: &[u8]) -> Result<(), FillError> {
-        let host = self.regions[index].host;
+        let host = self.hosts[index];
         let mut pos = 0u64;
         let len = bytes.len() as u64;
         while pos < len {
@@ -331,7 +338,7 @@ impl Shared {
         } else if let Some(extent) = self.extent_at(index, offset) {
             let block_end = ((offset & !(FAULT_BLOCK - 1)) + FAULT_BLOCK)
                 .min(extent.end())
-                .min(self.regions[index].size);
+                .min(self.mappings[index].size);
             let first = &mut buf[..PAGE_SIZE as usize];
             self.fetch_in(index, offset, first, true)?;
             let rest_start = offset + PAGE_SIZE;
@@ -438,7 +445,7 @@ impl Shared {
     /// hit an error (already reported) or the restore is being stopped.
     fn prefetch_all(&self, events: &Notifier<VmNotice>) -> bool {
         let chunk_size = self.source.prefetch_chunk().max(PAGE_SIZE);
-        let chunks: Vec<(usize, u64, u64)> = (0..self.regions.len())
+        let chunks: Vec<(usize, u64, u64)> = (0..self.mappings.len())
             .flat_map(|index| {
                 self.source.extents(index).iter().flat_map(move |e| {
                     (e.offset..e.end())
@@ -489,7 +496,7 @@ impl Shared {
         // Every data page is in. Unregistering wakes any fault still pending on a hole
         // and lets later hole faults be ordinary zero-fill faults.
         self.unregistered.store(true, Ordering::Release);
-        unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
+        unregister_all(&self.uffd, self.host_ranges());
         if let Err(e) = self.source.finished() {
             // Every page is here already; the source just did not hear it from us.
             log::warn!("telling the memory source the restore is complete: {e}");

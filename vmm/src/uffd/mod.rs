@@ -17,7 +17,7 @@ use crate::sparse::Extent;
 
 pub use handler::OnDemandMemory;
 pub use metrics::FillProgress;
-pub use peer::{PeerFilledMemory, SharedRegion};
+pub use peer::PeerFilledMemory;
 
 /// Guest RAM being filled on demand: copied in from a `UffdMemorySource` (a snapshot
 /// file, or a post-copy migration source), or written into shared memfds by a peer.

@@ -30,6 +30,7 @@ use super::Error;
 use super::metrics::FillProgress;
 use crate::events::{Notifier, VmNotice};
 use crate::net::Stream;
+use crate::snapshot_format::GuestRamMapping;
 use crate::sparse::{self, PAGE_SIZE};
 
 /// Bytes asked for per background request where the last one held data.
@@ -39,16 +40,6 @@ const CHUNK: u64 = 2 << 20;
 /// busy, so walking 8 GiB of mostly empty RAM in 2 MiB steps took 0.6-1 s. The cap bounds
 /// how long a guest fault can wait behind a request that does meet data.
 const MAX_EMPTY_CHUNK: u64 = 32 << 20;
-
-/// One guest RAM mapping backed by a peer's memfd.
-#[derive(Debug)]
-pub struct SharedRegion {
-    pub host: u64,
-    pub gpa: u64,
-    pub size: u64,
-    pub memfd: File,
-    pub file_offset: u64,
-}
 
 pub struct PeerFilledMemory {
     stopping: Arc<AtomicBool>,
@@ -65,7 +56,11 @@ pub struct PeerFilledMemory {
 
 struct Filler {
     uffd: Arc<Uffd>,
-    regions: Vec<SharedRegion>,
+    mappings: Vec<GuestRamMapping>,
+    /// Where each mapping is in this process.
+    hosts: Vec<u64>,
+    /// The peer's memfd behind each mapping (the mapping's `file_offset` is into it).
+    memfds: Vec<File>,
     /// Per region, one bit per page a guest fault asked for.
     faulted: Vec<Vec<u64>>,
     stream: Stream,
@@ -97,32 +92,43 @@ enum FillError {
 }
 
 impl PeerFilledMemory {
-    /// Registers every region for MISSING and MINOR faults and starts serving them over
-    /// `stream` (the fault connection). Must run before any vCPU touches guest RAM.
+    /// Registers guest RAM (each mapping with its host address and the peer's memfd
+    /// behind it) for MISSING and MINOR faults and starts serving them over `stream` (the
+    /// fault connection). Must run before any vCPU touches guest RAM.
     pub fn start(
-        regions: Vec<SharedRegion>,
+        ram: Vec<(GuestRamMapping, u64, File)>,
         stream: Stream,
         events: Notifier<VmNotice>,
     ) -> Result<Self, Error> {
+        let mut mappings = Vec::with_capacity(ram.len());
+        let mut hosts = Vec::with_capacity(ram.len());
+        let mut memfds = Vec::with_capacity(ram.len());
+        for (m, host, memfd) in ram {
+            mappings.push(m);
+            hosts.push(host);
+            memfds.push(memfd);
+        }
         // MISSING and MINOR together: see the module docs.
         let uffd = Arc::new(super::fd::registered_uffd(
-            regions.iter().map(|r| (r.host, r.size)),
+            hosts.iter().zip(&mappings).map(|(h, m)| (*h, m.size)),
             RegisterMode::MISSING | RegisterMode::MINOR,
         )?);
         let progress = Arc::new(FillProgress {
-            total_pages: regions.iter().map(|r| r.size / PAGE_SIZE).sum(),
+            total_pages: mappings.iter().map(|m| m.size / PAGE_SIZE).sum(),
             started: Mutex::new(Some(Instant::now())),
             ..Default::default()
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let handle = stream.try_clone().map_err(Error::EventFd)?;
-        let faulted = regions
+        let faulted = mappings
             .iter()
-            .map(|r| vec![0; (r.size / PAGE_SIZE).div_ceil(64) as usize])
+            .map(|m| vec![0; (m.size / PAGE_SIZE).div_ceil(64) as usize])
             .collect();
         let filler = Filler {
             uffd: uffd.clone(),
-            regions,
+            mappings,
+            hosts,
+            memfds,
             faulted,
             stream,
             progress: progress.clone(),
@@ -185,16 +191,16 @@ impl Filler {
             for addr in faults {
                 self.serve_fault(addr)?;
             }
-            match self.regions.get(cursor.0) {
-                Some(r) => {
-                    let len = chunk.min(r.size - cursor.1);
+            match self.mappings.get(cursor.0) {
+                Some(m) => {
+                    let len = chunk.min(m.size - cursor.1);
                     chunk = if self.fill_chunk(cursor.0, cursor.1, len)? {
                         CHUNK
                     } else {
                         (chunk * 2).min(MAX_EMPTY_CHUNK)
                     };
                     cursor.1 += len;
-                    if cursor.1 >= self.regions[cursor.0].size {
+                    if cursor.1 >= self.mappings[cursor.0].size {
                         cursor = (cursor.0 + 1, 0);
                     }
                 }
@@ -208,7 +214,12 @@ impl Filler {
     /// Everything the peer holds is mapped: unregistering lets untouched holes behave
     /// as ordinary shared memory, and closing the connection tells the peer to stop.
     fn finish(&mut self) {
-        super::fd::unregister_all(&self.uffd, self.regions.iter().map(|r| (r.host, r.size)));
+        let ranges = self
+            .hosts
+            .iter()
+            .zip(&self.mappings)
+            .map(|(h, m)| (*h, m.size));
+        super::fd::unregister_all(&self.uffd, ranges);
         self.stream.shutdown();
         self.progress.mark_complete("from the peer");
     }
@@ -223,12 +234,13 @@ impl Filler {
         let start = Instant::now();
         let page = addr & !(PAGE_SIZE - 1);
         let index = self
-            .regions
+            .hosts
             .iter()
-            .position(|r| page >= r.host && page < r.host + r.size)
+            .zip(&self.mappings)
+            .position(|(&host, m)| page >= host && page - host < m.size)
             .ok_or(FillError::OutsideRam(addr))?;
-        let offset = page - self.regions[index].host;
-        let gpa = self.regions[index].gpa + offset;
+        let offset = page - self.hosts[index];
+        let gpa = self.mappings[index].gpa + offset;
         let bit = offset / PAGE_SIZE;
         self.faulted[index][(bit / 64) as usize] |= 1 << (bit % 64);
         self.ask(gpa, PAGE_SIZE)?;
@@ -244,13 +256,17 @@ impl Filler {
     /// returns whether there was any.
     fn fill_chunk(&mut self, index: usize, offset: u64, len: u64) -> Result<bool, FillError> {
         let (gpa, host, file_offset) = {
-            let r = &self.regions[index];
-            (r.gpa + offset, r.host + offset, r.file_offset + offset)
+            let m = &self.mappings[index];
+            (
+                m.gpa + offset,
+                self.hosts[index] + offset,
+                m.file_offset + offset,
+            )
         };
         for (run, run_len) in self.unfaulted_runs(index, offset, len) {
             self.ask(gpa + run, run_len)?;
         }
-        let extents = sparse::file_data_extents(&self.regions[index].memfd, file_offset, len)
+        let extents = sparse::file_data_extents(&self.memfds[index], file_offset, len)
             .map_err(FillError::Extents)?;
         for e in &extents {
             self.map(host + e.offset, e.len)?;

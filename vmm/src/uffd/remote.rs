@@ -21,6 +21,7 @@ use vm_migration::{MemoryRange, PageDelivery};
 use super::UffdMemorySource;
 use crate::net::MigrationUrl;
 use crate::net::{Stream, is_timeout};
+use crate::snapshot_format::GuestRamMapping;
 use crate::sparse::Extent;
 
 /// Background chunk with a connection of its own: large enough that the per-request
@@ -29,13 +30,6 @@ const BULK_CHUNK: u64 = 1 << 20;
 /// Background chunk sharing the fault connection: about 100 µs of loopback transfer, the
 /// most a fault may wait behind it.
 const SHARED_CHUNK: u64 = 128 << 10;
-
-/// One guest RAM mapping: where it sits in guest-physical space.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteRegion {
-    pub gpa: u64,
-    pub size: u64,
-}
 
 /// Who serves the pages, for errors, and how long one answer may take.
 #[derive(Clone, Debug)]
@@ -48,7 +42,7 @@ pub struct RemoteSource {
     peer: RemotePeer,
     /// "at ADDR (connected on URL)": who the source is, as far as we know.
     peer_name: String,
-    regions: Vec<RemoteRegion>,
+    regions: Vec<GuestRamMapping>,
     extents: Vec<Vec<Extent>>,
     fault: Mutex<Stream>,
     bulk: Option<Mutex<Stream>>,
@@ -62,7 +56,7 @@ impl RemoteSource {
     /// `data`: the guest-physical ranges that hold data on the source (everything else
     /// is zero and never asked for); `None` means every page of RAM.
     pub fn new(
-        regions: Vec<RemoteRegion>,
+        regions: Vec<GuestRamMapping>,
         data: Option<&[(u64, u64)]>,
         mut connections: Vec<Stream>,
         confirm: bool,
@@ -158,7 +152,7 @@ struct PullFailed {
 
 /// The parts of `ranges` (guest-physical, sorted or not) inside `region`, as sorted,
 /// merged extents relative to the region's start.
-fn extents_in(region: &RemoteRegion, ranges: &[(u64, u64)]) -> Vec<Extent> {
+fn extents_in(region: &GuestRamMapping, ranges: &[(u64, u64)]) -> Vec<Extent> {
     let end = region.gpa + region.size;
     crate::sparse::merged(
         ranges
@@ -282,9 +276,11 @@ mod tests {
                     })
                     .collect();
                 let source = RemoteSource::new(
-                    vec![RemoteRegion {
+                    vec![GuestRamMapping {
+                        slot: 0,
                         gpa: GPA,
                         size: SIZE,
+                        file_offset: 0,
                     }],
                     Some(&[(GPA + 0x2000, 0x3000)]),
                     ours,
@@ -340,9 +336,11 @@ mod tests {
         std::thread::scope(|s| {
             let server = s.spawn(|| postcopy::serve(&mut Stream::Unix(b), &mem, &stats, &activity));
             let source = RemoteSource::new(
-                vec![RemoteRegion {
+                vec![GuestRamMapping {
+                    slot: 0,
                     gpa: GPA + SIZE,
                     size: SIZE,
+                    file_offset: 0,
                 }],
                 None,
                 vec![Stream::Unix(a)],
@@ -364,9 +362,11 @@ mod tests {
     fn a_silent_source_times_out() {
         let (a, _silent) = UnixStream::pair().unwrap();
         let source = RemoteSource::new(
-            vec![RemoteRegion {
+            vec![GuestRamMapping {
+                slot: 0,
                 gpa: GPA,
                 size: SIZE,
+                file_offset: 0,
             }],
             None,
             vec![Stream::Unix(a)],
@@ -392,9 +392,11 @@ mod tests {
 
     #[test]
     fn extents_are_clipped_sorted_and_merged() {
-        let r = RemoteRegion {
+        let r = GuestRamMapping {
+            slot: 0,
             gpa: 0x10_0000,
             size: 0x10_0000,
+            file_offset: 0,
         };
         let ranges = [
             (0x1c_0000, 0x10000),

@@ -25,8 +25,7 @@ use crate::devices::serial_sinks::{PtySink, SocketSink};
 use crate::events::{Notifier, VmNotice};
 use crate::memory_manager::{self, MemoryManager};
 use crate::state::{StateError, StateTree};
-use crate::uffd::handler::Region;
-use crate::uffd::{OnDemand, OnDemandMemory, PeerFilledMemory, SharedRegion, UffdMemorySource};
+use crate::uffd::{OnDemand, OnDemandMemory, PeerFilledMemory, UffdMemorySource};
 use kvm_state::KvmVm;
 
 /// A VM's lifecycle state, as `vm.info` reports it (Cloud Hypervisor's spelling).
@@ -358,14 +357,8 @@ impl Vm {
     /// background). Only before the vCPUs start.
     pub fn enable_on_demand(&mut self, source: Arc<dyn UffdMemorySource>) -> Result<()> {
         self.expect_state("restore memory on demand into", &[VmState::Created])?;
-        let regions = self
-            .memory
-            .host_regions()
-            .map_err(Error::HostRegions)?
-            .into_iter()
-            .map(|(host, size)| Region { host, size })
-            .collect();
-        let on_demand = OnDemandMemory::start(regions, source, self.context.events.clone())
+        let ram = self.memory.host_mappings().map_err(Error::HostRegions)?;
+        let on_demand = OnDemandMemory::start(ram, source, self.context.events.clone())
             .map_err(Error::OnDemand)?;
         self.on_demand = Some(OnDemand::Copied(on_demand));
         Ok(())
@@ -379,20 +372,18 @@ impl Vm {
         if files.is_empty() {
             return Err(Error::PeerMemoryNeedsFds);
         }
-        let hosts = self.memory.host_regions().map_err(Error::HostRegions)?;
-        let mut regions = Vec::with_capacity(hosts.len());
-        for ((m, (host, size)), file) in self.memory.mappings().iter().zip(hosts).zip(files) {
-            regions.push(SharedRegion {
-                host,
-                gpa: m.gpa,
-                size,
-                memfd: file.try_clone().map_err(Error::HostRegions)?,
-                file_offset: m.file_offset,
-            });
+        let mut ram = Vec::with_capacity(files.len());
+        for ((m, host), file) in self
+            .memory
+            .host_mappings()
+            .map_err(Error::HostRegions)?
+            .into_iter()
+            .zip(files)
+        {
+            ram.push((m, host, file.try_clone().map_err(Error::HostRegions)?));
         }
-        let memory =
-            PeerFilledMemory::start(regions, fault_connection, self.context.events.clone())
-                .map_err(Error::OnDemand)?;
+        let memory = PeerFilledMemory::start(ram, fault_connection, self.context.events.clone())
+            .map_err(Error::OnDemand)?;
         self.on_demand = Some(OnDemand::Peer(memory));
         Ok(())
     }

@@ -10,6 +10,7 @@ mod http;
 mod options;
 mod receiver;
 mod snapshot;
+mod snapshot_dir;
 mod state;
 mod strategies;
 

@@ -23,6 +23,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use super::error::{self, Error, Result};
+
 /// Mode of every file a snapshot writes (before the umask).
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of every directory a snapshot creates (before the umask).
@@ -132,6 +134,51 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 /// Creates the directory `path` (which must not exist), accessible by its owner only.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(DIR_MODE).create(path)
+}
+
+/// Opens file `name` of snapshot directory `dir`: a regular file, not through a symlink;
+/// a missing one is [`Error::Missing`].
+pub fn open_in(dir: &Path, name: &str) -> Result<File> {
+    let path = dir.join(name);
+    open_regular(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::Missing(path.clone())
+        } else {
+            error::io("cannot open", &path)(e)
+        }
+    })
+}
+
+/// A small file of the directory (config, state, manifest), whole, if at most `limit`
+/// bytes.
+pub fn read_small(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
+    let mut file = open_in(dir, name)?;
+    crate::sparse::read_capped(&mut file, limit).map_err(error::io("cannot read", &dir.join(name)))
+}
+
+/// Largest config, state or manifest read back (matches the migration protocol's limit
+/// on a JSON payload; a few hundred KiB even with many vCPUs).
+pub const JSON_LIMIT: u64 = vm_migration::DEFAULT_MAX_JSON_PAYLOAD;
+
+/// Creates `path` (which must not exist) for writing with O_DIRECT: page-aligned data
+/// goes to the disk without a second copy in the page cache (here also faster than
+/// buffered writes). Every write to it must be whole, page-aligned pages from a
+/// page-aligned buffer. Filesystems without O_DIRECT (tmpfs) get a buffered file. It holds
+/// guest RAM, so only its owner may read it ([`FILE_MODE`]).
+pub fn create_direct(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
+        other => other,
+    }
 }
 
 #[cfg(test)]
