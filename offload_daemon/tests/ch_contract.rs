@@ -8,15 +8,17 @@
 //!   a whole requested range every time) and through our own daemon;
 //! * both daemons take the same lock on `<socket>.lock`, so either refuses the other.
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use common::{daemon_bin, s, snapshot_daemon};
 use serde_json::Value;
 use test_infra::ch_daemon;
-use test_infra::daemon::DaemonProcess;
 use test_infra::{Binaries, TempDir, Tick, VmmBuilder, VmmProcess};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -24,18 +26,10 @@ const TICK_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_CMDLINE: &str = "mem=16M tick=100";
 
-fn daemon_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_offload_daemon"))
-}
-
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn show(out: &Output) -> String {
@@ -45,20 +39,6 @@ fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Starts `offload_daemon snapshot` on `sock` and waits until it listens.
-fn snapshot_daemon(dir: &TempDir, sock: &Path, out: &Path, log: &str) -> DaemonProcess {
-    let mut d = DaemonProcess::spawn(
-        daemon_bin(),
-        ["snapshot", "--socket", s(sock), "--output-dir", s(out)],
-        &dir.join(log),
-    )
-    .unwrap();
-    let url = format!("unix:{}", sock.display());
-    let listening = test_infra::migration::wait_listening(&url, Duration::from_secs(10)).unwrap();
-    assert!(listening, "{:?}\n{}", d.try_status(), d.output());
-    d
 }
 
 /// Boots a ticking 2-vCPU guest with `memory` (shared), snapshots it through our daemon

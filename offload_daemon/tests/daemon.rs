@@ -4,6 +4,8 @@
 //! snapshots are refused before the daemon connects; the socket lock and the output
 //! directory check refuse what they should.
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::process::Output;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{daemon_bin, s, snapshot_daemon};
 use test_infra::daemon::DaemonProcess;
 use test_infra::{Binaries, TempDir, Tick, VmmBuilder, VmmProcess};
 
@@ -20,10 +23,6 @@ const TICK_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const MEMORY: &str = "size=256M,shared=on";
 const RAM_BYTES: u64 = 256 << 20;
-
-fn daemon_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_offload_daemon"))
-}
 
 fn bins() -> Binaries {
     Binaries::locate().unwrap()
@@ -75,29 +74,6 @@ fn run_daemon(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Starts `offload_daemon snapshot` and waits until it listens.
-fn snapshot_daemon(dir: &TempDir, sock: &Path, out: &Path, log: &str) -> DaemonProcess {
-    let mut d = DaemonProcess::spawn(
-        daemon_bin(),
-        ["snapshot", "--socket", s(sock), "--output-dir", s(out)],
-        &dir.join(log),
-    )
-    .unwrap();
-    let url = format!("unix:{}", sock.display());
-    let listening = test_infra::migration::wait_listening(&url, Duration::from_secs(10)).unwrap();
-    assert!(
-        listening,
-        "the daemon never listened: {:?}\n{}",
-        d.try_status(),
-        d.output()
-    );
-    d
 }
 
 /// A ticking 2-vCPU guest whose serial log is `dir/serial.log` (the restored VM appends

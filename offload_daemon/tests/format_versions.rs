@@ -5,21 +5,20 @@
 //! `daemon.rs`'s `snapshot_then_eager_restore_carries_on`; `vm.snapshot`'s directories of
 //! both versions are `cloud-hypervisor/tests/snapshot_restore.rs`'s.
 
+mod common;
+
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use common::daemon_bin;
 use test_infra::daemon::DaemonProcess;
 use test_infra::{Binaries, TempDir, Tick, VmmBuilder};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 const TICK_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn daemon_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_offload_daemon"))
-}
 
 fn show(out: &Output) -> String {
     format!(

@@ -7,6 +7,8 @@
 //! format, with a valid manifest), and the VMM is played by a hand-written peer that
 //! speaks the migration protocol.
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{daemon_bin, s};
 use test_infra::daemon::DaemonProcess;
 use test_infra::hostile::{self, Measured};
 use test_infra::{Binaries, TempDir, VmmBuilder};
@@ -23,14 +26,6 @@ const PAGE: u64 = 4096;
 /// Every refusal here comes well within this; a hang is a failure, not a long wait.
 const QUICK: Duration = Duration::from_secs(20);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn daemon_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_offload_daemon"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn daemon(args: &[&str]) -> Measured {
     hostile::run_measured(Command::new(daemon_bin()).args(args), QUICK).unwrap()
