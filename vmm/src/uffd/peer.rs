@@ -273,7 +273,7 @@ impl Filler {
         }
         self.faulted[index][(bit / 64) as usize] |= 1 << (bit % 64);
         self.ask(gpa, PAGE_SIZE)?;
-        self.map(page, PAGE_SIZE)?;
+        self.map(index, page, PAGE_SIZE)?;
         self.progress.faults.fetch_add(1, Ordering::Relaxed);
         let ns = start.elapsed().as_nanos() as u64;
         self.progress.fault_ns.fetch_add(ns, Ordering::Relaxed);
@@ -298,7 +298,7 @@ impl Filler {
         let extents = sparse::file_data_extents(&self.memfds[index], file_offset, len)
             .map_err(FillError::Extents)?;
         for e in &extents {
-            self.map(host + e.offset, e.len)?;
+            self.map(index, host + e.offset, e.len)?;
         }
         Ok(!extents.is_empty())
     }
@@ -322,17 +322,9 @@ impl Filler {
         runs
     }
 
-    /// Sets the `mapped` bits of the pages of `[addr, addr+len)` (host addresses, inside
-    /// one region).
-    fn mark_mapped(&mut self, addr: u64, len: u64) {
-        let Some(index) = self
-            .hosts
-            .iter()
-            .zip(&self.mappings)
-            .position(|(&host, m)| addr >= host && addr - host < m.size)
-        else {
-            return;
-        };
+    /// Sets the `mapped` bits of the pages of `[addr, addr+len)` (host addresses inside
+    /// region `index`).
+    fn mark_mapped(&mut self, index: usize, addr: u64, len: u64) {
         let first = (addr - self.hosts[index]) / PAGE_SIZE;
         for bit in first..first + len.div_ceil(PAGE_SIZE) {
             if let Some(word) = self.mapped[index].get_mut((bit / 64) as usize) {
@@ -341,8 +333,9 @@ impl Filler {
         }
     }
 
-    /// UFFDIO_CONTINUE over `[addr, addr+len)`, skipping pages already mapped.
-    fn map(&mut self, addr: u64, len: u64) -> Result<(), FillError> {
+    /// UFFDIO_CONTINUE over `[addr, addr+len)` (inside region `index`), skipping pages
+    /// already mapped.
+    fn map(&mut self, index: usize, addr: u64, len: u64) -> Result<(), FillError> {
         let mut pos = 0;
         while pos < len {
             match self.uffd.r#continue(
@@ -355,14 +348,14 @@ impl Filler {
                     self.progress
                         .resident_pages
                         .fetch_add(n / PAGE_SIZE, Ordering::Relaxed);
-                    self.mark_mapped(addr + pos, n);
+                    self.mark_mapped(index, addr + pos, n);
                     pos += n;
                 }
                 Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
                     let _ = self
                         .uffd
                         .wake((addr + pos) as *mut libc::c_void, PAGE_SIZE as usize);
-                    self.mark_mapped(addr + pos, PAGE_SIZE);
+                    self.mark_mapped(index, addr + pos, PAGE_SIZE);
                     pos += PAGE_SIZE;
                 }
                 Err(e) => {
