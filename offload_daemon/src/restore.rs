@@ -232,13 +232,19 @@ impl SlotSource {
 fn load_slot(dir: &Path, m: &GuestRamMapping, manifest: Option<&Manifest>) -> Result<File, Error> {
     let src = slot_source(dir, m, manifest)?;
     let memfd = empty_memfd(m)?;
-    let sums = layout::copy_extents(
+    // Read straight into the memfd's pages (O_DIRECT where the page cache lacks them),
+    // in parallel: no bounce buffer, and none of shmem's one-writer-at-a-time `pwrite`.
+    let mut map =
+        vmm::sys::memory::SharedMapping::new(&memfd, m.file_offset, m.size).map_err(|source| {
+            Error::Memfd {
+                slot: m.slot,
+                source,
+            }
+        })?;
+    let sums = vmm::memsum::read_summed(
         &src.file,
-        0,
-        &memfd,
-        m.file_offset,
+        map.as_mut_slice(),
         &vmm::memsum::joined(&src.pieces),
-        layout::COPY_THREADS,
     )
     .map_err(format::error::io("cannot read", &src.path))?;
     check_sums(&src, &sums)?;
