@@ -110,6 +110,23 @@ const ROWS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The host limit that bounds a row, by (group, metric) → the [`crate::host`] probe's
+/// sample measured in the same repetitions.
+const LIMITS: &[(&str, &str, &str)] = &[
+    ("offload", "daemon_snapshot", "write"),
+    ("offload", "daemon_eager_first_tick", "cold_read"),
+    ("snapshot", "vm_snapshot", "write"),
+    ("snapshot", "restore_copy_first_tick", "cold_read"),
+    ("precopy_tcp4", "source_done", "tcp4"),
+];
+
+fn limit_of(group: &str, metric: &str) -> Option<&'static str> {
+    LIMITS
+        .iter()
+        .find(|(g, m, _)| *g == group && *m == metric)
+        .map(|(_, _, l)| *l)
+}
+
 /// What the user asked `--compare` to run.
 pub struct Plan {
     pub sizes: Vec<Size>,
@@ -163,6 +180,16 @@ struct Row {
     b: Option<Summary>,
     /// Median of B over median of A: above 1, ours took less time (or memory).
     ratio: Option<f64>,
+    /// What the host alone needs for this path's data movement ([`LIMITS`]), measured
+    /// in the same repetitions, and its median over A's: 1 is as fast as the host can go.
+    limit: Option<Limit>,
+}
+
+#[derive(Debug, Serialize)]
+struct Limit {
+    probe: &'static str,
+    time: Summary,
+    share_of_a: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -224,6 +251,7 @@ pub fn run(a: &Ctx, b: &Ctx, plan: &Plan) -> anyhow::Result<()> {
     for scenario in &scenarios {
         let name = scenario.name();
         let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+        let mut limits: Vec<Sample> = Vec::new();
         for rep in 0..plan.reps {
             for (i, ctx) in [a, b].into_iter().enumerate() {
                 match scenario.run_once(ctx) {
@@ -254,8 +282,17 @@ pub fn run(a: &Ctx, b: &Ctx, plan: &Plan) -> anyhow::Result<()> {
                     }
                 }
             }
+            match probe_host(scenario) {
+                Ok(got) => limits.extend(got),
+                Err(e) => failures.push(Failure {
+                    scenario: name.clone(),
+                    side: "host limit".into(),
+                    rep: rep + 1,
+                    error: format!("{e:#}"),
+                }),
+            }
         }
-        rows.extend(rows_of(scenario, &samples));
+        rows.extend(rows_of(scenario, &samples, &limits));
     }
     let report = CompareReport {
         timestamp: SystemTime::now()
@@ -290,13 +327,30 @@ pub fn run(a: &Ctx, b: &Ctx, plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host's limits for `scenario`, probed in a scratch directory on the disk the
+/// scenarios write to.
+fn probe_host(scenario: &ComparePath) -> anyhow::Result<Vec<Sample>> {
+    let dir = test_infra::TempDir::new("bench-host")?;
+    let got = crate::host::probe(scenario.group, scenario.size.touched_mib, dir.path())?;
+    eprintln!(
+        "bench: {} [host limit]: {}",
+        scenario.name(),
+        got.iter()
+            .map(|s| format!("{}={:.3}{}", s.metric, s.value, s.unit))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(got)
+}
+
 /// One row per metric either side measured, in [`ROWS`] order, then any others.
-fn rows_of(scenario: &ComparePath, samples: &[Vec<Sample>; 2]) -> Vec<Row> {
+fn rows_of(scenario: &ComparePath, samples: &[Vec<Sample>; 2], limits: &[Sample]) -> Vec<Row> {
     let name = scenario.name();
     let [a, b] = [
         summarize(&name, 2, &samples[0]),
         summarize(&name, 2, &samples[1]),
     ];
+    let limits = summarize(&name, 2, limits);
     let group = scenario.group.key();
     let mut metrics: Vec<(&str, &'static str)> = Vec::new();
     for r in a.iter().chain(&b) {
@@ -321,6 +375,18 @@ fn rows_of(scenario: &ComparePath, samples: &[Vec<Sample>; 2]) -> Vec<Row> {
                 (Some(x), Some(y)) if x.p50 > 0.0 => Some(y.p50 / x.p50),
                 _ => None,
             };
+            let limit = limit_of(group, metric).and_then(|probe| {
+                let time = Summary::from(limits.iter().find(|r| r.metric == probe)?);
+                let share_of_a = sa
+                    .as_ref()
+                    .filter(|a| a.p50 > 0.0)
+                    .map(|a| time.p50 / a.p50);
+                Some(Limit {
+                    probe,
+                    time,
+                    share_of_a,
+                })
+            });
             Row {
                 scenario: name.clone(),
                 group: group.to_string(),
@@ -335,6 +401,7 @@ fn rows_of(scenario: &ComparePath, samples: &[Vec<Sample>; 2]) -> Vec<Row> {
                 a: sa,
                 b: sb,
                 ratio,
+                limit,
             }
         })
         .collect()
@@ -356,7 +423,9 @@ fn markdown(r: &CompareReport) -> String {
     let mut md = format!(
         "Median of {} repetition(s) per side, run alternately ({la}, {lb}, {la}, {lb}, ...); \
          every figure measured outside the VMMs (serial lines stamped on arrival, process \
-         exits, /proc). {lb}/{la} above 1: {la} took less. {lb}: {}{}\n\n",
+         exits, /proc). {lb}/{la} above 1: {la} took less. \"host\": the bare data \
+         movement of that path on this host with no VMM (bench/src/host.rs), measured in \
+         the same repetitions, and {la}'s speed as a share of it. {lb}: {}{}\n\n",
         r.reps,
         r.b.vmm.display(),
         if r.b.vmm_args.is_empty() {
@@ -369,9 +438,9 @@ fn markdown(r: &CompareReport) -> String {
     let mut rule = String::from("|---|");
     for (ram, touched) in &r.sizes {
         md.push_str(&format!(
-            " {ram} MiB / {touched} MiB: {la} | {lb} | {lb}/{la} |"
+            " {ram} MiB / {touched} MiB: {la} | {lb} | {lb}/{la} | host | {la}/host |"
         ));
-        rule.push_str("---:|---:|---:|");
+        rule.push_str("---:|---:|---:|---:|---:|");
     }
     md.push('\n');
     md.push_str(&rule);
@@ -404,10 +473,19 @@ fn markdown(r: &CompareReport) -> String {
             let ratio = row
                 .and_then(|x| x.ratio)
                 .map_or("—".to_string(), |v| format!("{v:.2}"));
+            let limit = row.and_then(|x| x.limit.as_ref());
+            let share = limit
+                .and_then(|l| l.share_of_a)
+                .map_or(String::new(), |v| format!("{:.0}%", v * 100.0));
             md.push_str(&format!(
-                " {} | {} | {ratio} |",
+                " {} | {} | {ratio} | {} | {share} |",
                 cell(row.and_then(|x| x.a.as_ref())),
-                cell(row.and_then(|x| x.b.as_ref()))
+                cell(row.and_then(|x| x.b.as_ref())),
+                limit.map_or(String::new(), |l| format!(
+                    "{} ({})",
+                    value(l.time.p50, row.map_or("ms", |r| r.unit)),
+                    l.probe
+                ))
             ));
         }
         md.push('\n');
@@ -461,13 +539,21 @@ mod tests {
             Sample::ms("source_done", Duration::from_millis(2480)),
             Sample::ms("tick_gap", Duration::from_millis(100)),
         ];
-        let rows = rows_of(&scenario, &[a, b]);
+        let rows = rows_of(
+            &scenario,
+            &[a, b],
+            &[Sample::ms("tcp4", Duration::from_millis(2136))],
+        );
         assert_eq!(
             rows.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>(),
             ["source_done", "tick_gap", "vmm_downtime"]
         );
         assert!((rows[1].ratio.unwrap() - 4.0).abs() < 1e-9);
         assert!(rows[2].b.is_none() && rows[2].ratio.is_none());
+        let limit = rows[0].limit.as_ref().unwrap();
+        assert_eq!(limit.probe, "tcp4");
+        assert!((limit.share_of_a.unwrap() - 0.8).abs() < 1e-9);
+        assert!(rows[1].limit.is_none());
         let info = |label: &str| SideInfo {
             label: label.into(),
             vmm: PathBuf::from("/x/cloud-hypervisor"),
@@ -490,20 +576,20 @@ mod tests {
         };
         let md = markdown(&report);
         assert!(
-            md.contains("| path | 1024 MiB / 768 MiB: ours | CH | CH/ours |"),
+            md.contains("| path | 1024 MiB / 768 MiB: ours | CH | CH/ours | host | ours/host |"),
             "{md}"
         );
         assert!(
-            md.contains("| pre-copy TCP ×4, source done (send-migration → source exit) | 2.67 s | 2.48 s | 0.93 |"),
+            md.contains("| pre-copy TCP ×4, source done (send-migration → source exit) | 2.67 s | 2.48 s | 0.93 | 2.14 s (tcp4) | 80% |"),
             "{md}"
         );
         assert!(
             md.contains(
-                "| pre-copy TCP ×4, guest tick gap (tick = 20 ms) | 25 ms | 100 ms | 4.00 |"
+                "| pre-copy TCP ×4, guest tick gap (tick = 20 ms) | 25 ms | 100 ms | 4.00 |  |  |"
             ),
             "{md}"
         );
-        assert!(md.contains("(ours only) | 4.0 ms | — | — |"), "{md}");
+        assert!(md.contains("(ours only) | 4.0 ms | — | — |  |  |"), "{md}");
         assert!(md.contains("`--log-file x`"), "{md}");
         assert!(
             md.contains("- compare/local/1024M_ram/768M_touched [CH] #1: boom\n"),

@@ -11,6 +11,7 @@
 
 mod clock;
 mod compare;
+mod host;
 mod migration;
 mod offload;
 mod paths;

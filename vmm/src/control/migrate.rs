@@ -64,7 +64,9 @@ fn start_received(vm: &mut crate::vm::Vm, resume: bool) -> Result<(), MigrationE
         event_monitor::event(Event::VmRestored, None);
         if resume {
             event_monitor::event(Event::VmResuming, None);
+            log::debug!("received VM created; resuming it");
             vm.resume()?;
+            log::debug!("received VM resumed");
             event_monitor::event(Event::VmResumed, None);
         }
         Ok(())

@@ -529,7 +529,9 @@ impl Receiver {
             }
             (ReceiverPhase::Configured, Request::State(bytes)) => {
                 self.watch.set_phase(Phase::State);
+                log::debug!("State arrived ({} bytes)", bytes.len());
                 self.apply_state(&bytes)?;
+                log::debug!("State applied");
                 self.phase = ReceiverPhase::StateReceived;
                 self.watch.set_phase(Phase::Completing);
                 Ok(None)

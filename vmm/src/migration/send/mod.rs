@@ -271,7 +271,9 @@ fn run_steps(ctx: &SendContext) -> Result<()> {
         &RequestHeader::state(state.len() as u64),
         &state,
     )?;
+    log::debug!("State answered");
     send_complete(ctx, main)?;
+    log::debug!("Complete answered: the VM runs on the destination");
     let downtime =
         paused_at.elapsed().as_micros() as u64 + ctx.progress.downtime_us.load(Ordering::Relaxed);
     ctx.progress.downtime_us.store(downtime, Ordering::Relaxed);

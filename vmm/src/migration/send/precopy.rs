@@ -73,6 +73,11 @@ pub(super) fn precopy(sender: &mut SendConnections<'_>, log: &DirtyLog) -> Resul
         progress.iteration.store(iteration, Ordering::Relaxed);
         table = table_of(&log.ranges().map_err(Error::DirtyLog)?)?;
         let dirty = table.total_bytes();
+        log::debug!(
+            "pre-copy pass {}: {bytes} bytes in {took:.3} s ({:.0} MiB/s), {dirty} dirtied meanwhile",
+            iteration - 1,
+            bytes as f64 / took / (1 << 20) as f64
+        );
         convergence.passed(bytes, dirty);
         progress.last_dirty_bytes.store(dirty, Ordering::Relaxed);
         progress
@@ -100,6 +105,12 @@ pub(super) fn precopy(sender: &mut SendConnections<'_>, log: &DirtyLog) -> Resul
     });
     sent?;
     let state = state?;
+    log::debug!(
+        "paused: last {} bytes and the state ({} bytes) out in {:.3} ms",
+        last.total_bytes(),
+        state.len(),
+        paused_at.elapsed().as_secs_f64() * 1e3
+    );
     progress
         .downtime_us
         .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
