@@ -65,7 +65,8 @@ fn filled(len: u64) -> anyhow::Result<(File, SharedMapping)> {
     Ok((file, map))
 }
 
-/// Runs `job` on each chunk of `buf` from `IN_FLIGHT` threads.
+/// Runs `job` on each chunk of `buf` from `IN_FLIGHT` threads, as the VMM's and the
+/// daemon's bulk reads do.
 fn chunked(
     buf: &mut [u8],
     job: impl Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync,
@@ -75,26 +76,7 @@ fn chunked(
         .enumerate()
         .map(|(i, c)| ((i * CHUNK) as u64, c))
         .collect();
-    let work = std::sync::Mutex::new(chunks.into_iter());
-    std::thread::scope(|s| {
-        let threads: Vec<_> = (0..IN_FLIGHT)
-            .map(|_| {
-                s.spawn(|| {
-                    loop {
-                        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
-                        match next {
-                            Some((offset, chunk)) => job(offset, chunk)?,
-                            None => return Ok(()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        threads.into_iter().try_for_each(|t| {
-            t.join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("a probe thread panicked")))
-        })
-    })
+    vmm::sparse::parallel(chunks, IN_FLIGHT, |(offset, chunk)| job(offset, chunk))
 }
 
 fn write(path: &Path, len: u64) -> anyhow::Result<Duration> {

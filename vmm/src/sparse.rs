@@ -172,7 +172,7 @@ pub fn cut(extents: &[Extent], grid: u64) -> Vec<Extent> {
 
 /// Runs `work` on every item with up to `threads` threads pulling from one queue in
 /// order; the first error wins.
-fn parallel<T: Send>(
+pub fn parallel<T: Send>(
     items: Vec<T>,
     threads: usize,
     work: impl Fn(T) -> io::Result<()> + Sync,

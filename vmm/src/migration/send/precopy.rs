@@ -105,14 +105,15 @@ pub(super) fn precopy(sender: &mut SendConnections<'_>, log: &DirtyLog) -> Resul
     });
     sent?;
     let state = state?;
+    let paused = paused_at.elapsed();
     log::debug!(
         "paused: last {} bytes and the state ({} bytes) out in {:.3} ms",
         last.total_bytes(),
         state.len(),
-        paused_at.elapsed().as_secs_f64() * 1e3
+        paused.as_secs_f64() * 1e3
     );
     progress
         .downtime_us
-        .store(paused_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+        .store(paused.as_micros() as u64, Ordering::Relaxed);
     Ok(state)
 }
