@@ -7,6 +7,7 @@ pub mod lock;
 pub mod ondemand;
 pub mod restore;
 pub mod snapshot;
+pub mod store;
 
 use std::time::Duration;
 

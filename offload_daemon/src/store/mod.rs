@@ -1,0 +1,7 @@
+//! The chunked snapshot store (docs/offload_daemon.md, "Snapshot store"): guest RAM in
+//! fixed-size, content-addressed, compressed and optionally encrypted chunks, behind a
+//! [`backend::Backend`] that knows only whole objects by key.
+
+pub mod backend;
+pub mod file;
+pub mod ids;
