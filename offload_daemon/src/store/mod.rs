@@ -3,5 +3,6 @@
 //! [`backend::Backend`] that knows only whole objects by key.
 
 pub mod backend;
+pub mod codec;
 pub mod file;
 pub mod ids;
