@@ -6,3 +6,8 @@ pub mod backend;
 pub mod codec;
 pub mod file;
 pub mod ids;
+pub mod manifest;
+pub mod names;
+
+/// The largest chunk size a manifest may name.
+pub const MAX_CHUNK: u64 = 64 << 20;
