@@ -6,6 +6,7 @@ pub mod backend;
 pub mod codec;
 pub mod file;
 pub mod ids;
+pub mod lease;
 pub mod manifest;
 pub mod names;
 
