@@ -8,6 +8,7 @@ pub mod ondemand;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
+pub mod store_cmd;
 
 use std::time::Duration;
 

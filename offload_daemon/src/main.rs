@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use offload_daemon::{ondemand, restore, snapshot};
+use offload_daemon::store::codec::Compression;
+use offload_daemon::{ondemand, restore, snapshot, store_cmd};
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
 
 #[derive(Parser)]
@@ -33,8 +34,23 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
         /// Directory to create; must not exist or be empty.
-        #[arg(long)]
-        output_dir: PathBuf,
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        output_dir: Option<PathBuf>,
+        /// Snapshot store (file:///absolute/path) to add the next generation of --name to.
+        #[arg(long, requires = "name", value_name = "URL")]
+        store: Option<String>,
+        /// Snapshot name in the store; each snapshot is a new generation (NAME@1, @2, ...).
+        #[arg(long, requires = "store")]
+        name: Option<String>,
+        /// Encrypt with this key: 32 raw bytes or 64 hex characters, mode 0600 or stricter.
+        #[arg(long, requires = "store", value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Chunk compression in the store: zstd, lz4 or none.
+        #[arg(long, default_value = "zstd", value_parser = str::parse::<Compression>)]
+        compress: Compression,
+        /// Chunk size in MiB (a power of two up to 64).
+        #[arg(long, default_value_t = store_cmd::DEFAULT_CHUNK_MIB, value_name = "MIB")]
+        chunk_size: u64,
         /// Seconds the sender may stay silent mid-protocol (or leave our answers unread)
         /// before the snapshot is abandoned with an error.
         #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT_SECS, value_name = "SECONDS",
@@ -47,8 +63,17 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
         /// A directory written by `snapshot`.
-        #[arg(long)]
-        input_dir: PathBuf,
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        input_dir: Option<PathBuf>,
+        /// Snapshot store (file:///absolute/path) to restore --name from.
+        #[arg(long, requires = "name", value_name = "URL")]
+        store: Option<String>,
+        /// NAME (its latest generation) or NAME@N.
+        #[arg(long, requires = "store")]
+        name: Option<String>,
+        /// The key the snapshot was encrypted with.
+        #[arg(long, requires = "store", value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// Resume the VM once restored (Complete); default: leave it paused.
         #[arg(long)]
         resume: bool,
@@ -68,6 +93,26 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(1..))]
         io_timeout: u64,
     },
+    /// List the snapshots in a store: generations, times, RAM, stored and shared bytes.
+    List {
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// One JSON object per generation instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one generation (NAME@N) from a store; gc then reclaims its chunks.
+    Delete {
+        #[arg(long, value_name = "URL")]
+        store: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove chunks that no snapshot, and no snapshot or restore in progress, uses.
+    Gc {
+        #[arg(long, value_name = "URL")]
+        store: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,13 +131,35 @@ fn main() -> ExitCode {
         Command::Snapshot {
             socket,
             output_dir,
+            store,
+            name,
+            key_file,
+            compress,
+            chunk_size,
             io_timeout,
-        } => {
-            snapshot::run(&socket, &output_dir, Duration::from_secs(io_timeout)).map_err(Into::into)
-        }
+        } => match (output_dir, store, name) {
+            (_, Some(store), Some(name)) => store_cmd::snapshot(&store_cmd::SnapshotArgs {
+                socket: &socket,
+                store: &store,
+                name: &name,
+                key_file: key_file.as_deref(),
+                compress,
+                chunk_mib: chunk_size,
+                io_timeout: Duration::from_secs(io_timeout),
+            })
+            .map_err(Into::into),
+            (Some(dir), _, _) => {
+                snapshot::run(&socket, &dir, Duration::from_secs(io_timeout)).map_err(Into::into)
+            }
+            // clap requires --output-dir or --store with --name.
+            _ => Err("give --output-dir, or --store with --name".into()),
+        },
         Command::Restore {
             socket,
             input_dir,
+            store,
+            name,
+            key_file,
             resume,
             ondemand,
             allow_unverified,
@@ -103,12 +170,22 @@ fn main() -> ExitCode {
                 allow_unverified,
                 io_timeout: Duration::from_secs(io_timeout),
             };
-            if ondemand {
-                ondemand::run(&socket, &input_dir, &opts).map_err(Into::into)
-            } else {
-                restore::run(&socket, &input_dir, &opts).map_err(Into::into)
+            match (input_dir, store, name) {
+                (_, Some(_), _) if ondemand => Err(store_cmd::Error::OndemandStore.into()),
+                (_, Some(store), Some(name)) => {
+                    store_cmd::restore(&socket, &store, &name, key_file.as_deref(), &opts)
+                        .map_err(Into::into)
+                }
+                (Some(dir), _, _) if ondemand => {
+                    ondemand::run(&socket, &dir, &opts).map_err(Into::into)
+                }
+                (Some(dir), _, _) => restore::run(&socket, &dir, &opts).map_err(Into::into),
+                _ => Err("give --input-dir, or --store with --name".into()),
             }
         }
+        Command::List { store, json } => store_cmd::list(&store, json).map_err(Into::into),
+        Command::Delete { store, name } => store_cmd::delete(&store, &name).map_err(Into::into),
+        Command::Gc { store } => store_cmd::gc(&store).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,10 +97,10 @@ pub enum Error {
 }
 
 /// What restore sends, all checked and loaded before connecting.
-struct Loaded {
-    config: Vec<u8>,
-    state: Vec<u8>,
-    memfds: Vec<(u32, File)>,
+pub(crate) struct Loaded {
+    pub(crate) config: Vec<u8>,
+    pub(crate) state: Vec<u8>,
+    pub(crate) memfds: Vec<(u32, File)>,
 }
 
 pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), Error> {
@@ -332,7 +332,7 @@ fn create_memfd(size: u64) -> io::Result<File> {
     vmm::memory_manager::create_memfd(size).map_err(io::Error::other)
 }
 
-fn send(socket: &Path, loaded: &Loaded, opts: &Options) -> Result<(), Error> {
+pub(crate) fn send(socket: &Path, loaded: &Loaded, opts: &Options) -> Result<(), Error> {
     let stream = send_prefix(socket, &loaded.memfds, &loaded.config, opts.io_timeout)?;
     send_suffix(&stream, &loaded.state, opts.resume)
 }

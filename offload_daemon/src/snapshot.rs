@@ -69,6 +69,18 @@ pub enum Error {
     FdTooSmall { slot: u32, len: u64, needed: u64 },
     #[error(transparent)]
     Write(#[from] format::Error),
+    #[error("writing the snapshot to the store failed")]
+    Store(#[from] crate::store::writer::Error),
+}
+
+/// Where `snapshot --store` puts the VM.
+#[derive(Debug)]
+pub struct StoreTarget {
+    pub store: crate::store::catalog::Store,
+    pub name: String,
+    pub codec: crate::store::codec::Codec,
+    pub chunk_size: u64,
+    pub workers: usize,
 }
 
 fn write_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error + use<> {
@@ -85,6 +97,24 @@ pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(),
             source,
         })?;
     check_output_dir(output_dir)?;
+    receive(socket, io_timeout, &|rx| write_snapshot(output_dir, rx))
+}
+
+/// Serves one snapshot on `socket` into the store: the next generation of
+/// `target.name`, streamed from the memfds (no local staging).
+pub fn run_to_store(
+    socket: &Path,
+    target: &StoreTarget,
+    io_timeout: Duration,
+) -> Result<(), Error> {
+    receive(socket, io_timeout, &|rx| write_to_store(target, rx))
+}
+
+/// What to do with a complete VM once `Complete` arrives; answered `Ok` only if it
+/// succeeds.
+type Finish<'a> = &'a dyn Fn(&Received) -> Result<(), Error>;
+
+fn receive(socket: &Path, io_timeout: Duration, finish: Finish) -> Result<(), Error> {
     let listener = LockedListener::bind(socket)?;
     log::info!("waiting for the sender on {}", socket.display());
     let (conn, _) = listener.listener.accept().map_err(Error::Accept)?;
@@ -93,7 +123,7 @@ pub fn run(socket: &Path, output_dir: &Path, io_timeout: Duration) -> Result<(),
     drop(listener);
     log::info!("sender connected");
     crate::set_io_timeout(&conn, io_timeout).map_err(Error::SetTimeout)?;
-    serve(&conn, output_dir).map_err(|e| match e {
+    serve(&conn, finish).map_err(|e| match e {
         Error::Protocol(p) if crate::is_timeout(&p) => Error::Silent(io_timeout),
         e => e,
     })
@@ -119,7 +149,7 @@ struct Received {
 
 /// The receiver state machine (protocol §2). Every failure the peer can still hear about
 /// is answered with `Error` before returning.
-fn serve(conn: &UnixStream, output_dir: &Path) -> Result<(), Error> {
+fn serve(conn: &UnixStream, finish: Finish) -> Result<(), Error> {
     let limits = Limits::default();
     let mut phase = Phase::Established;
     let mut rx = Received::default();
@@ -182,7 +212,7 @@ fn serve(conn: &UnixStream, output_dir: &Path) -> Result<(), Error> {
                 Ok(Phase::StateReceived)
             }
             (Phase::StateReceived, Request::Complete | Request::CompletePaused) => {
-                return match write_snapshot(output_dir, &rx) {
+                return match finish(&rx) {
                     Ok(()) => reply(conn, Status::Ok),
                     Err(e) => {
                         reply_error(conn);
@@ -226,12 +256,58 @@ fn reply_error(conn: &UnixStream) {
 /// leaves either no `output_dir` or a complete one.
 fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
     let started = Instant::now();
-    // Check before writing anything: a missing fd would make a snapshot of zeros.
+    check_fds(rx)?;
+    write_dir(output_dir, rx, started)
+}
+
+/// Writes the next generation into the store.
+fn write_to_store(target: &StoreTarget, rx: &Received) -> Result<(), Error> {
+    check_fds(rx)?;
+    let regions = rx
+        .mappings
+        .iter()
+        .map(|m| Ok((*m, rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let input = crate::store::writer::Input {
+        name: &target.name,
+        config: &rx.config,
+        state: &rx.state,
+        regions,
+        chunk_size: target.chunk_size,
+        workers: target.workers,
+    };
+    let st = crate::store::writer::write(&target.store, &target.codec, &input)?;
+    log::info!(
+        "snapshot {} written to {}: {} MiB of data in {} MiB of RAM; {} chunks written \
+         ({} bytes), {} already stored, {} zero; {:.3} s ({:.0} MiB/s of data)",
+        st.snapshot,
+        target.store.url,
+        st.data_bytes >> 20,
+        st.ram_bytes >> 20,
+        st.written_chunks,
+        st.written_bytes,
+        st.existing_chunks,
+        st.zero_chunks,
+        st.seconds,
+        (st.data_bytes as f64 / f64::from(1 << 20)) / st.seconds.max(1e-9)
+    );
+    // One machine-readable line for scripts and tests.
+    if let Ok(json) = serde_json::to_string(&st) {
+        log::info!("stored: {json}");
+    }
+    Ok(())
+}
+
+/// Checks before writing anything: a missing fd would make a snapshot of zeros.
+fn check_fds(rx: &Received) -> Result<(), Error> {
     for m in &rx.mappings {
         let fd = rx.fds.get(&m.slot).ok_or(Error::MissingFd(m.slot))?;
         let len = fd
             .metadata()
-            .map_err(write_err("inspecting memory fd for", output_dir))?
+            .map_err(write_err(
+                "inspecting memory fd for",
+                Path::new("the snapshot"),
+            ))?
             .len();
         // Overflow was ruled out when the Config was parsed.
         let needed = m.file_offset + m.size;
@@ -243,7 +319,10 @@ fn write_snapshot(output_dir: &Path, rx: &Received) -> Result<(), Error> {
             });
         }
     }
+    Ok(())
+}
 
+fn write_dir(output_dir: &Path, rx: &Received, started: Instant) -> Result<(), Error> {
     let partial = PartialDir::create(output_dir)?;
     partial.write_file(KIND.config_file(), &rx.config)?;
     partial.write_file(STATE_FILE, &rx.state)?;
