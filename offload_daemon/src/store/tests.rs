@@ -212,3 +212,140 @@ fn concurrent_snapshots_get_distinct_generations() {
     names.sort();
     assert_eq!(names, ["vm1@1", "vm1@2", "vm1@3", "vm1@4"]);
 }
+
+/// Figures for docs/offload_daemon.md (run with `--release -- --ignored --nocapture`):
+/// write speed and stored bytes per chunk size and codec on 256 MiB of incompressible
+/// and of guest-like data, and what a second generation writes after 5% of the memory
+/// changed in 64 KiB runs.
+#[test]
+#[ignore]
+fn measure_chunk_sizes_and_codecs() {
+    let size = 256 * MIB;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let words: Vec<&[u8]> = [
+        "the ", "of ", "and ", "vm ", "page ", "struct ", "0x0000 ", "return ", "int ", "{\n",
+        "}\n", "error ", "data ", "self ", "    ", "null ",
+    ]
+    .iter()
+    .map(|w| w.as_bytes())
+    .collect();
+    let random = memfd(size);
+    let mixed = memfd(size);
+    let mut page = vec![0u8; 4096];
+    for p in 0..size / 4096 {
+        for w in page.chunks_mut(8) {
+            w.copy_from_slice(&rnd().to_le_bytes());
+        }
+        random.write_all_at(&page, p * 4096).unwrap();
+        match rnd() % 20 {
+            // zero pages inside data chunks (25%)
+            0..5 => page.fill(0),
+            // text-like (35%)
+            5..12 => {
+                let mut at = 0;
+                while at < 4096 {
+                    let w = words[(rnd() % words.len() as u64) as usize];
+                    let n = w.len().min(4096 - at);
+                    page[at..at + n].copy_from_slice(&w[..n]);
+                    at += n;
+                }
+            }
+            // tables of small integers and pointers (20%)
+            12..16 => {
+                let base = rnd() & 0xffff_f000;
+                for (i, w) in page.chunks_mut(8).enumerate() {
+                    let v = if i % 2 == 0 {
+                        base + i as u64 * 64
+                    } else {
+                        rnd() % 256
+                    };
+                    w.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            // random (20%): keys, compressed or encrypted data
+            _ => {}
+        }
+        mixed.write_all_at(&page, p * 4096).unwrap();
+    }
+    println!(
+        "| data | chunk | codec | key | MiB/s | stored MiB | gen 2 written MiB (5% changed) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (label, fd) in [("random", &random), ("guest-like", &mixed)] {
+        for chunk_mib in [1u64, 2, 4] {
+            for (c, keyed) in [
+                (Compression::None, false),
+                (Compression::Lz4, false),
+                (Compression::Zstd, false),
+                (Compression::Zstd, true),
+            ] {
+                if chunk_mib != 2 && (c != Compression::Zstd || !keyed) && label == "random" {
+                    continue;
+                }
+                let (_t, s) = store(&format!("measure-{label}-{chunk_mib}-{c:?}-{keyed}"));
+                let codec = Codec::new(c, keyed.then(key));
+                let cfg = config(size);
+                let mapping = GuestRamMapping {
+                    slot: 0,
+                    gpa: 0,
+                    size,
+                    file_offset: 0,
+                };
+                let input = Input {
+                    name: "m",
+                    config: &cfg,
+                    state: b"{}",
+                    regions: vec![(mapping, fd)],
+                    chunk_size: chunk_mib * MIB,
+                    workers: 2,
+                };
+                let st = writer::write(&s, &codec, &input).unwrap();
+                // Gen 2: 5% of the memory rewritten in 64 KiB runs at random places,
+                // on a copy so every configuration sees the same change.
+                let copy = memfd(size);
+                let mut buf = vec![0u8; size as usize];
+                fd.read_exact_at(&mut buf, 0).unwrap();
+                let runs = size / 20 / (64 << 10);
+                let mut z = 12345u64;
+                for _ in 0..runs {
+                    z = z
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let at = ((z >> 20) % (size / (64 << 10))) * (64 << 10);
+                    buf[at as usize] ^= 0xff;
+                    buf[at as usize + 40000] ^= 0xff;
+                }
+                copy.write_all_at(&buf, 0).unwrap();
+                let input2 = Input {
+                    regions: vec![(mapping, &copy)],
+                    ..input
+                };
+                let st2 = writer::write(&s, &codec, &input2).unwrap();
+                println!(
+                    "| {label} | {chunk_mib} MiB | {c:?} | {} | {:.0} | {:.1} | {:.1} |",
+                    if keyed { "yes" } else { "no" },
+                    st.data_bytes as f64 / MIB as f64 / st.seconds,
+                    st.written_bytes as f64 / MIB as f64,
+                    st2.written_bytes as f64 / MIB as f64,
+                );
+                // Reading it back, for the restore figure.
+                if chunk_mib == 2 {
+                    let t = std::time::Instant::now();
+                    let keys = keyed.then(key);
+                    let (which, m) = reader::open_manifest(&s, "m@1", keys.as_ref()).unwrap();
+                    reader::load(&s, which, &m, keys, 2).unwrap();
+                    println!(
+                        "|   read back | | | | {:.0} | | |",
+                        size as f64 / MIB as f64 / t.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+}
