@@ -213,6 +213,47 @@ fn concurrent_snapshots_get_distinct_generations() {
     assert_eq!(names, ["vm1@1", "vm1@2", "vm1@3", "vm1@4"]);
 }
 
+/// A snapshot that fails half-way (here: the memfd is shorter than its mapping, as if
+/// the source died) leaves no generation; gc then reclaims what it had written.
+#[test]
+fn failed_snapshot_leaves_no_generation() {
+    let size = 9 * MIB;
+    let (t, s) = store("failed");
+    let codec = Codec::new(Compression::Zstd, None);
+    // memfds are sealed against shrinking: a plain file stands in.
+    let fd = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(t.0.join("short"))
+        .unwrap();
+    fd.write_all_at(&vec![7u8; 3 * MIB as usize], 0).unwrap();
+    let cfg = config(size);
+    let input = Input {
+        name: "vm1",
+        config: &cfg,
+        state: b"{}",
+        regions: vec![(
+            GuestRamMapping {
+                slot: 0,
+                gpa: 0,
+                size,
+                file_offset: 0,
+            },
+            &fd,
+        )],
+        chunk_size: CHUNK,
+        workers: 2,
+    };
+    let e = writer::write(&s, &codec, &input).unwrap_err();
+    assert!(e.to_string().contains("reading guest memory"), "{e}");
+    assert!(s.generations().unwrap().is_empty());
+    assert!(s.list().unwrap().is_empty());
+    assert!(!s.backend.list("chunks/").unwrap().is_empty());
+    assert!(s.gc().unwrap().removed_chunks > 0);
+    assert!(s.backend.list("chunks/").unwrap().is_empty());
+}
+
 /// Figures for docs/offload_daemon.md (run with `--release -- --ignored --nocapture`):
 /// write speed and stored bytes per chunk size and codec on 256 MiB of incompressible
 /// and of guest-like data, and what a second generation writes after 5% of the memory
