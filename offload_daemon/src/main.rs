@@ -45,12 +45,12 @@ enum Command {
         /// Encrypt with this key: 32 raw bytes or 64 hex characters, mode 0600 or stricter.
         #[arg(long, requires = "store", value_name = "FILE")]
         key_file: Option<PathBuf>,
-        /// Chunk compression in the store: zstd, lz4 or none.
-        #[arg(long, default_value = "zstd", value_parser = str::parse::<Compression>)]
-        compress: Compression,
-        /// Chunk size in MiB (a power of two up to 64).
-        #[arg(long, default_value_t = store_cmd::DEFAULT_CHUNK_MIB, value_name = "MIB")]
-        chunk_size: u64,
+        /// Chunk compression in the store: zstd (default), lz4 or none.
+        #[arg(long, requires = "store", value_parser = str::parse::<Compression>)]
+        compress: Option<Compression>,
+        /// Chunk size in MiB, a power of two up to 64 (default 2).
+        #[arg(long, requires = "store", value_name = "MIB")]
+        chunk_size: Option<u64>,
         /// Seconds the sender may stay silent mid-protocol (or leave our answers unread)
         /// before the snapshot is abandoned with an error.
         #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT_SECS, value_name = "SECONDS",
@@ -143,8 +143,8 @@ fn main() -> ExitCode {
                 store: &store,
                 name: &name,
                 key_file: key_file.as_deref(),
-                compress,
-                chunk_mib: chunk_size,
+                compress: compress.unwrap_or(Compression::Zstd),
+                chunk_mib: chunk_size.unwrap_or(store_cmd::DEFAULT_CHUNK_MIB),
                 io_timeout: Duration::from_secs(io_timeout),
             })
             .map_err(Into::into),

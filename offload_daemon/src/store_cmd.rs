@@ -79,7 +79,7 @@ pub fn restore(
 ) -> Result<(), Error> {
     let started = Instant::now();
     let keys = keys(key_file)?;
-    let store = Store::open(store)?;
+    let store = Store::open_existing(store)?;
     let (which, manifest) = reader::open_manifest(&store, reference, keys.as_ref())?;
     let loaded = reader::load(&store, which, &manifest, keys, workers())?;
     log::info!(
@@ -106,7 +106,7 @@ pub fn restore(
 }
 
 pub fn list(store: &str, json: bool) -> Result<(), Error> {
-    let rows = Store::open(store)?.list()?;
+    let rows = Store::open_existing(store)?.list()?;
     if json {
         for r in &rows {
             if let Ok(line) = serde_json::to_string(r) {
@@ -166,7 +166,7 @@ fn utc(secs: u64) -> String {
 }
 
 pub fn delete(store: &str, reference: &str) -> Result<(), Error> {
-    let store = Store::open(store)?;
+    let store = Store::open_existing(store)?;
     let which: names::GenName = reference.parse()?;
     store.delete(&which)?;
     println!("deleted {which}; run gc to reclaim chunks no other snapshot uses");
@@ -174,7 +174,7 @@ pub fn delete(store: &str, reference: &str) -> Result<(), Error> {
 }
 
 pub fn gc(store: &str) -> Result<(), Error> {
-    let r = Store::open(store)?.gc()?;
+    let r = Store::open_existing(store)?.gc()?;
     println!(
         "removed {} chunks ({}), kept {}",
         r.removed_chunks,

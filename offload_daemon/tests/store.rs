@@ -273,6 +273,11 @@ fn list_json(store: &Path) -> Vec<serde_json::Value> {
 fn plain_generations_restore_and_share_chunks() {
     let dir = TempDir::new("store-plain").unwrap();
     let store = dir.join("store");
+    // Only snapshot creates a store.
+    let out = run_daemon(&["list", "--store", &url(&dir.join("nothing"))]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no store at"));
+    assert!(!dir.join("nothing").exists());
     let mut src = boot_source(&dir, "store-plain-src");
     let (before1, gen1) = snapshot_into(&dir, &mut src, &store, &["--compress", "none"], "g1");
     assert_eq!(gen1.snapshot, "vm1@1");

@@ -20,6 +20,8 @@ pub enum Error {
     Lease(#[from] lease::Error),
     #[error(transparent)]
     Name(#[from] names::Error),
+    #[error("there is no store at {0} (snapshot creates it)")]
+    NoStore(String),
     #[error("the store has no snapshot named {0}")]
     NoSuchName(String),
     #[error("the store has no generation {0}")]
@@ -87,6 +89,17 @@ impl Store {
             backend,
             root: Path::new(path).to_path_buf(),
         })
+    }
+
+    /// Opens a store that must exist already (restore, list, delete, gc).
+    pub fn open_existing(url: &str) -> Result<Store, Error> {
+        let exists = url
+            .strip_prefix("file://")
+            .is_some_and(|p| Path::new(p).is_dir());
+        if !exists && url.starts_with("file:///") {
+            return Err(Error::NoStore(url.to_string()));
+        }
+        Store::open(url)
     }
 
     /// Every generation in the store, by name.
