@@ -9,6 +9,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod store;
 pub mod store_cmd;
+pub mod store_ondemand;
 
 use std::time::Duration;
 

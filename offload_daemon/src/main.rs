@@ -171,9 +171,8 @@ fn main() -> ExitCode {
                 io_timeout: Duration::from_secs(io_timeout),
             };
             match (input_dir, store, name) {
-                (_, Some(_), _) if ondemand => Err(store_cmd::Error::OndemandStore.into()),
                 (_, Some(store), Some(name)) => {
-                    store_cmd::restore(&socket, &store, &name, key_file.as_deref(), &opts)
+                    store_cmd::restore(&socket, &store, &name, key_file.as_deref(), ondemand, &opts)
                         .map_err(Into::into)
                 }
                 (Some(dir), _, _) if ondemand => {

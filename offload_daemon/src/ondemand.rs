@@ -81,6 +81,8 @@ pub enum ServeError {
     Wait(#[source] std::io::Error),
     #[error("background fill: {0}")]
     Fill(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::reader::Error),
 }
 
 pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), ServeError> {
@@ -148,7 +150,11 @@ pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), ServeE
                     "VM resumed on demand in {:.3} s; serving its memory",
                     started.elapsed().as_secs_f64()
                 );
-                serve(&slots, &mut fault, opts.io_timeout)
+                serve(
+                    &|gpa, len| write_range(&slots, gpa, len),
+                    &mut fault,
+                    opts.io_timeout,
+                )
             });
         // Whatever happened, the fill must not outlive the connection it reports on.
         failed.store(
@@ -176,8 +182,8 @@ pub fn run(socket: &Path, input_dir: &Path, opts: &Options) -> Result<(), ServeE
 /// Answers PageFault requests until the VMM closes the connection. A request that is
 /// not whole aligned pages is refused with `Error` (nothing written) and serving goes
 /// on: the guest's pages are untouched, and the VMM decides what to do.
-fn serve(
-    slots: &[Slot],
+pub(crate) fn serve(
+    write_range: &dyn Fn(u64, u64) -> Result<(), ServeError>,
     fault: &mut UnixStream,
     timeout: std::time::Duration,
 ) -> Result<(), ServeError> {
@@ -211,7 +217,7 @@ fn serve(
                         .map_err(protocol)?;
                     continue;
                 }
-                write_range(slots, range.gpa, range.length)?;
+                write_range(range.gpa, range.length)?;
                 send_page_written_to_memfd(fault).map_err(protocol)?;
             }
             Ok(Some(FaultRequest::Abandon | FaultRequest::Complete)) => {

@@ -31,8 +31,8 @@ pub enum Error {
     Restore(#[from] restore::Error),
     #[error("--chunk-size must be a power of two from 1 to 64 (MiB), not {0}")]
     ChunkSize(u64),
-    #[error("--ondemand is not available with --store yet: restore eagerly")]
-    OndemandStore,
+    #[error(transparent)]
+    Ondemand(#[from] crate::ondemand::ServeError),
 }
 
 fn keys(key_file: Option<&Path>) -> Result<Option<Keys>, Error> {
@@ -75,12 +75,18 @@ pub fn restore(
     store: &str,
     reference: &str,
     key_file: Option<&Path>,
+    ondemand: bool,
     opts: &Options,
 ) -> Result<(), Error> {
     let started = Instant::now();
     let keys = keys(key_file)?;
     let store = Store::open_existing(store)?;
     let (which, manifest) = reader::open_manifest(&store, reference, keys.as_ref())?;
+    if ondemand {
+        return Ok(crate::store_ondemand::run(
+            socket, &store, &which, &manifest, keys, opts,
+        )?);
+    }
     let loaded = reader::load(&store, which, &manifest, keys, workers())?;
     log::info!(
         "snapshot {} read and checked from {} in {:.3} s ({} chunks)",

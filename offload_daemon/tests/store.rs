@@ -508,3 +508,114 @@ fn flip(path: &Path) {
     bytes[mid] ^= 0x08;
     std::fs::write(path, &bytes).unwrap();
 }
+
+// ---- on demand -------------------------------------------------------------------------
+
+/// Starts `restore --store ... --ondemand` into a VMM receiving with postcopy=on;
+/// returns the VMM (running) and the daemon (serving).
+fn ondemand_restore(
+    dir: &TempDir,
+    store: &Path,
+    extra: &[&str],
+    tag: &str,
+) -> (VmmProcess, DaemonProcess) {
+    let dest = empty_vmm(&format!("store-od-{tag}"), &dir.join("serial.log"));
+    let sock = dir.join(format!("od-{tag}.sock"));
+    let receiver = test_infra::migration::receive_status_in_background(
+        &dest,
+        &format!("unix:{}", sock.display()),
+        true,
+        MIGRATION_TIMEOUT,
+    );
+    let store_url = url(store);
+    let mut args = vec![
+        "restore",
+        "--socket",
+        s(&sock),
+        "--store",
+        &store_url,
+        "--name",
+        "vm1",
+        "--resume",
+        "--ondemand",
+    ];
+    args.extend_from_slice(extra);
+    let daemon =
+        DaemonProcess::spawn(daemon_bin(), &args, &dir.join(format!("od-{tag}.log"))).unwrap();
+    let (status, body) = receiver.join().unwrap();
+    assert_eq!(
+        status,
+        204,
+        "receive-migration: {body}\n{}",
+        daemon.output()
+    );
+    (dest, daemon)
+}
+
+/// Encrypted zstd restored on demand: the guest runs at once, carries on with the same
+/// nonce and no verification errors, and the daemon exits 0 once the VMM has every page.
+/// A damaged chunk restored on demand stops the VM before the guest reads it.
+#[test]
+fn ondemand_restore_from_the_store() {
+    let dir = TempDir::new("store-od").unwrap();
+    let store = dir.join("store");
+    let key = write_key(&dir, "key", 0x24);
+    let mut src = boot_source(&dir, "store-od-src");
+    let (before, _) = snapshot_into(&dir, &mut src, &store, &["--key-file", s(&key)], "od");
+
+    // Key checks come before connecting, on demand too.
+    expect_refused(&dir, &store, "vm1", &["--ondemand"], "is encrypted");
+
+    let damaged = dir.join("damaged");
+    copy_dir(&store, &damaged);
+    flip(&largest_chunk(&damaged));
+
+    let (mut dest, mut daemon) = ondemand_restore(&dir, &store, &["--key-file", s(&key)], "ok");
+    assert_eq!(dest.vm_state().unwrap(), "Running");
+    dest.follow_serial(dir.join("serial.log"));
+    dest.serial().refresh().unwrap();
+    let from = dest.serial().len();
+    let (_, after) = dest.wait_ticks(2, from, TICK_TIMEOUT).unwrap();
+    assert_eq!(
+        after[0].nonce, before.nonce,
+        "the guest rebooted: {after:?}"
+    );
+    assert!(after[0].n > before.n, "{before:?} -> {after:?}");
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    let from = dest.serial().len();
+    let (_, later) = dest.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+    for t in later.iter().chain(&after) {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+    dest.kill().unwrap();
+
+    let serial = dir.join("serial.log");
+    let len_before = std::fs::read_to_string(&serial).unwrap().len();
+    let (mut dest, mut daemon) =
+        ondemand_restore(&dir, &damaged, &["--key-file", s(&key)], "damaged");
+    let exit = dest.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(!exit.success(), "the VMM ran on: {exit}");
+    assert!(
+        dest.stderr().contains("guest memory could not be restored"),
+        "{}",
+        dest.stderr()
+    );
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{}", daemon.output());
+    assert!(
+        daemon.output().contains("authentication failed"),
+        "{}",
+        daemon.output()
+    );
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !log[len_before..].contains("TG error"),
+        "the guest read damaged memory: {}",
+        &log[len_before..]
+    );
+}

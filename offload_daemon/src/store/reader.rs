@@ -76,7 +76,7 @@ pub fn open_manifest(
     Ok((which, manifest))
 }
 
-fn read_object(
+pub(crate) fn read_object(
     store: &Store,
     which: &GenName,
     codec: &Codec,
@@ -100,7 +100,7 @@ fn read_object(
         })
 }
 
-fn read_blob(
+pub(crate) fn read_blob(
     store: &Store,
     which: &GenName,
     codec: &Codec,
