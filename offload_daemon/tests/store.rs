@@ -353,6 +353,15 @@ fn plain_generations_restore_and_share_chunks() {
     drop(vm);
 }
 
+/// How many chunk objects the store has (0 before the first).
+fn chunk_files(store: &Path) -> usize {
+    std::fs::read_dir(store.join("chunks")).map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| std::fs::read_dir(e.path()).map_or(0, |f| f.count()))
+            .sum()
+    })
+}
+
 /// Bytes of all chunk objects in the store.
 fn chunk_bytes(store: &Path) -> u64 {
     let mut n = 0;
@@ -618,4 +627,95 @@ fn ondemand_restore_from_the_store() {
         "the guest read damaged memory: {}",
         &log[len_before..]
     );
+}
+
+/// The daemon dies (SIGKILL) while it writes chunks, after `Complete`: no generation
+/// appears, the source VMM still has its VM (paused, since it cannot tell a dead daemon
+/// from one that runs the VM: docs/live_migration.md) and resumes it, and gc reclaims
+/// the chunks the dead snapshot wrote.
+#[test]
+fn daemon_killed_while_writing_leaves_no_generation() {
+    let dir = TempDir::new("store-killed").unwrap();
+    let store = dir.join("store");
+    let key = write_key(&dir, "key", 0x33);
+    let mut src = boot_source(&dir, "store-killed-src");
+    let sock = dir.join("snap.sock");
+    let store_url = url(&store);
+    let mut daemon = DaemonProcess::spawn(
+        daemon_bin(),
+        [
+            "snapshot",
+            "--socket",
+            s(&sock),
+            "--store",
+            &store_url,
+            "--name",
+            "vm1",
+            "--key-file",
+            s(&key),
+            // Small chunks: the first appears early, long before the manifest.
+            "--chunk-size",
+            "1",
+        ],
+        &dir.join("killed.log"),
+    )
+    .unwrap();
+    let listening = test_infra::migration::wait_listening(
+        &format!("unix:{}", sock.display()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(listening, "{}", daemon.output());
+    let out = src
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{},local=on", sock.display()),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "send-migration: {}", show(&out));
+    // The first memory chunk on disk (the config and state blobs come first): kill.
+    let deadline = test_infra::wait::deadline(MIGRATION_TIMEOUT);
+    let seen = test_infra::wait::poll_until(deadline, || {
+        Ok::<_, ()>((chunk_files(&store) >= 3).then_some(()))
+    })
+    .unwrap();
+    assert!(seen.is_some(), "no chunk appeared: {}", daemon.output());
+    daemon.kill().unwrap();
+    assert!(
+        !store.join("manifests/vm1@1").exists(),
+        "the snapshot completed before the kill: {}",
+        daemon.output()
+    );
+
+    // The source VMM keeps its VM.
+    let failed =
+        test_infra::wait::poll_until(test_infra::wait::deadline(MIGRATION_TIMEOUT), || {
+            let info = src.vm_info()?;
+            Ok::<_, test_infra::Error>((info["migration"]["phase"] == "failed").then_some(info))
+        })
+        .unwrap();
+    let info = failed.expect("the source never reported the migration as failed");
+    eprintln!(
+        "killed after {} chunk files; source VM {}\n{}",
+        chunk_files(&store),
+        info["state"],
+        daemon.output()
+    );
+    if info["state"] == "Paused" {
+        src.api_ok("PUT", "vm.resume", None).unwrap();
+    }
+    src.serial().refresh().unwrap();
+    let from = src.serial().len();
+    let (_, ticks) = src.wait_ticks(3, from, TICK_TIMEOUT).unwrap();
+    for t in &ticks {
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
+
+    // No generation; gc reclaims the orphans and the dead lease.
+    assert!(list_json(&store).is_empty());
+    assert!(chunk_bytes(&store) > 0);
+    let out = run_daemon(&["gc", "--store", &store_url]);
+    assert!(out.status.success(), "gc: {}", show(&out));
+    assert_eq!(chunk_bytes(&store), 0);
+    assert_eq!(std::fs::read_dir(store.join("leases")).unwrap().count(), 0);
 }
