@@ -719,3 +719,113 @@ fn daemon_killed_while_writing_leaves_no_generation() {
     assert_eq!(chunk_bytes(&store), 0);
     assert_eq!(std::fs::read_dir(store.join("leases")).unwrap().count(), 0);
 }
+
+/// Signals our own child `pid`.
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = i32::try_from(pid).unwrap();
+    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+fn lease_lines(store: &Path) -> usize {
+    std::fs::read_dir(store.join("leases")).map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| std::fs::read_to_string(e.path()).map_or(0, |t| t.lines().count()))
+            .sum()
+    })
+}
+
+/// gc while a snapshot is in progress: generation 1 is deleted, so its chunks are
+/// referenced by no manifest, and the next snapshot of the same (restored) guest finds
+/// most of them already stored and relies on them. gc runs while that snapshot is
+/// stopped half-way (SIGSTOP) and must keep every chunk its lease names; the snapshot
+/// then completes and restores.
+#[test]
+fn gc_during_a_snapshot_keeps_what_it_needs() {
+    let dir = TempDir::new("store-gc-race").unwrap();
+    let store = dir.join("store");
+    let store_url = url(&store);
+    let mut src = boot_source(&dir, "store-gc-src");
+    // Encrypted, so that (debug build) writing takes long enough to stop it half-way.
+    let key = write_key(&dir, "key", 0x55);
+    let k = ["--key-file", s(&key)];
+    let (before1, _) = snapshot_into(&dir, &mut src, &store, &k, "g1");
+    let mut vm = restore_and_check(&dir, &store, "vm1", &k, &before1, "g1");
+    let out = run_daemon(&["delete", "--store", &store_url, "--name", "vm1@1"]);
+    assert!(out.status.success(), "delete: {}", show(&out));
+
+    let sock = dir.join("snap-g2.sock");
+    let mut daemon = DaemonProcess::spawn(
+        daemon_bin(),
+        [
+            "snapshot",
+            "--socket",
+            s(&sock),
+            "--store",
+            &store_url,
+            "--name",
+            "vm1",
+            "--key-file",
+            s(&key),
+        ],
+        &dir.join("g2.log"),
+    )
+    .unwrap();
+    let listening = test_infra::migration::wait_listening(
+        &format!("unix:{}", sock.display()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(listening, "{}", daemon.output());
+    vm.serial().refresh().unwrap();
+    let before2 = last_tick(vm.serial().path());
+    let out = vm
+        .ch_remote([
+            "send-migration",
+            &format!("destination_url=unix:{},local=on", sock.display()),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "send-migration: {}", show(&out));
+    // Config, state and a few memory chunks recorded in the lease: stop it there.
+    let deadline = test_infra::wait::deadline(MIGRATION_TIMEOUT);
+    let seen = test_infra::wait::poll_until(deadline, || {
+        Ok::<_, ()>((lease_lines(&store) >= 4).then_some(()))
+    })
+    .unwrap();
+    assert!(seen.is_some(), "no lease: {}", daemon.output());
+    signal(daemon.pid(), libc::SIGSTOP);
+    assert!(
+        !store.join("manifests/vm1@2").exists(),
+        "{}",
+        daemon.output()
+    );
+
+    // gc waits for the stopped snapshot if it holds gc.lock's shared side this instant.
+    let mut gc = DaemonProcess::spawn(
+        daemon_bin(),
+        ["gc", "--store", &store_url],
+        &dir.join("gc.log"),
+    )
+    .unwrap();
+    if gc.wait_exit(Duration::from_secs(3)).unwrap().is_none() {
+        signal(daemon.pid(), libc::SIGCONT);
+    }
+    let status = gc.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "gc: {}", gc.output());
+    eprintln!("gc during the snapshot: {}", gc.output());
+    signal(daemon.pid(), libc::SIGCONT);
+
+    let status = daemon.wait_exit(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon: {status:?}\n{}",
+        daemon.output()
+    );
+    let stored = parse_stored(&daemon.output());
+    assert_eq!(stored.snapshot, "vm1@2");
+    assert!(stored.existing_chunks > 0, "{stored:?}");
+    vm.expect_exit(MIGRATION_TIMEOUT).unwrap();
+    // Every chunk generation 2 relied on survived gc.
+    let vm = restore_and_check(&dir, &store, "vm1", &k, &before2, "g2");
+    drop(vm);
+}

@@ -30,6 +30,10 @@ pub enum Error {
     Allocate(String, u32),
 }
 
+/// `tombstones/<name>@<gen>`: empty objects that keep deleted generation numbers from
+/// being reused.
+pub const TOMBSTONES: &str = "tombstones/";
+
 /// Temp files older than this are a dead writer's: gc removes them.
 const TEMP_MAX_AGE: Duration = Duration::from_secs(3600);
 
@@ -157,10 +161,21 @@ impl Store {
         mut encode: impl FnMut(&GenName) -> Result<Vec<u8>, manifest::Error>,
     ) -> Result<GenName, Error> {
         const TRIES: u32 = 1000;
+        // Never a number a deleted generation had: `vm1@N` names one snapshot forever.
+        let deleted = self
+            .backend
+            .list(TOMBSTONES)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(TOMBSTONES)?.parse::<GenName>().ok())
+            .filter(|g| g.name == name)
+            .map(|g| g.generation);
         let first = self
             .generations()?
             .get(name)
             .and_then(|g| g.last().copied())
+            .into_iter()
+            .chain(deleted)
+            .max()
             .unwrap_or(0)
             + 1;
         for generation in first..first + u64::from(TRIES) {
@@ -182,6 +197,11 @@ impl Store {
         if !self.backend.exists(&which.key())? {
             return Err(Error::NoSuchGeneration(which.to_string()));
         }
+        // The tombstone first: a crash between the two leaves the generation listed
+        // and its number reserved, never the number free for reuse.
+        self.backend
+            .put_if_absent(&format!("{TOMBSTONES}{which}"), b"")?;
+        self.backend.sync()?;
         self.backend.delete(&which.key())?;
         self.backend.sync()?;
         Ok(())

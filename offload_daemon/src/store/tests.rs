@@ -197,6 +197,20 @@ fn gc_keeps_chunks_a_lease_holds() {
 }
 
 #[test]
+fn deleted_generation_numbers_are_not_reused() {
+    let size = 9 * MIB;
+    let (_t, s) = store("tombstone");
+    let codec = Codec::new(Compression::Lz4, None);
+    let fd = guest(size);
+    assert_eq!(snap(&s, &codec, "vm1", &fd, size).snapshot, "vm1@1");
+    assert_eq!(snap(&s, &codec, "vm1", &fd, size).snapshot, "vm1@2");
+    s.delete(&"vm1@2".parse().unwrap()).unwrap();
+    assert!(s.delete(&"vm1@2".parse().unwrap()).is_err());
+    assert_eq!(snap(&s, &codec, "vm1", &fd, size).snapshot, "vm1@3");
+    assert_eq!(snap(&s, &codec, "other", &fd, size).snapshot, "other@1");
+}
+
+#[test]
 fn concurrent_snapshots_get_distinct_generations() {
     let size = 9 * MIB;
     let (_t, s) = store("concurrent");
