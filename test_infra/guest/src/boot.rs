@@ -43,6 +43,8 @@ pub struct Params {
     pub verify_ms: u64,
     /// Self-test of the verifier: damage page 0 once, after the second tick line.
     pub inject: Option<Inject>,
+    /// Percent of each page body that is a filler word (0: incompressible), at most 90.
+    pub compress: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -150,6 +152,7 @@ pub fn parse_params(cmdline: &[u8]) -> Params {
         hz: 100,
         verify_ms: 100,
         inject: None,
+        compress: 0,
     };
     for word in cmdline.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = word.iter().position(|&c| c == b'=') else { continue };
@@ -171,6 +174,7 @@ pub fn parse_params(cmdline: &[u8]) -> Params {
             // The PVM host budget is at most ~1 kHz of timer interrupts per vCPU.
             b"hz" => parse_num(val).filter(|&v| (1..=1000).contains(&v)).map(|v| p.hz = v).is_some(),
             b"verify" => parse_num(val).map(|v| p.verify_ms = v).is_some(),
+            b"compress" => parse_num(val).filter(|&v| v <= 90).map(|v| p.compress = v).is_some(),
             b"inject" => match val {
                 b"zero" => Some(Inject::Zero),
                 b"stale" => Some(Inject::Stale),

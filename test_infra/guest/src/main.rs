@@ -49,6 +49,7 @@ pub extern "C" fn rust_main(_si: u64) -> ! {
         verify_ms: p.verify_ms,
         inject: p.inject,
         timer_count,
+        split: work::split_for(p.compress),
     });
 
     let n = start_aps(&cpus);

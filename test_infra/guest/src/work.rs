@@ -3,7 +3,9 @@
 //!
 //! Page layout (512 little-endian u64 words):
 //! word 0 page index, 1 generation, 2 checksum (wrapping sum of words 4..512), 3 seed,
-//! words 4..512 `base + k * K` with `base` a hash of (seed, index, generation).
+//! words 4..512 `base + k * K` with `base` a hash of (seed, index, generation), except
+//! that with `compress=P` the last P% of those words are one filler word (the low byte
+//! of `base` repeated), so pages compress about as well as real guest memory does.
 //! The generation of every page is also kept in a table elsewhere in RAM, so a page that
 //! went back to an older version of itself (a lost dirty page) is told from a good one.
 
@@ -36,6 +38,13 @@ pub struct Config {
     pub verify_ms: u64,
     pub inject: Option<Inject>,
     pub timer_count: u32,
+    /// First word of the filler (WORDS: none; see `compress=`).
+    pub split: usize,
+}
+
+/// Where the filler starts for `compress=percent` (0..=90).
+pub fn split_for(percent: u64) -> usize {
+    HDR + (WORDS - HDR) * (100 - percent.min(90) as usize) / 100
 }
 
 /// Written once by the boot vCPU before any AP starts, read-only afterwards.
@@ -88,8 +97,24 @@ fn base(seed: u64, idx: u64, generation: u64) -> u64 {
     mix(seed ^ mix(idx.wrapping_mul(K) ^ generation.rotate_left(29)))
 }
 
-fn checksum(b: u64) -> u64 {
-    b.wrapping_mul((WORDS - HDR) as u64).wrapping_add(K.wrapping_mul(K_SUM))
+fn filler(b: u64) -> u64 {
+    (b & 0xff).wrapping_mul(0x0101_0101_0101_0101)
+}
+
+/// Word `k` (≥ HDR) of the body for `base` `b`.
+fn word(b: u64, k: usize, split: usize) -> u64 {
+    if k < split { b.wrapping_add((k as u64).wrapping_mul(K)) } else { filler(b) }
+}
+
+fn checksum(b: u64, split: usize) -> u64 {
+    if split >= WORDS {
+        return b.wrapping_mul((WORDS - HDR) as u64).wrapping_add(K.wrapping_mul(K_SUM));
+    }
+    // Sum of k for k in HDR..split, then the filler words.
+    let ks = ((HDR + split - 1) * (split - HDR) / 2) as u64;
+    b.wrapping_mul((split - HDR) as u64)
+        .wrapping_add(K.wrapping_mul(ks))
+        .wrapping_add(filler(b).wrapping_mul((WORDS - split) as u64))
 }
 
 fn page(gpa: u64) -> *mut [u64; WORDS] {
@@ -101,14 +126,15 @@ fn page(gpa: u64) -> *mut [u64; WORDS] {
 #[inline(never)]
 fn write_page(gpa: u64, idx: u64, generation: u64, seed: u64) {
     let b = base(seed, idx, generation);
+    let split = cfg().split;
     // SAFETY: gpa is a page of this vCPU's share; nobody else touches it.
     let p = unsafe { &mut *page(gpa) };
     p[0] = idx;
     p[1] = generation;
-    p[2] = checksum(b);
+    p[2] = checksum(b, split);
     p[3] = seed;
     for (k, w) in p.iter_mut().enumerate().skip(HDR) {
-        *w = b.wrapping_add((k as u64).wrapping_mul(K));
+        *w = word(b, k, split);
     }
 }
 
@@ -116,11 +142,13 @@ fn write_page(gpa: u64, idx: u64, generation: u64, seed: u64) {
 #[inline(never)]
 fn page_is(gpa: u64, idx: u64, generation: u64, seed: u64) -> bool {
     let b = base(seed, idx, generation);
+    let split = cfg().split;
     // SAFETY: as in write_page.
     let p = unsafe { &*page(gpa) };
-    let mut diff = (p[0] ^ idx) | (p[1] ^ generation) | (p[2] ^ checksum(b)) | (p[3] ^ seed);
+    let mut diff =
+        (p[0] ^ idx) | (p[1] ^ generation) | (p[2] ^ checksum(b, split)) | (p[3] ^ seed);
     for (k, w) in p.iter().enumerate().skip(HDR) {
-        diff |= *w ^ b.wrapping_add((k as u64).wrapping_mul(K));
+        diff |= *w ^ word(b, k, split);
     }
     diff == 0
 }
