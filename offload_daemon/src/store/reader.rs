@@ -167,7 +167,7 @@ pub fn load(
         memfds.push((m.slot, memfd));
         maps.push(map);
     }
-    let mut chunks_read = 0u64;
+    let chunks_read;
     {
         let mut jobs = Vec::new();
         for (r, map) in p.regions.iter().zip(maps.iter_mut()) {
@@ -177,7 +177,7 @@ pub fn load(
                 }
             }
         }
-        chunks_read = chunks_read.max(jobs.len() as u64);
+        chunks_read = jobs.len() as u64;
         let queue = Mutex::new(jobs.into_iter());
         let results: Vec<Result<(), Error>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers.max(1))
